@@ -1,0 +1,59 @@
+"""The workflow configuration: loading and merging like Snakemake, and schema validation."""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive merge, as Snakemake merges several ``--configfile``s: mappings key by key, other values replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(*paths: str | Path) -> dict:
+    """Load and merge YAML config files in order, then validate."""
+    cfg: dict = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level")
+        cfg = merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def schema() -> dict:
+    return json.loads(resources.files("diffaudit").joinpath("params.schema.json").read_text())
+
+
+def validate(cfg: dict) -> dict:
+    """Validate against the JSON schema; the first error becomes one line naming the key."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+        msg = err.message
+        if err.validator == "additionalProperties":
+            msg = f"unknown key ({msg})"
+        raise ConfigError(f"config key {key}: {msg}")
+    return cfg

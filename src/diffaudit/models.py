@@ -1,0 +1,254 @@
+"""Model registry, loading through diffusers' ``from_pretrained``, and the embedded ``mini`` model.
+
+Hub models are loaded with ``AutoPipelineForText2Image.from_pretrained`` (HF cache, safetensors only,
+no remote code). The embedded ``mini`` model is an SD-1.5-shaped pipeline with small widths and weights
+from a fixed seed; it is built offline into a local directory with ``save_pretrained`` and loaded back
+through exactly the same code path as a hub model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be resolved or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from: a hub id (with revision) or a local diffusers directory."""
+
+    key: str
+    source: str
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isabs(self.source) or self.source.startswith(".") or Path(self.source).is_dir()
+
+    def describe(self) -> str:
+        if self.is_local:
+            return f"{self.key} (local directory {self.source})"
+        return f"{self.key} (hub id {self.source} @ {self.revision or 'main'})"
+
+
+def resolve_model(key: str, model_sources: dict) -> ModelSpec:
+    """Look ``key`` up in the ``model_sources`` config mapping.
+
+    Values are either a string (hub id or local directory) or a mapping ``{id: ..., revision: ...}``.
+    A key that is not registered but looks like a hub id (``owner/name``) or an existing directory
+    is accepted as its own source.
+    """
+    entry = model_sources.get(key) if model_sources else None
+    if entry is None:
+        if "/" in key or Path(key).is_dir():
+            return ModelSpec(key=key, source=key)
+        raise ModelLoadError(
+            f"unknown model {key!r}: not in model_sources (known: {', '.join(sorted(model_sources or {}))}). "
+            "Add it to model_sources in your config as a hub id or a local diffusers directory."
+        )
+    if isinstance(entry, str):
+        return ModelSpec(key=key, source=entry)
+    if isinstance(entry, dict) and "id" in entry:
+        return ModelSpec(key=key, source=str(entry["id"]), revision=entry.get("revision"))
+    raise ModelLoadError(
+        f"model_sources.{key}: expected a hub id, a directory, or {{id: ..., revision: ...}}, got {entry!r}"
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str, precision: str = "auto") -> torch.dtype:
+    """The paper's rule: float16 on CUDA, float32 on CPU (``precision: auto``)."""
+    if precision == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    if precision in ("float16", "fp16"):
+        return torch.float16
+    if precision in ("float32", "fp32"):
+        return torch.float32
+    raise ValueError(f"precision must be auto, float16 or float32, got {precision!r}")
+
+
+def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a Stable Diffusion pipeline as sdhelper 1.0.0 does.
+
+    The weights are loaded as float16 (as the authors did) and then moved to ``device`` in ``dtype``.
+    Any failure (gated, missing, no network, not a diffusers directory) becomes one ``ModelLoadError``.
+    """
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as dlogging
+
+    device = device or default_device()
+    dtype = dtype or compute_dtype(device)
+    if spec.is_local and not (Path(spec.source) / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"model {spec.describe()}: {spec.source}/model_index.json not found; "
+            "point model_sources to a directory written by diffusers' save_pretrained"
+        )
+    kwargs = dict(dtype=torch.float16, use_safetensors=True, safety_checker=None,
+                  requires_safety_checker=False)
+    if not spec.is_local and spec.revision:
+        kwargs["revision"] = spec.revision
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(spec.source, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every loader failure is reported the same way
+            raise _load_error(spec, exc) from exc
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+            raise ModelLoadError(f"model {spec.describe()} is not a U-Net latent diffusion pipeline "
+                                 f"({type(pipe).__name__}); only Stable-Diffusion-style pipelines are supported")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device, dtype)
+    finally:
+        dlogging.set_verbosity(verbosity)
+
+
+def _load_error(spec: ModelSpec, exc: BaseException) -> ModelLoadError:
+    reason = " ".join(str(exc).split())[:300]
+    if spec.is_local:
+        hint = "check that the directory holds a complete diffusers pipeline (save_pretrained)"
+    else:
+        hint = (f"the model must be downloadable: check the network, log in with `hf auth login` and accept "
+                f"the licence at https://huggingface.co/{spec.source} if it is gated, or pre-fill the HF cache "
+                f"and set HF_HUB_OFFLINE=1, or set model_sources.{spec.key} to a local diffusers directory")
+    return ModelLoadError(f"could not load model {spec.describe()}: {type(exc).__name__}: {reason}. To fix: {hint}.")
+
+
+def model_revision(spec: ModelSpec, pipe) -> str | None:
+    """The resolved commit hash of a hub model (from the HF cache path), else ``None``."""
+    path = getattr(pipe, "config", {}).get("_name_or_path") if hasattr(pipe, "config") else None
+    if path and "snapshots" in str(path):
+        return Path(path).name
+    return spec.revision
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded ``mini`` model
+# ---------------------------------------------------------------------------------------------
+
+MINI_SEED = 0
+
+# SD-1.5 block layout (block types, depth, attention placement) with small widths. Layer names
+# and the 8x VAE downsampling are therefore exactly those of SD-1.5.
+MINI_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 128, 128),
+    layers_per_block=2,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    cross_attention_dim=64,
+)
+MINI_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=16,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+MINI_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64)
+# SD-1.5's scheduler configuration (PNDM, scaled-linear betas).
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                      set_alpha_to_one=False, prediction_type="epsilon")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable-unicode map of byte-level BPE (GPT-2/CLIP)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_mini_tokenizer_files(directory: Path) -> tuple[Path, Path]:
+    """A small CLIP BPE vocabulary written by the project: all byte symbols (plain and
+    word-final) plus a few merges for common lower-case letter pairs, and the two specials."""
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab_tokens = symbols + [s + "</w>" for s in symbols]
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    merges = [f"{a} {b}" for a in letters[:8] for b in letters[:8]]
+    merges += [f"{a} {b}</w>" for a in letters[:8] for b in letters[:8]]
+    vocab_tokens += [m.replace(" ", "") for m in merges]
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_tokens))}
+    vocab_file = directory / "vocab.json"
+    merges_file = directory / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = None):
+    """Build the ``mini`` SD-1.5-shaped pipeline with seeded weights (in memory, float32)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = write_mini_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77,
+                                  pad_token="<|endoftext|>")
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**{**MINI_UNET, **(unet_overrides or {})})
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**MINI_VAE)
+        torch.manual_seed(seed + 2)
+        text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     **MINI_TEXT)
+        text_encoder = CLIPTextModel(text_config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    scheduler = PNDMScheduler(**SD15_SCHEDULER)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: dict | None = None) -> Path:
+    """Build ``mini`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    pipe = build_mini_pipeline(seed=seed, unet_overrides=unet_overrides)
+    pipe.to(torch.float16)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "MINI_MODEL.json").write_text(json.dumps({"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})},
+                                                     "vae": MINI_VAE, "text": MINI_TEXT}, indent=1))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,222 @@
+"""Zarr v3 representation stores, readable as xarray DataTrees.
+
+Layout of one store (one per model x dataset x variant), contract:
+
+    <variant>.zarr/                      root attrs: provenance (model, revision, mode, timestep, seed, ...),
+                                         ``fingerprint``, ``layers`` (names in order), ``n_images``,
+                                         ``n_complete`` (images written so far), ``complete`` (bool)
+      image                              (image,) str: image ids, in dataset order
+      label                              (image,) int64: class label (-1 if unknown)
+      <group>/                           one group per layer; group = torch module path, e.g.
+                                         ``up_blocks.1.upsamplers.0``; attrs ``layer`` (paper name),
+                                         ``layer_index``, ``channels``, ``height``, ``width``
+        repr                             (image, channel, y, x) float16, chunk = 1 image, shard = batch
+        image, label                     copies of the root coordinates (so each group is a complete Dataset)
+
+Writing goes batch by batch into preallocated arrays; ``n_complete`` is advanced only after every layer
+of a batch is on disk, and ``complete`` only after the last batch. A resumed run restarts at
+``n_complete`` (the partial batch is simply overwritten), so nothing is lost or duplicated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .layers import group_name
+
+STORE_FORMAT = "diffaudit-repr/1"
+
+
+class StoreMismatchError(RuntimeError):
+    """An existing store was written with a different configuration."""
+
+
+class IncompleteStoreError(RuntimeError):
+    """A store is being read that has not been completely written."""
+
+
+def fingerprint(config: dict) -> str:
+    """A stable hash of everything that determines a store's content."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class StoreWriter:
+    """Create or resume a representation store and write it batch by batch."""
+
+    def __init__(self, path: str | Path, *, layers: Sequence[str], image_ids: Sequence[str],
+                 labels: Sequence[int] | None, config: dict, attrs: dict | None = None,
+                 shard_images: int = 20, dtype: str = "float16", layer_indices: Sequence[int] | None = None):
+        self.path = Path(path)
+        self.layers = list(layers)
+        self.layer_indices = list(layer_indices) if layer_indices is not None else list(range(len(self.layers)))
+        self.image_ids = [str(i) for i in image_ids]
+        self.labels = np.asarray(labels if labels is not None else [-1] * len(self.image_ids), dtype=np.int64)
+        self.n_images = len(self.image_ids)
+        self.shard_images = max(1, min(int(shard_images), self.n_images))
+        self.dtype = np.dtype(dtype)
+        self.fingerprint = fingerprint({**config, "layers": self.layers, "images": self.image_ids,
+                                        "dtype": str(self.dtype)})
+        self.root = self._open_or_create(attrs or {}, config)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _open_or_create(self, attrs: dict, config: dict) -> zarr.Group:
+        if self.path.exists():
+            try:
+                root = zarr.open_group(str(self.path), mode="r+")
+                old = dict(root.attrs)
+            except Exception:  # noqa: BLE001 - unreadable leftovers are restarted below
+                old = {}
+            if old.get("fingerprint") == self.fingerprint and old.get("format") == STORE_FORMAT:
+                if int(old.get("n_complete", 0)) > 0 or old.get("complete"):
+                    return root
+            elif old.get("fingerprint") and int(old.get("n_complete", 0)) > 0:
+                changed = sorted(k for k in set(config) | set(old.get("config", {}))
+                                 if config.get(k) != old.get("config", {}).get(k))
+                raise StoreMismatchError(
+                    f"{self.path} holds {old.get('n_complete')} images extracted with a different configuration "
+                    f"(differs in: {', '.join(changed) or 'layers/images/dtype'}); refusing to mix. To start over, "
+                    f"delete it (rm -rf {self.path}) or choose another results_dir."
+                )
+        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        root.attrs.update({**attrs, "format": STORE_FORMAT, "config": config, "fingerprint": self.fingerprint,
+                           "layers": self.layers, "layer_indices": self.layer_indices,
+                           "n_images": self.n_images, "n_complete": 0, "complete": False})
+        self._write_coords(root)
+        return root
+
+    def _write_coords(self, group: zarr.Group) -> None:
+        ids = group.create_array("image", shape=(self.n_images,), dtype=str, dimension_names=["image"],
+                                 chunks=(max(1, self.n_images),), overwrite=True)
+        ids[:] = np.asarray(self.image_ids, dtype=object)
+        lab = group.create_array("label", shape=(self.n_images,), dtype="int64", dimension_names=["image"],
+                                 chunks=(max(1, self.n_images),), fill_value=-1, overwrite=True)
+        lab[:] = self.labels
+
+    @property
+    def n_complete(self) -> int:
+        return int(self.root.attrs.get("n_complete", 0))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.root.attrs.get("complete", False))
+
+    def _array(self, layer: str, shape: tuple[int, ...]) -> zarr.Array:
+        if layer in self._arrays:
+            return self._arrays[layer]
+        name = group_name(layer)
+        c, h, w = shape
+        full = (self.n_images, c, h, w)
+        existing = None
+        if self.n_complete > 0 and name in self.root:
+            existing = self.root[name]["repr"]
+            if tuple(existing.shape) != full:
+                raise StoreMismatchError(f"{self.path}/{name}: stored shape {existing.shape} != {full}; "
+                                         f"delete {self.path} to start over")
+        if existing is None:
+            g = self.root.create_group(name, overwrite=True)
+            g.attrs.update({"layer": layer, "layer_index": self.layer_indices[self.layers.index(layer)],
+                            "channels": c, "height": h, "width": w})
+            existing = g.create_array(
+                "repr", shape=full, dtype=self.dtype, chunks=(1, c, h, w), shards=(self.shard_images, c, h, w),
+                dimension_names=["image", "channel", "y", "x"], fill_value=0,
+                attributes={"coordinates": "label", "long_name": f"U-Net representation at {layer}"},
+            )
+            self._write_coords(g)
+        self._arrays[layer] = existing
+        return existing
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_batch(self, start: int, batch: dict[str, np.ndarray]) -> None:
+        """Write representations of images ``start:start+B`` for every layer, then advance ``n_complete``."""
+        missing = set(self.layers) - set(batch)
+        if missing:
+            raise ValueError(f"batch lacks layers {sorted(missing)}")
+        if start != self.n_complete:
+            raise ValueError(f"batches must be written in order: expected start {self.n_complete}, got {start}")
+        n = None
+        for layer in self.layers:
+            arr = np.asarray(batch[layer])
+            n = arr.shape[0]
+            self._array(layer, arr.shape[1:])[start:start + n] = arr.astype(self.dtype, copy=False)
+        self.root.attrs["n_complete"] = start + (n or 0)
+
+    def finalize(self) -> None:
+        if self.n_complete != self.n_images:
+            raise IncompleteStoreError(f"{self.path}: {self.n_complete}/{self.n_images} images written")
+        self.root.attrs["complete"] = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+class ReprStore:
+    """Read access to a complete store: metadata, and per-layer streaming over image chunks."""
+
+    def __init__(self, path: str | Path, *, require_complete: bool = True):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"representation store {self.path} does not exist")
+        self.root = zarr.open_group(str(self.path), mode="r")
+        self.attrs = dict(self.root.attrs)
+        if self.attrs.get("format") != STORE_FORMAT:
+            raise StoreMismatchError(f"{self.path} is not a diffaudit representation store")
+        if require_complete and not self.attrs.get("complete"):
+            raise IncompleteStoreError(
+                f"{self.path} is incomplete ({self.attrs.get('n_complete')}/{self.attrs.get('n_images')} images); "
+                "re-run the extraction to finish it"
+            )
+        self.layers: list[str] = list(self.attrs["layers"])
+        self.layer_indices: list[int] = list(self.attrs.get("layer_indices", range(len(self.layers))))
+        self.image_ids = np.array([str(x) for x in self.root["image"][:]], dtype=object)
+        self.labels = np.asarray(self.root["label"][:])
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    def layer_attrs(self, layer: str) -> dict:
+        return dict(self.root[group_name(layer)].attrs)
+
+    def shape(self, layer: str) -> tuple[int, int, int, int]:
+        return tuple(self.root[group_name(layer)]["repr"].shape)
+
+    def array(self, layer: str) -> zarr.Array:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} not in store {self.path} (has {self.layers})")
+        return self.root[group_name(layer)]["repr"]
+
+    def iter_chunks(self, layer: str, chunk_images: int = 20, start: int = 0, stop: int | None = None,
+                    dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_image_index, array[(b, C, H, W)])`` over images, bounded memory."""
+        arr = self.array(layer)
+        stop = arr.shape[0] if stop is None else stop
+        for i in range(start, stop, chunk_images):
+            yield i, np.asarray(arr[i:min(i + chunk_images, stop)], dtype=dtype)
+
+    def to_datatree(self):
+        """The whole store as a lazily loaded xarray DataTree."""
+        import xarray as xr
+
+        return xr.open_datatree(str(self.path), engine="zarr", consolidated=False)
+
+    def dataset(self, layer: str):
+        """One layer as a lazily loaded xarray Dataset (variable ``repr``)."""
+        import xarray as xr
+
+        return xr.open_zarr(str(self.path), group=group_name(layer), consolidated=False)
+
+
+def store_path(rep_dir: str | Path, variant: str) -> Path:
+    return Path(rep_dir) / f"{variant}.zarr"
+
+
+def list_variants(rep_dir: str | Path) -> list[str]:
+    return sorted(p.name[:-5] for p in Path(rep_dir).glob("*.zarr"))

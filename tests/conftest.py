@@ -1,0 +1,50 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mini_dir(tmp_path_factory) -> Path:
+    """The embedded mini model, built exactly as the workflow's build_mini rule does."""
+    from diffaudit.models import save_mini_model
+
+    return save_mini_model(tmp_path_factory.mktemp("models") / "mini")
+
+
+@pytest.fixture(scope="session")
+def mini_pipe(mini_dir):
+    from diffaudit.models import ModelSpec, load_pipeline
+
+    return load_pipeline(ModelSpec("mini", str(mini_dir)), device="cpu")
+
+
+def random_images(n: int, size: int, seed: int = 0):
+    """Smooth random RGB images (so the VAE sees structure, not only pixel noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, size=(size // 16, size // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+        noise = rng.integers(-20, 21, size=(size, size, 3))
+        out.append(Image.fromarray(np.clip(np.asarray(img, dtype=int) + noise, 0, 255).astype(np.uint8)))
+    return out
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    def make(n: int, size: int = 512, seed: int = 0) -> Path:
+        d = tmp_path / f"images_{n}_{size}_{seed}"
+        d.mkdir()
+        for i, im in enumerate(random_images(n, size, seed)):
+            im.save(d / f"img_{i:03d}.png")
+        return d
+    return make

@@ -1,0 +1,10 @@
+# The image set, written once as PNGs + index.csv (+ dataset.json provenance).
+
+
+rule dataset:
+    output:
+        directory(DATASET_DIR),
+    params:
+        dataset=config["dataset"],
+    script:
+        "../scripts/build_dataset.py"

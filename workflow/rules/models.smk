@@ -1,0 +1,11 @@
+# The embedded offline model `mini`: an SD-1.5-shaped pipeline with seeded weights, saved with
+# save_pretrained and loaded back through the same from_pretrained path as hub models.
+
+
+rule build_mini:
+    output:
+        directory(MINI_DIR),
+    params:
+        mini=config["mini"],
+    script:
+        "../scripts/build_mini.py"
