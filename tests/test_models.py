@@ -1,0 +1,80 @@
+import hashlib
+import json
+
+import pytest
+import torch
+
+from diffaudit.models import (ModelLoadError, ModelSpec, compute_dtype, load_pipeline, resolve_model,
+                              save_mini_model)
+
+REGISTRY = {"sd15": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main"}, "mini": "/x/mini"}
+
+
+def _digest(directory):
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(directory).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_registry_resolution():
+    s = resolve_model("sd15", REGISTRY)
+    assert (s.source, s.revision, s.is_local) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "main", False)
+    assert resolve_model("mini", REGISTRY).is_local
+    assert resolve_model("someone/custom-sd", REGISTRY).source == "someone/custom-sd"
+    with pytest.raises(ModelLoadError, match="unknown model 'sd99'.*model_sources"):
+        resolve_model("sd99", REGISTRY)
+
+
+def test_params_registry_has_the_paper_models():
+    import yaml
+
+    from conftest import REPO
+
+    sources = yaml.safe_load((REPO / "params.yaml").read_text())["model_sources"]
+    assert sources["sd14"]["id"] == "CompVis/stable-diffusion-v1-4"
+    assert sources["sd15"]["id"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert sources["sd21"]["id"] == "stabilityai/stable-diffusion-2-1"
+    assert sources["sdturbo"]["id"] == "stabilityai/sd-turbo"
+    assert all("revision" in sources[k] for k in ("sd14", "sd15", "sd21", "sdturbo"))
+
+
+def test_mini_is_deterministic_and_loads_through_from_pretrained(mini_dir, tmp_path):
+    again = save_mini_model(tmp_path / "mini2")
+    assert _digest(again) == _digest(mini_dir)
+    assert json.loads((mini_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert sorted(p.name for p in mini_dir.rglob("*.bin")) == []  # safetensors only
+    pipe = load_pipeline(ModelSpec("mini", str(mini_dir)), device="cpu")
+    assert pipe.unet.dtype == torch.float32 and type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert pipe.vae.config.block_out_channels and len(pipe.vae.config.down_block_types) == 4  # 8x downsampling
+    ids = pipe.tokenizer("a photo of a cat").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id and len(ids) > 4
+    emb, *_ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert emb.shape == (1, 77, pipe.unet.config.cross_attention_dim)
+
+
+def test_other_seed_gives_other_weights(tmp_path, mini_dir):
+    other = save_mini_model(tmp_path / "mini_s1", seed=1)
+    assert _digest(other) != _digest(mini_dir)
+
+
+def test_missing_local_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="model_index.json not found"):
+        load_pipeline(ModelSpec("mine", str(tmp_path)), device="cpu")
+
+
+def test_unreachable_hub_model_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_pipeline(ModelSpec("nope", "diffaudit-test/does-not-exist", "main"), device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "To fix" in msg and "hf auth login" in msg and "model_sources.nope" in msg
+
+
+def test_precision_rule():
+    assert compute_dtype("cpu") == torch.float32 and compute_dtype("cuda") == torch.float16
+    assert compute_dtype("cuda", "float32") == torch.float32
+    with pytest.raises(ValueError):
+        compute_dtype("cpu", "int8")
