@@ -263,7 +263,13 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
     extractor = Extractor(pipe, layers, settings)
     base_config = {**provenance, **asdict(settings), "device": extractor.device.type,
                    "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
-    attrs = {**base_config, "library_versions": library_versions()}
+    paper = settings.mode == "paper"
+    attrs = {**base_config, "library_versions": library_versions(),
+             "pixel_range": "[0, 1] (x/255)" if paper else "[-1, 1]",
+             "latent": "VAE posterior sample" if paper else "VAE posterior mean",
+             "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper
+                       else "independent per image, CPU generator seeded by seed*1000003+image_index"),
+             "scale_model_input": paper}
     layer_indices = list(range(len(layers)))
     name = provenance.get("model", "")
     full = extract_variant(extractor, store_path(work, "full"), images_fn=dataset_images, image_ids=image_ids,

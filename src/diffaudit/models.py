@@ -165,6 +165,13 @@ MINI_VAE = dict(
 )
 MINI_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64)
+# The full SD-1.5 architecture (for offline speed checks with seeded weights; not the trained model).
+SD15_UNET = dict(MINI_UNET, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768)
+SD15_VAE = dict(MINI_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+ARCHITECTURES = {"mini": (MINI_UNET, MINI_VAE, MINI_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT)}
+
 # SD-1.5's scheduler configuration (PNDM, scaled-linear betas).
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
@@ -203,8 +210,12 @@ def write_mini_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = None):
-    """Build the ``mini`` SD-1.5-shaped pipeline with seeded weights (in memory, float32)."""
+def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = None, arch: str = "mini"):
+    """Build the ``mini`` SD-1.5-shaped pipeline with seeded weights (in memory, float32).
+
+    ``arch="sd15"`` builds the full-width SD-1.5 architecture instead (seeded weights, for benchmarks).
+    """
+    unet_cfg, vae_cfg, text_cfg = ARCHITECTURES[arch]
     import tempfile
 
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -217,13 +228,13 @@ def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = Non
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**{**MINI_UNET, **(unet_overrides or {})})
+        unet = UNet2DConditionModel(**{**unet_cfg, **(unet_overrides or {})})
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**MINI_VAE)
+        vae = AutoencoderKL(**vae_cfg)
         torch.manual_seed(seed + 2)
         text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                     **MINI_TEXT)
+                                     **text_cfg)
         text_encoder = CLIPTextModel(text_config)
     finally:
         torch.random.set_rng_state(gen_state)
