@@ -1,0 +1,126 @@
+"""End-to-end: the Snakemake workflow on a fresh copy of the repository, offline."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO, random_images
+from diffaudit.layers import PAPER_LAYERS
+from diffaudit.store import ReprStore
+
+pytestmark = pytest.mark.slow
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    """The tracked files of the repository (as a fresh clone has them), without outputs."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.split()
+    dst = tmp_path / "repo"
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    return dst
+
+
+def snakemake(repo: Path, *configfiles: Path | str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = SNAKEMAKE + ["--cores", "2", "--configfile", *map(str, configfiles)]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def mixed_folder(root: Path, n: int) -> Path:
+    """Images of mixed sizes and modes, as users have them."""
+    root.mkdir()
+    for i, im in enumerate(random_images(n, 640, seed=11)):
+        im = im.crop((0, 0, 640 - 37 * i, 640 - 13 * i))
+        if i % 3 == 1:
+            im = im.convert("L")
+        elif i % 3 == 2:
+            im = im.convert("RGBA")
+        im.save(root / f"photo_{i:02d}{'.jpg' if i % 3 == 1 else '.png'}")
+    return root
+
+
+def test_acceptance_override_with_own_model_and_folder(repo_copy, mini_dir, tmp_path):
+    imgs = mixed_folder(tmp_path / "imgs", 7)
+    out = tmp_path / "out"
+    override = write_yaml(tmp_path / "that.yaml", {
+        "models": ["mymodel"], "model_sources": {"mymodel": str(mini_dir)},
+        "dataset": {"source": "folder", "path": str(imgs), "n_images": 6}, "results_dir": str(out)})
+    snakemake(repo_copy, "params.yaml", override)
+    rep = out / "mymodel" / "representations"
+    assert sorted(p.name for p in rep.glob("*.zarr")) == ["crop16.zarr", "crop32.zarr", "crop64.zarr",
+                                                            "crop8.zarr", "full.zarr"]
+    full = ReprStore(rep / "full.zarr")
+    assert full.layers == list(PAPER_LAYERS) and full.n_images == 6
+    assert full.attrs["mode"] == "paper" and full.attrs["model_source"] == str(mini_dir)
+    assert list(full.image_ids) == [f"{i:06d}" for i in range(6)]
+    assert not (repo_copy / "resources" / "models" / "mini").exists()  # a local model needs no build
+    # the crop64 store holds exactly the 8x8 layers, at 6x6
+    crop = ReprStore(rep / "crop64.zarr")
+    assert crop.layers == [layer for layer in PAPER_LAYERS if full.shape(layer)[-1] == 8]
+    assert {crop.shape(layer)[-1] for layer in crop.layers} == {6}
+    # nothing to do on a second run
+    again = snakemake(repo_copy, "params.yaml", override)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_offline_demo(repo_copy, tmp_path):
+    """The README's demo command, with the demo shortened to 10 images to keep the suite fast."""
+    short = write_yaml(tmp_path / "short.yaml", {"dataset": {"n_images": 10}})
+    snakemake(repo_copy, "config/demo.yaml", short)
+    rep = repo_copy / "results" / "demo" / "mini" / "representations"
+    full = ReprStore(rep / "full.zarr")
+    assert full.n_images == 10 and len(full.layers) == 45
+    assert (repo_copy / "resources" / "models" / "mini" / "model_index.json").is_file()
+    ds = repo_copy / "results" / "demo" / "dataset"
+    assert len(list((ds / "images").glob("*.png"))) == 10
+    x = np.asarray(full.array("up_blocks[1].upsamplers[0]")[:], dtype=np.float32)
+    assert np.isfinite(x).all() and x.std() > 0
+
+
+@pytest.mark.parametrize("case", ["unknown_model", "corrupt_image", "too_few", "unknown_layer", "bad_key"])
+def test_bad_input_gives_one_clear_line(case, repo_copy, mini_dir, tmp_path):
+    imgs = mixed_folder(tmp_path / "imgs", 3)
+    cfg = {"models": ["mymodel"], "model_sources": {"mymodel": str(mini_dir)},
+           "dataset": {"source": "folder", "path": str(imgs), "n_images": 3}, "results_dir": str(tmp_path / "o"),
+           "extraction": {"crops": False}}
+    expect = None
+    if case == "unknown_model":
+        cfg["models"] = ["sd99"]
+        expect = "unknown model 'sd99'"
+    elif case == "corrupt_image":
+        (imgs / "photo_01.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+        expect = "photo_01.jpg"
+    elif case == "too_few":
+        cfg["dataset"]["n_images"] = 5
+        expect = "only 3"
+    elif case == "unknown_layer":
+        cfg["layers"] = ["mid_block", "up_blocks[1].upsampler[0]"]
+        expect = "did you mean up_blocks[1].upsamplers[0]"
+    elif case == "bad_key":
+        cfg["extraction"]["batchsize"] = 4
+        expect = "config key extraction: unknown key"
+    proc = snakemake(repo_copy, "params.yaml", write_yaml(tmp_path / "bad.yaml", cfg), check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if expect in ln]
+    assert lines, proc.stderr[-3000:]
+    assert not (tmp_path / "o" / "mymodel" / "representations").exists()
