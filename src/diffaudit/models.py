@@ -247,8 +247,15 @@ def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = Non
 def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: dict | None = None) -> Path:
     """Build ``mini`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
     out_dir = Path(out_dir)
+    from diffusers.utils import logging as dlogging
+
     pipe = build_mini_pipeline(seed=seed, unet_overrides=unet_overrides)
-    pipe.to(torch.float16)
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # .to(float16) warns about modules kept in float32 (there are none)
+    try:
+        pipe.to(torch.float16)
+    finally:
+        dlogging.set_verbosity(verbosity)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         import shutil
