@@ -1,0 +1,310 @@
+"""High-norm anomalies: relative token norm of labelled 2x2 patches across layers, label files, a detector.
+
+Labels (paper spec, METHOD.md 3.3) are int arrays of shape (K, 3) with rows ``(image_index, x, y)``, x = column
+and y = row on the 32 x 32 grid of ``up_blocks[1].upsamplers[0]`` (the reference layer), each the upper-left token
+of an even-aligned 2 x 2 patch, as in the authors' ``high_norm_anomalies_{model}.npy`` files.
+
+Relative norm of one label at a layer with map R (C, h, w), float32 (:func:`relative_norms`)::
+
+    scale = h / H_ref;  r0 = int(y*scale);  c0 = int(x*scale);  k = max(1, int(2*scale))
+    patch = R[:, r0:r0+k, c0:c0+k]
+    paper:      rel_norm = mean_{patch} |token|_2 / mean_{all h*w tokens} |token|_2   (denominator includes patch)
+    corrected:  rel_norm = mean_{patch} |token|_2 / mean_{tokens outside the patch} |token|_2
+
+i.e. a 4x4 patch at 64-res layers, the labelled 2x2 patch at 32-res, the single source token at 16-res and token
+(y//4, x//4) at 8-res. Per layer the mean and the population std (ddof=0, as ``np.std``) over all labels are
+reported. Index 30 (the labelled layer) is selection-biased: anomalies were picked there for their high norm.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..store import ReprStore
+
+REF_LAYER = "up_blocks[1].upsamplers[0]"
+DEFAULT_REF_GRID = 32
+RELNORM_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "label_source", "rel_norm_mean",
+                   "rel_norm_std", "n_anomalies"]
+MODES = ("paper", "corrected")
+
+_LABEL_COMMIT = "1230d5395ce8f321eac557da56f0934dfd7cfc63"
+_LABEL_URL = ("https://raw.githubusercontent.com/JonasLoos/sd-representation-anomalies/"
+              f"{_LABEL_COMMIT}/labeler/high_norm_anomalies_{{model}}.npy")
+# The authors' hand labels (repository commit above) with the sha256 of each file.
+PAPER_LABELS: dict[str, tuple[str, str]] = {
+    "sd15": (_LABEL_URL.format(model="sd15"), "d58bfd5bafda94491b6cb9938523507612e52ce57e0c001acc014ac8fd4db444"),
+    "sd21": (_LABEL_URL.format(model="sd21"), "82e739bb6cfbf8dd2d29ce3ea224b7ca2d12c7491fdfd8e8410d039d8768592d"),
+    "sdturbo": (_LABEL_URL.format(model="sdturbo"),
+                "242f5de1e02cb56c18b9016c8599d018b22017e6a7510f49f5c2cd9125e176c6"),
+}
+
+
+class LabelFileError(ValueError):
+    """A label file (or label array) is malformed."""
+
+
+class LabelFetchError(RuntimeError):
+    """The authors' label file could not be obtained."""
+
+
+class LabelChecksumError(LabelFetchError):
+    """A downloaded or cached label file does not have the expected sha256."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Label files
+# ---------------------------------------------------------------------------------------------
+
+def validate_labels(labels, *, n_images: int | None = None, grid: int = DEFAULT_REF_GRID,
+                    source: str = "labels") -> np.ndarray:
+    """Check a (K, 3) integer ``(image, x, y)`` array; return it as int64. Errors are one line naming ``source``."""
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise LabelFileError(f"{source}: expected an array of shape (K, 3) with rows (image, x, y), "
+                             f"got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise LabelFileError(f"{source}: expected an integer array, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.shape[0] == 0:
+        return arr
+    img, xy = arr[:, 0], arr[:, 1:]
+    if (img < 0).any():
+        raise LabelFileError(f"{source}: negative image index {int(img.min())}")
+    if n_images is not None and (img >= n_images).any():
+        raise LabelFileError(f"{source}: image index {int(img.max())} out of range for {n_images} images")
+    bad = (xy < 0) | (xy > grid - 2)
+    if bad.any():
+        r = int(np.argwhere(bad.any(axis=1))[0, 0])
+        raise LabelFileError(f"{source}: coordinates (x={arr[r, 1]}, y={arr[r, 2]}) in row {r} outside "
+                             f"[0, {grid - 2}] (upper-left token of a 2x2 patch on the {grid}x{grid} grid)")
+    odd = (xy % 2) != 0
+    if odd.any():
+        r = int(np.argwhere(odd.any(axis=1))[0, 0])
+        raise LabelFileError(f"{source}: odd coordinates (x={arr[r, 1]}, y={arr[r, 2]}) in row {r}; labels mark "
+                             "the upper-left token of an even-aligned 2x2 patch")
+    return arr
+
+
+def load_label_file(path, n_images: int | None = None, grid: int = DEFAULT_REF_GRID) -> np.ndarray:
+    """Load and validate a ``.npy`` label file (no pickles): int64 (K, 3) rows ``(image, x, y)``."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise LabelFileError(f"{path}: label files must be .npy arrays of shape (K, 3), got suffix "
+                             f"{path.suffix or '(none)'!r}")
+    if not path.is_file():
+        raise LabelFileError(f"{path}: label file does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle, which we refuse
+        raise LabelFileError(f"{path}: not a plain numeric .npy array ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise LabelFileError(f"{path}: cannot read as .npy ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+    return validate_labels(arr, n_images=n_images, grid=grid, source=str(path))
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_paper_labels(model: str, cache_dir, timeout: float = 60.0) -> Path:
+    """The authors' label file for ``model`` (sd15, sd21, sdturbo) in ``cache_dir``, downloaded if needed.
+
+    A cached file whose sha256 matches is returned without any download. Otherwise the file is downloaded with
+    urllib to a temporary file in ``cache_dir``, its sha256 verified (on mismatch it is deleted and
+    :class:`LabelChecksumError` raised) and moved into place atomically.
+    """
+    if model not in PAPER_LABELS:
+        raise LabelFetchError(f"no paper labels for model {model!r}; the authors labelled {sorted(PAPER_LABELS)}")
+    url, sha = PAPER_LABELS[model]
+    cache_dir = Path(cache_dir)
+    dest = cache_dir / f"high_norm_anomalies_{model}.npy"
+    stale = ""
+    if dest.is_file():
+        got = sha256_file(dest)
+        if got == sha:
+            return dest
+        stale = f" (the file already at {dest} has sha256 {got}, not the expected {sha}; it will be replaced)"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=cache_dir)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+                shutil.copyfileobj(r, f)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise LabelFetchError(
+                f"labels for the `paper` label source need network access to download {url} "
+                f"({type(e).__name__}: {e}), or a pre-placed file at {dest} with sha256 {sha}{stale}"
+            ) from None
+        got = sha256_file(tmp)
+        if got != sha:
+            raise LabelChecksumError(f"{url}: sha256 {got} does not match the expected {sha}; "
+                                     "the download was discarded")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative norms
+# ---------------------------------------------------------------------------------------------
+
+def reference_grid(store: ReprStore, ref_layer: str = REF_LAYER) -> int:
+    """H_ref, the height of the grid the labels live on.
+
+    The height of ``ref_layer`` if the store has it; otherwise ``image_size // 16`` from the store attributes
+    (the reference layer has a 16 px token), and 32 (512 px images) if the store does not record its image size.
+    """
+    if ref_layer in store.layers:
+        return int(store.shape(ref_layer)[2])
+    size = store.attrs.get("image_size") or store.attrs.get("config", {}).get("image_size")
+    return int(size) // 16 if size else DEFAULT_REF_GRID
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique indices -> list of half-open contiguous runs [start, stop)."""
+    if indices.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts = np.r_[indices[0], indices[breaks + 1]]
+    stops = np.r_[indices[breaks], indices[-1]] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def _token_norms(chunk: np.ndarray) -> np.ndarray:
+    """(b, C, h, w) float32 -> (b, h, w) float32 L2 norms over channels."""
+    return np.sqrt(np.einsum("bchw,bchw->bhw", chunk, chunk, dtype=np.float32))
+
+
+def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, ref_layer: str = REF_LAYER,
+                   mode: str = "paper", label_source: str = "paper", model_name: str = "",
+                   chunk_images: int = 20, progress: bool = False) -> pd.DataFrame:
+    """Mean and std (ddof=0) over labels of the patch's relative token norm, per layer (module docstring).
+
+    Only images that carry labels are read, in contiguous runs of ``chunk_images`` images, one layer at a
+    time: memory is O(chunk_images * C * h * w). ``H_ref`` comes from :func:`reference_grid`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown relative-norm mode {mode!r}; use one of {MODES}")
+    h_ref = reference_grid(store, ref_layer)
+    labels = validate_labels(labels, n_images=store.n_images, grid=h_ref)
+    layers = list(store.layers) if layers is None else list(layers)
+    for layer in layers:
+        if layer not in store.layers:
+            raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
+    index_of = dict(zip(store.layers, store.layer_indices))
+    images = np.unique(labels[:, 0])
+    by_image = {int(i): labels[labels[:, 0] == i] for i in images}
+    runs = _runs(images)
+
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(layers, desc=f"anomaly norms {model_name}".strip())
+    rows = []
+    for layer in it:
+        _, c, h, w = store.shape(layer)
+        scale = h / h_ref
+        k = max(1, int(2 * scale))
+        values: list[float] = []
+        for start, stop in runs:
+            for i0, chunk in store.iter_chunks(layer, chunk_images=chunk_images, start=start, stop=stop,
+                                               dtype=np.float32):
+                norms = _token_norms(chunk)
+                for b in range(chunk.shape[0]):
+                    img = i0 + b
+                    if img not in by_image:
+                        continue
+                    nm = norms[b]
+                    total = float(nm.sum(dtype=np.float64))
+                    for _, x, y in by_image[img]:
+                        r0, c0 = int(y * scale), int(x * scale)
+                        patch = nm[r0:r0 + k, c0:c0 + k]
+                        p_sum, p_cnt = float(patch.sum(dtype=np.float64)), patch.size
+                        if mode == "paper":
+                            denom = total / (h * w)
+                        else:
+                            rest = h * w - p_cnt
+                            denom = (total - p_sum) / rest if rest > 0 else np.nan
+                        values.append((p_sum / p_cnt) / denom if denom else np.nan)
+        v = np.asarray(values, dtype=np.float64)
+        rows.append((model_name, int(index_of[layer]), layer, int(c), int(h), label_source,
+                     float(np.mean(v)) if v.size else np.nan, float(np.std(v)) if v.size else np.nan, int(v.size)))
+    return pd.DataFrame(rows, columns=RELNORM_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Automatic detection
+# ---------------------------------------------------------------------------------------------
+
+def detect_anomalies(store: ReprStore, layer: str = REF_LAYER, threshold: float = 2.0, chunk_images: int = 20,
+                     progress: bool = False) -> np.ndarray:
+    """Automatically label high-norm 2x2 patches; int64 (K, 3) rows ``(image, x, y)`` like the hand labels.
+
+    Rule, per image of ``layer`` (the labelled layer by default): compute the L2 norm of every token, average the
+    norms over each even-aligned 2x2 block, and flag a block when its mean norm exceeds ``threshold`` times the
+    image's median token norm. The block is reported by its upper-left token (x = column, y = row, both even),
+    sorted by (image, x, y).
+
+    Default threshold 2.0: the anomalies the authors labelled at this layer have mean relative norms of 3.8
+    (SD-1.5) and 2.6 (SD-Turbo) times the image's MEAN token norm (METHOD.md 3.3), and the median of the
+    right-skewed norm map is at most about its mean, so 2x the median catches the typical labelled anomaly while a
+    smooth norm map (spread well below 2x) yields no block. The median makes the reference robust to the
+    anomalies themselves. Weak anomalies (SD-2.1's labels are only 1.5x the mean) need a lower threshold.
+
+    Streams over image chunks: memory O(chunk_images * C * H * W).
+    """
+    if layer not in store.layers:
+        raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
+    _, _, h, w = store.shape(layer)
+    if h % 2 or w % 2:
+        raise ValueError(f"detect_anomalies needs an even-sized map for 2x2 blocks, {layer!r} is {h}x{w}")
+    it = store.iter_chunks(layer, chunk_images=chunk_images, dtype=np.float32)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=-(-store.n_images // chunk_images), desc="detect anomalies")
+    found = []
+    for i0, chunk in it:
+        norms = _token_norms(chunk)  # (b, h, w)
+        b = norms.shape[0]
+        med = np.median(norms.reshape(b, -1), axis=1)
+        blocks = norms.reshape(b, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+        hit = blocks > threshold * med[:, None, None]
+        bi, by, bx = np.nonzero(hit)
+        found.append(np.stack([bi + i0, 2 * bx, 2 * by], axis=1))
+    out = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 3), np.int64)
+    if out.size:
+        out = out[np.lexsort((out[:, 2], out[:, 1], out[:, 0]))]
+    return out.reshape(-1, 3)
+
+
+def precision_recall(detected, reference) -> dict:
+    """Exact-match agreement on ``(image, x, y)``; precision/recall/f1 are NaN when undefined (0/0)."""
+    det = {tuple(int(v) for v in r) for r in np.asarray(detected).reshape(-1, 3)}
+    ref = {tuple(int(v) for v in r) for r in np.asarray(reference).reshape(-1, 3)}
+    m = len(det & ref)
+    p = m / len(det) if det else float("nan")
+    r = m / len(ref) if ref else float("nan")
+    if np.isnan(p) or np.isnan(r):
+        f1 = float("nan")
+    else:
+        f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+    return {"precision": p, "recall": r, "f1": f1, "n_detected": len(det), "n_reference": len(ref),
+            "n_matched": m}

@@ -1,0 +1,261 @@
+"""Positional linear probe: can a token's (row, column) be read out linearly from its feature vector?
+
+Method (paper spec, METHOD.md 3.1). For every layer with an n x n map of C channels, one sample is one token
+(its C-dim feature vector, stored as float16, cast to float32, **no normalisation**), flattened in the order
+(image, row, column); its label is (row, column). The probe is a single ``nn.Linear(C, 2n)`` whose logits are
+viewed as ``(batch, n, 2)``: logit ``2i + a`` scores class i on axis a (a = 0 row, a = 1 column). The loss is
+``F.cross_entropy(logits, labels)`` with the class dimension 1, i.e. two n-way softmax classifiers sharing one
+linear layer, averaged over the batch and both axes. Optimiser ``Adam(lr)`` (defaults otherwise). Each epoch
+draws one ``torch.randperm`` over the training tokens and steps over minibatches of ``batch_size`` (the last one
+partial). After every epoch the whole test set is evaluated in one pass: ``pred = argmax(dim=1)`` -> (row, col).
+
+Metrics at granularity g (see :func:`accuracy_at_granularity`):
+
+* ``per_axis`` (the paper's number): mean over tokens AND both axes of ``(pred*g)//n == (label*g)//n``.
+  Chance is ``1/min(g, n)``. For g >= n the value equals the native accuracy.
+* ``joint``: fraction of tokens whose row AND column are both right at granularity g (chance ``1/min(g,n)^2``).
+
+Modes
+-----
+``paper`` replays the authors' code: ``torch.manual_seed(seed)`` and ``torch.cuda.manual_seed(seed)`` are set
+ONCE before looping over the layers in the given order (cuDNN deterministic, no benchmark), so the probe
+initialisation (``nn.Linear`` built on the CPU, then moved to the device) and the per-epoch permutations (CPU
+RNG) are drawn sequentially across layers: an exact replay needs the same layer list and order. The split is
+positional: training tokens are all tokens of images ``0 .. int(train_frac*N) - 1``, the test tokens are the rest
+(dataset order). The global RNG is left as the authors' loop leaves it; the cuDNN flags are restored afterwards
+(the probe itself uses no cuDNN kernel, so this does not change any number).
+
+``corrected`` repeats the probe for each seed in ``seeds``: the image split is a seeded permutation of the images
+(``numpy.random.default_rng(seed).permutation(N)``, first ``int(train_frac*N)`` for training), shared by all
+layers of that seed; the probe initialisation (PyTorch's default ``nn.Linear`` init drawn from a private
+generator) and the epoch permutations use a generator seeded from a hash of (seed, layer), so the result of a
+layer does not depend on which other layers ran or in which order. The global RNG is untouched.
+
+Memory
+------
+One layer at a time: its N*H*W tokens are held as float16 (N*H*W*C*2 bytes, e.g. 1.34 GB for 500 images of a
+320x64x64 layer, 0.33 GB for 1280x16x16) on the compute device (GPU when available), filled chunk by chunk from
+the store with ``iter_chunks``. Evaluation adds one float32 copy of the test tokens plus their logits
+(about (1 - train_frac) * N*H*W*(C + 2n)*4 bytes, 0.6 GB for the largest paper layer). No other layer is held.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..store import ReprStore
+
+PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
+                 "seed", "accuracy"]
+SUMMARY_KEYS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric"]
+METRICS = ("per_axis", "joint")
+MODES = ("paper", "corrected")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+def accuracy_at_granularity(pred, label, n: int, g: int, joint: bool = False) -> float:
+    """Accuracy of (row, col) predictions on an n x n grid, coarsened to a g x g grid by floor quantisation.
+
+    ``pred`` and ``label`` are integer arrays/tensors of shape (T, 2) holding (row, col) in [0, n).
+    Index i falls into bin ``(i*g)//n``. ``joint=False`` (the paper's metric) averages correctness over tokens
+    and both axes; ``joint=True`` counts a token as right only if both axes are right.
+    """
+    p = torch.as_tensor(pred).long()
+    t = torch.as_tensor(label).long()
+    if p.shape != t.shape or p.ndim != 2 or p.shape[1] != 2:
+        raise ValueError(f"pred and label must both have shape (T, 2), got {tuple(p.shape)} and {tuple(t.shape)}")
+    ok = (p * g) // n == (t * g) // n
+    if joint:
+        ok = ok.all(dim=1)
+    return ok.float().mean().item()
+
+
+def chance_level(n: int, g: int, joint: bool = False) -> float:
+    """Chance accuracy of :func:`accuracy_at_granularity` for a uniform guess (g dividing n or g >= n)."""
+    k = min(g, n)
+    return 1.0 / (k * k) if joint else 1.0 / k
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _layer_tokens(store: ReprStore, layer: str, device: torch.device, chunk_images: int = 20) -> torch.Tensor:
+    """All tokens of one layer as a float16 (N*H*W, C) tensor on ``device``, order (image, row, col)."""
+    n_img, c, h, w = store.shape(layer)
+    buf = np.empty((n_img, h, w, c), dtype=np.float16)
+    for i0, chunk in store.iter_chunks(layer, chunk_images=chunk_images, dtype=np.float16):
+        buf[i0:i0 + chunk.shape[0]] = chunk.transpose(0, 2, 3, 1)
+    x = torch.from_numpy(buf).reshape(n_img * h * w, c)
+    return x.to(device) if device.type != "cpu" else x
+
+
+def _layer_geometry(store: ReprStore, layer: str) -> tuple[int, int, int]:
+    if layer not in store.layers:
+        raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
+    n_img, c, h, w = store.shape(layer)
+    if h != w:
+        raise ValueError(f"probe needs square maps, but layer {layer!r} is {h}x{w} (H x W) in {store.path}")
+    return n_img, c, h
+
+
+def _derived_seed(*parts) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _init_linear_(lin: nn.Linear, gen: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` initialisation, drawn from ``gen`` instead of the global RNG."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=gen)
+        if lin.bias is not None:
+            fan_in = lin.weight.shape[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(lin.bias, -bound, bound, generator=gen)
+
+
+def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: torch.Tensor, probe: nn.Linear,
+                    *, epochs: int, batch_size: int, lr: float, granularities: Sequence[int],
+                    gen: torch.Generator | None, device: torch.device) -> list[tuple[int, int, str, float]]:
+    """Train ``probe`` on tokens ``x[train_tok]`` and evaluate on ``x[test_tok]`` after every epoch.
+
+    ``train_tok``/``test_tok`` are int64 CPU tensors of token indices into ``x``; the label of token t is
+    ``(row, col) = ((t % n^2) // n, t % n)``. Returns rows (epoch, granularity, metric, accuracy).
+    """
+    hw = n * n
+    train_dev = train_tok.to(device)
+    test_dev = test_tok.to(device)
+    y_test = torch.stack([(test_dev % hw) // n, test_dev % n], dim=1)
+    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    n_train = train_tok.numel()
+    out: list[tuple[int, int, str, float]] = []
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n_train, generator=gen) if gen is not None else torch.randperm(n_train)
+        perm = perm.to(device)
+        probe.train()
+        for i in range(0, n_train, batch_size):
+            tok = train_dev[perm[i:i + batch_size]]
+            xb = x[tok].float()
+            yb = torch.stack([(tok % hw) // n, tok % n], dim=1)
+            logits = probe(xb).view(-1, n, 2)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        probe.eval()
+        with torch.no_grad():
+            pred = probe(x[test_dev].float()).view(-1, n, 2).argmax(dim=1)
+        for g in granularities:
+            out.append((epoch, int(g), "per_axis", accuracy_at_granularity(pred, y_test, n, int(g))))
+            out.append((epoch, int(g), "joint", accuracy_at_granularity(pred, y_test, n, int(g), joint=True)))
+    return out
+
+
+def _token_indices(images: np.ndarray, hw: int) -> torch.Tensor:
+    img = torch.as_tensor(np.asarray(images, dtype=np.int64))
+    return (img[:, None] * hw + torch.arange(hw, dtype=torch.int64)[None, :]).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "paper", epochs: int = 5,
+              batch_size: int = 512, lr: float = 1e-3, train_frac: float = 0.8, seed: int = 42,
+              seeds: Sequence[int] = (42, 43, 44), granularities: Sequence[int] = (8, 16, 32, 64), device=None,
+              model_name: str = "", progress: bool = False, chunk_images: int = 20) -> pd.DataFrame:
+    """Train the positional linear probe on each layer; long-format accuracies (see the module docstring).
+
+    Columns: ``model, layer_index, layer, channels, spatial, epoch, granularity, metric, seed, accuracy`` with
+    ``metric`` in {"per_axis", "joint"}, epochs 1..``epochs``. ``mode="paper"`` uses ``seed`` (one run, the
+    authors' RNG stream and positional split); ``mode="corrected"`` one run per seed in ``seeds``.
+    ``device=None`` picks CUDA when available. Memory: one layer's tokens in float16 at a time (module docstring).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
+    layers = list(store.layers) if layers is None else list(layers)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    geoms = {layer: _layer_geometry(store, layer) for layer in layers}  # validate everything before training
+    n_img = store.n_images
+    n_train_img = int(train_frac * n_img)
+    if not 0 < n_train_img < n_img:
+        raise ValueError(f"train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
+                         f"{n_img - n_train_img} test images; both must be >= 1")
+    dev = _resolve_device(device)
+    index_of = dict(zip(store.layers, store.layer_indices))
+
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(layers, desc=f"probe {model_name} ({mode})".strip())
+
+    rows: list[tuple] = []
+    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if mode == "paper":
+            torch.manual_seed(seed)
+            torch.cuda.manual_seed(seed)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            splits = {seed: (np.arange(n_train_img), np.arange(n_train_img, n_img))}
+        else:
+            splits = {}
+            for s in seeds:
+                perm = np.random.default_rng(int(s)).permutation(n_img)
+                splits[int(s)] = (np.sort(perm[:n_train_img]), np.sort(perm[n_train_img:]))
+        for layer in it:
+            _, c, n = geoms[layer]
+            x = _layer_tokens(store, layer, dev, chunk_images=chunk_images)
+            meta = (model_name, int(index_of[layer]), layer, int(c), int(n))
+            for s, (tr_img, te_img) in splits.items():
+                if mode == "paper":
+                    gen = None
+                    probe = nn.Linear(c, 2 * n).to(dev)  # built on the CPU (global RNG), then moved
+                else:
+                    gen = torch.Generator().manual_seed(_derived_seed("probe", s, layer))
+                    probe = nn.Linear(c, 2 * n)
+                    _init_linear_(probe, gen)
+                    probe = probe.to(dev)
+                res = _train_and_eval(x, n, _token_indices(tr_img, n * n), _token_indices(te_img, n * n), probe,
+                                      epochs=epochs, batch_size=batch_size, lr=lr, granularities=granularities,
+                                      gen=gen, device=dev)
+                rows.extend((*meta, ep, g, metric, int(s), acc) for ep, g, metric, acc in res)
+            del x
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+def summarize_probe(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample sd (ddof=1; NaN for a single seed) of the accuracy over seeds.
+
+    One row per (model, layer_index, layer, channels, spatial, epoch, granularity, metric), columns
+    ``..., accuracy, accuracy_sd, n_seeds``.
+    """
+    if df.empty:
+        return pd.DataFrame(columns=[*SUMMARY_KEYS, "accuracy", "accuracy_sd", "n_seeds"])
+    out = (df.groupby(SUMMARY_KEYS, sort=False, dropna=False)["accuracy"]
+           .agg(accuracy="mean", accuracy_sd="std", n_seeds="count").reset_index())
+    out["n_seeds"] = out["n_seeds"].astype(int)
+    return out.sort_values(["model", "layer_index", "metric", "epoch", "granularity"], kind="stable",
+                           ignore_index=True)
