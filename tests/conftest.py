@@ -48,3 +48,8 @@ def image_folder(tmp_path):
             im.save(d / f"img_{i:03d}.png")
         return d
     return make
+
+
+def shared_reference() -> Path:
+    """The read-only published reference files beside the checkout (``../shared/reference``), if present."""
+    return Path(os.environ.get("DIFFAUDIT_SHARED_REFERENCE", REPO.parent / "shared" / "reference"))

@@ -11,6 +11,7 @@ from diffaudit.analyses import anomalies as an
 from diffaudit.analyses.anomalies import (PAPER_LABELS, RELNORM_COLUMNS, LabelChecksumError, LabelFetchError,
                                           LabelFileError, detect_anomalies, fetch_paper_labels, load_label_file,
                                           precision_recall, relative_norms)
+from conftest import shared_reference
 from diffaudit.store import ReprStore, StoreWriter
 
 REF = "up_blocks[1].upsamplers[0]"
@@ -160,7 +161,7 @@ def test_load_label_file_validation(tmp_path):
 
 
 def test_paper_label_checksums_match_reference_copies():
-    ref = Path("/work/shared/reference/paper-data")
+    ref = shared_reference() / "paper-data"
     assert set(PAPER_LABELS) == {"sd15", "sd21", "sdturbo"}
     for model, (url, sha) in PAPER_LABELS.items():
         assert url.endswith(f"/1230d5395ce8f321eac557da56f0934dfd7cfc63/labeler/high_norm_anomalies_{model}.npy")

@@ -1,0 +1,377 @@
+"""Token-group (corner / border / other) cosine similarity: cropped image vs full image ring removed.
+
+Method (paper spec, METHOD.md 3.2). For a layer with an n x n map (token size t = image_size // n) there are two
+representation stores: ``full`` (n x n maps) and ``crop<t>`` (the image cropped by one token ring, m x m maps,
+m = n - 2). Both are compared on the m-grid:
+
+* ``full_image_ring_removed`` = ``full[..., 1:-1, 1:-1]``; ``cropped_image`` = the crop map.
+* groups on the m-grid: corner = the 4 corner tokens, border = the 4 edge strips without corners,
+  other = the interior ``[1:-1, 1:-1]``.
+* for each map set and group pair (i, j), pooled over all images (a ratio of sums)::
+
+      R[i, j] = (sum over ordered pairs (a in i, b in j) of cos(u_a, u_b) - S_self) / (count - S_self)
+
+  where S_self (only for i == j) removes the self pairs a == b.
+* plotted: ``corner_ratio = R_crop[0, 0] / R_full_ring[0, 0]``, likewise border (1) and other (2).
+
+Count modes
+-----------
+``count_quirk=True`` ("paper" mode) reproduces the authors' code exactly: ``count`` and ``S_self`` come from a ones
+tensor of the FULL size n (``torch.ones((n, n, n, n))``) indexed with the same group slices (``0``, ``-1``,
+``slice(1, -1)``) that are applied to the m-sized maps. With K_g(s) the number of tokens that the group slices
+select on an s x s grid, K_corner = 4, K_border = 4(s - 2), K_other = (s - 2)^2, this gives per layer (N images)::
+
+      count[i, j] = K_i(n) * K_j(n) * N,     S_self[i] = K_i(n) * N      (self-cosine taken as 1)
+
+while the maps only hold K_i(m) tokens per group. Corner is unaffected; border uses 4(n-2) instead of 4(n-4),
+other (n-2)^2 instead of (n-4)^2. Because the per-image pair sum includes the true diagonal (K_i(m) ones), the
+paper value is R_q = (off + K(m)N - K(n)N) / ((K(n)^2 - K(n)) N), i.e. for border (off - 8N)/(...).
+
+``count_quirk=False`` ("corrected" mode) uses the true m-grid counts, count = K_i(m) K_j(m) N, and excludes the
+self pairs by explicit diagonal masking: S_self[i] is the actual sum of self-cosines (sum over tokens of |u_a|^2),
+and the denominator is (K_i(m)^2 - K_i(m)) N. For tokens with non-zero norm |u_a|^2 = 1 and this equals
+subtracting K_i(m) N; see "zero-norm tokens" below.
+
+Efficient algorithm
+-------------------
+Never form token x token maps. With u_a the L2-normalised tokens of one image, the sum of cosines over all ordered
+pairs (a in A, b in B) is ``(sum_{a in A} u_a) . (sum_{b in B} u_b)``. Per image and map set only three group-sum
+vectors s_g (C,) are needed; per layer we accumulate, in float64 over streamed image chunks,
+``G[i, j] = sum_images s_i . s_j`` (3 x 3), the self-cosine sums ``D[i] = sum_images sum_{a in i} |u_a|^2`` and N.
+Time O(N * tokens * C), memory O(chunk_images * C * n^2), independent of N.
+
+Zero-norm tokens: normalisation is ``u = x / max(|x|, eps)`` with eps = 1e-12 (``torch.nn.functional.normalize``;
+``torch.cosine_similarity`` likewise gives 0 for a zero vector), so a zero token has u = 0 and *all* its cosines,
+including its self-cosine, are 0. The pair sums (and the brute-force maps) therefore contain a 0 on the diagonal
+for such a token. Paper mode still subtracts the constant K(n) N (exactly what the authors' code does); corrected
+mode subtracts the actual diagonal sum D, so the result is exactly the mean of the off-diagonal cosines, a zero
+token counting as cosine 0 with every other token.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+GROUPS: tuple[str, ...] = ("corner", "border", "other")
+MAP_SETS: tuple[str, ...] = ("cropped_image", "full_image_ring_removed")
+EPS = 1e-12  # as torch.nn.functional.normalize
+
+COLUMNS: tuple[str, ...] = (
+    "model", "layer_index", "layer", "channels", "spatial",
+    "corner_ratio", "border_ratio", "other_ratio",
+    "corner_sim_cropped_image", "corner_sim_full_image_ring_removed",
+    "border_sim_cropped_image", "border_sim_full_image_ring_removed",
+    "other_sim_cropped_image", "other_sim_full_image_ring_removed",
+)
+
+MODES = {"paper": True, "corrected": False}
+
+# The group index sets as (row, col) index pairs, exactly as the authors apply them to a grid axis. The same
+# slices mean different token counts on an n-axis and on an m-axis; that is the count quirk.
+_MID = slice(1, -1)
+GROUP_INDEX: dict[str, tuple[tuple[object, object], ...]] = {
+    "corner": ((0, 0), (0, -1), (-1, 0), (-1, -1)),
+    "border": ((0, _MID), (-1, _MID), (_MID, 0), (_MID, -1)),
+    "other": ((_MID, _MID),),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts
+# ---------------------------------------------------------------------------------------------
+
+def group_sizes(grid: int) -> np.ndarray:
+    """Tokens the group slices select on a ``grid x grid`` axis pair: (4, 4(grid-2), (grid-2)^2)."""
+    if grid < 2:
+        raise ValueError(f"grid size must be >= 2, got {grid}")
+    return np.array([4, 4 * (grid - 2), (grid - 2) ** 2], dtype=np.float64)
+
+
+def pair_counts(m: int, n_images: int, count_quirk: bool, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(count (3,3), self_count (3,))`` for maps on the m-grid, pooled over ``n_images`` images.
+
+    ``count_quirk=True``: the authors' formula, built on the full grid size ``n`` (default m + 2):
+    ``count = outer(K(n), K(n)) * N``, ``self_count = K(n) * N``. ``count_quirk=False``: the same on ``m``.
+    """
+    size = (m + 2 if n is None else int(n)) if count_quirk else m
+    k = group_sizes(size)
+    return np.outer(k, k) * n_images, k * n_images
+
+
+def similarity_from_sums(pair_sums: np.ndarray, self_sums: np.ndarray, n_images: int, m: int,
+                         count_quirk: bool, n: int | None = None) -> np.ndarray:
+    """The 3x3 matrix R from pooled pair sums ``G`` (3,3) and self-cosine sums ``D`` (3,).
+
+    Paper mode subtracts the quirk's constant self count K(n) N (ignores ``self_sums``); corrected mode subtracts
+    the actual self-cosine sums D and divides by the true number of off-diagonal pairs.
+    """
+    g = np.asarray(pair_sums, dtype=np.float64)
+    count, self_count = pair_counts(m, n_images, count_quirk, n)
+    subtract = self_count if count_quirk else np.asarray(self_sums, dtype=np.float64)
+    num = g - np.diag(subtract)
+    den = count - np.diag(self_count)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)  # no pairs -> undefined
+
+
+# ---------------------------------------------------------------------------------------------
+# Group sums (the efficient algorithm)
+# ---------------------------------------------------------------------------------------------
+
+def group_masks(m: int) -> np.ndarray:
+    """(3, m*m) float64 0/1 masks of corner, border, other on the m-grid."""
+    if m < 3:
+        raise ValueError(f"the m-grid must be at least 3x3 to hold corner/border/other groups, got {m}")
+    masks = np.zeros((3, m, m))
+    for gi, g in enumerate(GROUPS):
+        for r, c in GROUP_INDEX[g]:
+            masks[gi][r, c] = 1.0
+    return masks.reshape(3, m * m)
+
+
+def group_sums(x: np.ndarray) -> dict:
+    """Per-image group sums of L2-normalised tokens.
+
+    ``x``: (b, C, m, m) representations of one map set on the m-grid. Returns a dict with
+    ``corner``, ``border``, ``other``: (b, C) float64 sums of unit tokens over the group;
+    ``self``: (b, 3) float64 sums of self-cosines |u_a|^2 per group (= group size unless a token is zero);
+    ``sizes``: (3,) token counts on the m-grid; ``m``: grid size.
+    The per-image pair sum of group pair (i, j) is ``sum_c s_i[c] * s_j[c]``.
+
+    The normalisation and the group sums run as one batched float32 matrix product
+    ``x (b, C, T) @ (mask / |x|) (b, T, 3)`` (pairwise float32 accumulation; relative error ~1e-7, far below
+    the float16 storage precision); the results are returned, and pooled by the caller, in float64.
+    """
+    import torch
+
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[2] != x.shape[3]:
+        raise ValueError(f"expected (b, C, m, m), got shape {x.shape}")
+    b, c, m, _ = x.shape
+    masks = torch.from_numpy(group_masks(m).astype(np.float32))  # (3, T)
+    with torch.no_grad():
+        xt = torch.from_numpy(np.ascontiguousarray(x)).reshape(b, c, m * m).float()
+        norm = torch.linalg.vector_norm(xt, dim=1)  # (b, T)
+        inv = 1.0 / norm.clamp_min(EPS)
+        unit_sq = (norm * inv) ** 2  # |u_a|^2: 1, or 0 for a zero token
+        w = masks[None] * inv[:, None, :]  # (b, 3, T): group mask times 1/|x_a|
+        sums = torch.bmm(xt, w.transpose(1, 2)).transpose(1, 2).double().numpy()  # (b, 3, C)
+        selfs = (unit_sq.double() @ masks.double().T).numpy()  # (b, 3)
+    out = {g: sums[:, gi] for gi, g in enumerate(GROUPS)}
+    out.update({"self": selfs, "sizes": group_sizes(m), "m": m})
+    return out
+
+
+class GroupSimilarityAccumulator:
+    """Streaming float64 accumulator of pooled group pair sums for one map set."""
+
+    def __init__(self, m: int | None = None):
+        self.m = m
+        self.pair_sums = np.zeros((3, 3))
+        self.self_sums = np.zeros(3)
+        self.n_images = 0
+
+    def update(self, x: np.ndarray) -> None:
+        gs = group_sums(x)
+        if self.m is None:
+            self.m = gs["m"]
+        elif gs["m"] != self.m:
+            raise ValueError(f"grid size changed from {self.m} to {gs['m']}")
+        s = np.stack([gs[g] for g in GROUPS], axis=1)  # (b, 3, C)
+        self.pair_sums += np.einsum("bic,bjc->ij", s, s)
+        self.self_sums += gs["self"].sum(axis=0)
+        self.n_images += s.shape[0]
+
+    def matrix(self, count_quirk: bool = True, n: int | None = None) -> np.ndarray:
+        if self.n_images == 0:
+            raise ValueError("no images accumulated")
+        return similarity_from_sums(self.pair_sums, self.self_sums, self.n_images, self.m, count_quirk, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute force (the authors' algorithm; for tests and benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+def cosine_maps(x, torch_threads: int | None = None):
+    """(N, C, s, s) representations -> (N, s, s, s, s) float32 torch cosine maps, one image at a time, stacked."""
+    import torch
+    import torch.nn.functional as F
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    nimg, c, s, _ = x.shape
+    maps = []
+    for i in range(nimg):
+        u = F.normalize(x[i].reshape(c, s * s), dim=0, eps=EPS)
+        maps.append(torch.einsum("ca,cb->ab", u, u).reshape(s, s, s, s))
+    return torch.stack(maps)
+
+
+def _group_pair_sum(t, gi: str, gj: str):
+    """Sum of ``t[..., A, B]`` over the group index sets on the last four axes (and any leading image axis)."""
+    import torch
+
+    total = 0.0
+    for ra, ca in GROUP_INDEX[gi]:
+        for rb, cb in GROUP_INDEX[gj]:
+            total = total + t[..., ra, ca, rb, cb].sum(dtype=torch.float64)
+    return total
+
+
+def brute_force_matrix_from_maps(sim, count_quirk: bool = True, n: int | None = None) -> np.ndarray:
+    """The authors' group reduction on materialised (N, m, m, m, m) cosine maps (torch tensor)."""
+    import torch
+
+    nimg, m = sim.shape[0], sim.shape[1]
+    size = (m + 2 if n is None else int(n)) if count_quirk else m
+    ones = torch.ones((size,) * 4, dtype=torch.float64)
+    eye = torch.eye(size * size, dtype=torch.float64).reshape((size,) * 4)
+    r = np.zeros((3, 3))
+    for i, gi in enumerate(GROUPS):
+        for j, gj in enumerate(GROUPS):
+            total = float(_group_pair_sum(sim, gi, gj))
+            count = float(_group_pair_sum(ones, gi, gj)) * nimg
+            self_count = float(_group_pair_sum(eye, gi, gj)) * nimg if i == j else 0.0
+            if i == j and not count_quirk:  # explicit diagonal masking: subtract the actual self-cosines
+                diag = torch.diagonal(sim.reshape(nimg, m * m, m * m), dim1=1, dim2=2).reshape(nimg, m, m)
+                subtract = float(sum(diag[:, a, b].sum(dtype=torch.float64) for a, b in GROUP_INDEX[gi]))
+            else:
+                subtract = self_count
+            r[i, j] = (total - subtract) / (count - self_count) if count != self_count else np.nan
+    return r
+
+
+def brute_force_group_similarity(x_maps, count_quirk: bool = True, n: int | None = None) -> np.ndarray:
+    """Brute-force 3x3 R of one map set: (N, C, m, m) representations on the m-grid.
+
+    Materialises the full (N, m, m, m, m) float32 cosine maps via einsum (as the authors did), then applies the
+    group slices with the authors' count formula (``count_quirk=True``: ones/eye tensors of size n = m + 2 unless
+    ``n`` is given) or the corrected one (m-sized counts, explicit diagonal masking).
+    """
+    return brute_force_matrix_from_maps(cosine_maps(x_maps), count_quirk, n)
+
+
+def brute_force_token_group_similarity(full_maps, crop_maps, count_quirk: bool = True) -> dict[str, np.ndarray]:
+    """The authors' whole pipeline in memory: (N, n^4) full cosine maps, padded copy, (N, m^4) crop maps."""
+    import torch.nn.functional as F
+
+    sim_full = cosine_maps(full_maps)
+    n = sim_full.shape[1]
+    sim_full_ring = F.pad(sim_full, [-1] * 8)
+    del sim_full
+    sim_crop = cosine_maps(crop_maps)
+    if sim_crop.shape[1] != n - 2:
+        raise ValueError(f"crop maps are {sim_crop.shape[1]}x{sim_crop.shape[1]}, expected {n - 2}")
+    return {
+        "cropped_image": brute_force_matrix_from_maps(sim_crop, count_quirk, n),
+        "full_image_ring_removed": brute_force_matrix_from_maps(sim_full_ring, count_quirk, n),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Store-level API
+# ---------------------------------------------------------------------------------------------
+
+def _count_quirk(mode: str) -> bool:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
+def crop_variant(token_size: int) -> str:
+    return f"crop{token_size}"
+
+
+def _resolve_crop(crops, token_size: int, layer: str, n: int):
+    variant = crop_variant(token_size)
+    where = f"layer {layer!r} ({n}x{n}, token size {token_size})"
+    if callable(crops) and not isinstance(crops, Mapping):
+        try:
+            store = crops(token_size)
+        except (FileNotFoundError, KeyError) as e:
+            raise FileNotFoundError(f"crop store variant {variant!r} needed by {where} is missing: {e}") from e
+        if store is None:
+            raise FileNotFoundError(f"crop store variant {variant!r} needed by {where} is missing")
+        return store
+    if token_size not in crops:
+        raise KeyError(f"no crop store variant {variant!r} for {where}; available: "
+                       f"{[crop_variant(t) for t in sorted(crops)]}")
+    return crops[token_size]
+
+
+def _accumulate(store, layer: str, chunk_images: int, ring: bool) -> GroupSimilarityAccumulator:
+    acc = GroupSimilarityAccumulator()
+    # dtype=None keeps the stored dtype (float16): group_sums casts one image at a time to float64, which saves a
+    # whole-chunk float32 copy (the cast costs about as much as the zarr decode itself)
+    for _, x in store.iter_chunks(layer, chunk_images=chunk_images, dtype=None):
+        acc.update(x[..., 1:-1, 1:-1] if ring else x)
+        del x  # else the previous chunk stays alive while the next one is read (two chunks in memory)
+    return acc
+
+
+def group_similarity_matrix(full, crop, layer: str, count_quirk: bool = True,
+                            chunk_images: int = 20) -> dict[str, np.ndarray]:
+    """Both 3x3 R matrices of one layer, streamed from the stores: ``{map set name: R (3,3)}``.
+
+    ``full`` has the n x n maps; ``crop`` the m x m maps (m = n - 2) of the cropped images. Rows and columns are
+    ordered corner, border, other.
+    """
+    if layer not in full.layers:
+        raise KeyError(f"layer {layer!r} not in the full store {full.path}")
+    nimg, c, n, w = full.shape(layer)
+    if n != w:
+        raise ValueError(f"{layer}: non-square map {n}x{w}")
+    variant = getattr(crop, "path", "crop store")
+    if layer not in crop.layers:
+        raise KeyError(f"layer {layer!r} missing from crop store {variant}")
+    cn, cc, m, mw = crop.shape(layer)
+    if (m, mw) != (n - 2, n - 2) or cc != c:
+        raise ValueError(f"{layer}: crop store {variant} has shape {(cn, cc, m, mw)}, expected "
+                         f"(*, {c}, {n - 2}, {n - 2}) for a {n}x{n} layer")
+    if cn != nimg or not np.array_equal(np.asarray(full.image_ids), np.asarray(crop.image_ids)):
+        raise ValueError(f"{layer}: full and crop store {variant} hold different images")
+    acc_crop = _accumulate(crop, layer, chunk_images, ring=False)
+    acc_full = _accumulate(full, layer, chunk_images, ring=True)
+    return {
+        "cropped_image": acc_crop.matrix(count_quirk, n),
+        "full_image_ring_removed": acc_full.matrix(count_quirk, n),
+    }
+
+
+def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], object],
+                           layers: Sequence[str] | None = None, mode: str = "paper", image_size: int = 512,
+                           chunk_images: int = 20, model_name: str = "") -> pd.DataFrame:
+    """Per-layer corner/border/other similarity ratios (cropped image / full image ring removed).
+
+    ``full``: the ``full`` variant ReprStore. ``crops``: ``{token_size: ReprStore}`` or a callable
+    ``token_size -> ReprStore``; the layer with an n x n map uses the store of token size ``image_size // n``
+    (variant ``crop<t>``). ``mode``: ``"paper"`` (the authors' count quirk) or ``"corrected"``.
+    """
+    count_quirk = _count_quirk(mode)
+    layers = list(full.layers if layers is None else layers)
+    rows = []
+    for layer in layers:
+        if layer not in full.layers:
+            raise KeyError(f"layer {layer!r} not in the full store {full.path} (has {full.layers})")
+        attrs = full.layer_attrs(layer)
+        _, c, n, _ = full.shape(layer)
+        t = image_size // n
+        crop = _resolve_crop(crops, t, layer, n)
+        if layer not in crop.layers:
+            raise KeyError(f"layer {layer!r} missing from crop store variant {crop_variant(t)!r} ({crop.path})")
+        r = group_similarity_matrix(full, crop, layer, count_quirk, chunk_images)
+        rc, rf = r["cropped_image"], r["full_image_ring_removed"]
+        layer_index = attrs.get("layer_index", full.layer_indices[full.layers.index(layer)])
+        row = {"model": model_name, "layer_index": int(layer_index), "layer": layer, "channels": int(c),
+               "spatial": int(n)}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for gi, g in enumerate(GROUPS):
+                row[f"{g}_ratio"] = float(rc[gi, gi] / rf[gi, gi])
+        for gi, g in enumerate(GROUPS):
+            row[f"{g}_sim_cropped_image"] = float(rc[gi, gi])
+            row[f"{g}_sim_full_image_ring_removed"] = float(rf[gi, gi])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
