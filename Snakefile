@@ -10,8 +10,15 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/analyses.smk"
 
 
 rule all:
     input:
         expand(REPR_DIR, model=MODELS),
+        expand(
+            f"{RESULTS}/{{model}}/{{table}}",
+            model=MODELS,
+            table=["position_probe.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv",
+                   "channel_outliers.csv"],
+        ),

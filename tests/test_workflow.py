@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -95,6 +96,27 @@ def test_offline_demo(repo_copy, tmp_path):
     assert len(list((ds / "images").glob("*.png"))) == 10
     x = np.asarray(full.array("up_blocks[1].upsamplers[0]")[:], dtype=np.float32)
     assert np.isfinite(x).all() and x.std() > 0
+
+    tables = repo_copy / "results" / "demo" / "mini"
+    probe = pd.read_csv(tables / "position_probe.csv")
+    assert set(probe["layer"]) == set(PAPER_LAYERS) and set(probe["epoch"]) == {1, 2, 3, 4, 5}
+    sim = pd.read_csv(tables / "token_group_similarity.csv")
+    assert len(sim) == 45 and (sim["corner_sim_cropped_image"].abs() <= 1).all()
+    anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
+    assert set(anom["label_source"]) <= {"auto"}  # no paper labels for the mini model
+    assert (tables / "channel_outliers.csv").is_file()
+
+    # a user label file: only the anomaly analysis re-runs
+    labels = tmp_path / "my_labels.npy"
+    np.save(labels, np.array([[0, 4, 6], [3, 30, 0]], dtype=np.int64))
+    user = write_yaml(tmp_path / "user.yaml", {"anomalies": {"labels": ["auto", str(labels)]}})
+    proc = snakemake(repo_copy, "config/demo.yaml", short, user)
+    ran = {ln.split()[-1].rstrip(":") for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
+           if ln.strip().startswith(("rule ", "localrule "))}
+    assert ran - {"all"} == {"anomalies"}, ran
+    anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
+    mine = anom[anom["label_source"] == "user:my_labels.npy"]
+    assert len(mine) == 45 and (mine["n_anomalies"] == 2).all()
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "corrupt_image", "too_few", "unknown_layer", "bad_key"])

@@ -9,13 +9,14 @@ from .config import ConfigError
 
 # Errors caused by the user's input: reported as one line, no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .analyses.anomalies import LabelFetchError
     from .datasets import DatasetError
     from .layers import UnknownLayerError
     from .models import ModelLoadError
     from .store import IncompleteStoreError, StoreMismatchError
 
     return (ConfigError, DatasetError, UnknownLayerError, ModelLoadError, StoreMismatchError,
-            IncompleteStoreError, FileNotFoundError, ValueError)
+            IncompleteStoreError, LabelFetchError, FileNotFoundError, ValueError)
 
 
 def run_task(fn, *args, **kwargs):

@@ -57,3 +57,117 @@ def extract(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path,
         image_ids=list(index["id"].astype(str)), labels=list(index["label"].astype(int)), layers=layers,
         settings=settings, out_dir=out_dir, provenance=provenance, image_size=int(cfg["dataset"]["size"]),
         progress=progress, stop_after=stop_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses: each reads the model's representation directory and writes one tidy CSV
+# ---------------------------------------------------------------------------------------------
+
+def _open_stores(rep_dir: str | Path):
+    from .store import ReprStore, list_variants, store_path
+
+    full = ReprStore(store_path(rep_dir, "full"))
+    crops = {int(v[4:]): ReprStore(store_path(rep_dir, v)) for v in list_variants(rep_dir) if v.startswith("crop")}
+    return full, crops
+
+
+def _write_csv(df, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(out)
+    return out
+
+
+def probe(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) -> Path:
+    from .analyses.probe import run_probe
+
+    p = cfg["probe"]
+    full, _ = _open_stores(rep_dir)
+    df = run_probe(full, mode=p["mode"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
+                   train_frac=p["train_frac"], seed=p["seed"], seeds=p["seeds"], granularities=p["granularities"],
+                   device=_device(cfg), model_name=model, progress=True)
+    return _write_csv(df, out_csv)
+
+
+def similarity(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) -> Path:
+    from .analyses.similarity import token_group_similarity
+
+    full, crops = _open_stores(rep_dir)
+    if not crops:
+        raise ValueError(f"{rep_dir} has no cropped variants; set extraction.crops: true and re-extract")
+    df = token_group_similarity(full, crops, layers=sorted(set().union(*(c.layers for c in crops.values())),
+                                                           key=full.layers.index),
+                                mode=cfg["similarity"]["mode"], image_size=int(cfg["dataset"]["size"]),
+                                chunk_images=cfg["similarity"]["chunk_images"], model_name=model)
+    return _write_csv(df, out_csv)
+
+
+# Downloaded reference files of the authors (sha256-checked; git-ignored).
+PAPER_CACHE = Path("resources/paper")
+
+
+def label_sources(cfg: dict, model: str) -> dict[str, str | None]:
+    """The anomaly label sources that apply to ``model``: name -> label file (None: computed here).
+
+    ``auto`` is the detector; ``paper`` the authors' hand labels, which exist for sd15, sd21 and sdturbo and
+    only mean something on the paper's image set (elsewhere they are skipped, so the table has no ``paper``
+    rows); any other entry is a user's label file, named ``user:<file name>``.
+    """
+    from .analyses.anomalies import PAPER_LABELS
+
+    spec = cfg["anomalies"]["labels"]
+    out: dict[str, str | None] = {}
+    for src in [spec] if isinstance(spec, str) else spec:
+        if src == "auto":
+            out["auto"] = None
+        elif src == "paper":
+            if model in PAPER_LABELS and cfg["dataset"]["source"] == "imagenet_subset":
+                out["paper"] = str(PAPER_CACHE / f"high_norm_anomalies_{model}.npy")
+        else:
+            out[f"user:{Path(src).name}"] = src
+    return out
+
+
+def anomalies(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path,
+              detector_json: str | Path | None = None) -> Path:
+    """Relative norms of labelled anomalies for every label source, and the detector's precision/recall
+    against each set of hand labels (``detector_json``)."""
+    import json
+
+    import pandas as pd
+
+    from .analyses.anomalies import (detect_anomalies, fetch_paper_labels, load_label_file, precision_recall,
+                                     relative_norms)
+
+    a = cfg["anomalies"]
+    full, _ = _open_stores(rep_dir)
+    if a["ref_layer"] not in full.layers:
+        raise ValueError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers`")
+    tables, labels = [], {}
+    for source, path in label_sources(cfg, model).items():
+        if path is None:
+            labels[source] = detect_anomalies(full, layer=a["ref_layer"], threshold=a["threshold"])
+        else:
+            if source == "paper":
+                path = fetch_paper_labels(model, PAPER_CACHE)
+            labels[source] = load_label_file(path, n_images=full.n_images)
+        tables.append(relative_norms(full, labels[source], ref_layer=a["ref_layer"], mode=a["mode"],
+                                     label_source=source, model_name=model))
+    df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if detector_json is not None:
+        evals = {f"auto_vs_{s}": precision_recall(labels["auto"], lab)
+                 for s, lab in labels.items() if s != "auto" and "auto" in labels}
+        summary = {"threshold": a["threshold"], "ref_layer": a["ref_layer"],
+                   "n_labels": {s: int(len(v)) for s, v in labels.items()}, "detector_vs_hand_labels": evals}
+        Path(detector_json).write_text(json.dumps(summary, indent=1, default=float))
+    return _write_csv(df, out_csv)
+
+
+def channels(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) -> Path:
+    from .analyses.channels import channel_outliers
+
+    full, _ = _open_stores(rep_dir)
+    df = channel_outliers(full, model_name=model, ratio_threshold=cfg["channels"]["ratio_threshold"])
+    return _write_csv(df, out_csv)
