@@ -17,17 +17,12 @@ reported. Index 30 (the labelled layer) is selection-biased: anomalies were pick
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .. import reference as _ref
 from ..store import ReprStore
 
 REF_LAYER = "up_blocks[1].upsamplers[0]"
@@ -37,14 +32,9 @@ RELNORM_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "labe
 MODES = ("paper", "corrected")
 
 _LABEL_COMMIT = "1230d5395ce8f321eac557da56f0934dfd7cfc63"
-_LABEL_URL = ("https://raw.githubusercontent.com/JonasLoos/sd-representation-anomalies/"
-              f"{_LABEL_COMMIT}/labeler/high_norm_anomalies_{{model}}.npy")
-# The authors' hand labels (repository commit above) with the sha256 of each file.
+# model -> (URL, sha256) of the authors' hand labels; derived from the one registry in reference.py.
 PAPER_LABELS: dict[str, tuple[str, str]] = {
-    "sd15": (_LABEL_URL.format(model="sd15"), "d58bfd5bafda94491b6cb9938523507612e52ce57e0c001acc014ac8fd4db444"),
-    "sd21": (_LABEL_URL.format(model="sd21"), "82e739bb6cfbf8dd2d29ce3ea224b7ca2d12c7491fdfd8e8410d039d8768592d"),
-    "sdturbo": (_LABEL_URL.format(model="sdturbo"),
-                "242f5de1e02cb56c18b9016c8599d018b22017e6a7510f49f5c2cd9125e176c6"),
+    m: (f"{_ref.URL_BASE}/{path}", sha) for (m, kind), (path, sha) in _ref.PAPER_FILES.items() if kind == "labels"
 }
 
 
@@ -112,52 +102,18 @@ def load_label_file(path, n_images: int | None = None, grid: int = DEFAULT_REF_G
     return validate_labels(arr, n_images=n_images, grid=grid, source=str(path))
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_paper_labels(model: str, cache_dir, timeout: float = 60.0) -> Path:
     """The authors' label file for ``model`` (sd15, sd21, sdturbo) in ``cache_dir``, downloaded if needed.
 
-    A cached file whose sha256 matches is returned without any download. Otherwise the file is downloaded with
-    urllib to a temporary file in ``cache_dir``, its sha256 verified (on mismatch it is deleted and
-    :class:`LabelChecksumError` raised) and moved into place atomically.
+    See :func:`diffaudit.reference.download_verified`: a cached file whose sha256 matches is used as is; otherwise
+    the download is verified (:class:`LabelChecksumError` on mismatch) and moved into place atomically.
     """
     if model not in PAPER_LABELS:
         raise LabelFetchError(f"no paper labels for model {model!r}; the authors labelled {sorted(PAPER_LABELS)}")
     url, sha = PAPER_LABELS[model]
-    cache_dir = Path(cache_dir)
-    dest = cache_dir / f"high_norm_anomalies_{model}.npy"
-    stale = ""
-    if dest.is_file():
-        got = sha256_file(dest)
-        if got == sha:
-            return dest
-        stale = f" (the file already at {dest} has sha256 {got}, not the expected {sha}; it will be replaced)"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=cache_dir)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-                shutil.copyfileobj(r, f)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise LabelFetchError(
-                f"labels for the `paper` label source need network access to download {url} "
-                f"({type(e).__name__}: {e}), or a pre-placed file at {dest} with sha256 {sha}{stale}"
-            ) from None
-        got = sha256_file(tmp)
-        if got != sha:
-            raise LabelChecksumError(f"{url}: sha256 {got} does not match the expected {sha}; "
-                                     "the download was discarded")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    return _ref.download_verified(url, Path(cache_dir) / f"high_norm_anomalies_{model}.npy", sha, timeout=timeout,
+                                  what="labels for the `paper` label source", fetch_error=LabelFetchError,
+                                  checksum_error=LabelChecksumError)
 
 
 # ---------------------------------------------------------------------------------------------
