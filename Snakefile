@@ -11,14 +11,13 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/analyses.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:
     input:
-        expand(REPR_DIR, model=MODELS),
-        expand(
-            f"{RESULTS}/{{model}}/{{table}}",
-            model=MODELS,
-            table=["position_probe.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv",
-                   "channel_outliers.csv"],
-        ),
+        expand(f"{RESULTS}/{{model}}/{{table}}", model=MODELS, table=TABLE_FILES + ["credibility.csv"]),
+        expand(rules.quantitative_figure.output, model=MODELS),
+        expand(rules.qualitative_figures.output, model=MODELS),
+        expand(rules.paper_comparison.output, model=PAPER_MODELS_RUN),
+        rules.cross_model_figure.output,

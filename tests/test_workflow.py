@@ -105,6 +105,14 @@ def test_offline_demo(repo_copy, tmp_path):
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
     assert set(anom["label_source"]) <= {"auto"}  # no paper labels for the mini model
     assert (tables / "channel_outliers.csv").is_file()
+    cred = pd.read_csv(tables / "credibility.csv")
+    assert len(cred) == 45 and cred["position_score"].between(0, 1).all()
+    figures = repo_copy / "results" / "demo" / "figures"
+    for stem in ["quantitative_mini", "cross_model", "mini/qualitative_token_similarity", "mini/qualitative_corner",
+                 "mini/qualitative_norms", "mini/qualitative_pca"]:
+        for ext in (".png", ".svg"):
+            assert (figures / (stem + ext)).stat().st_size > 1000, stem + ext
+    assert not (tables / "paper_comparison.csv").exists()  # no published numbers for the mini model
 
     # a user label file: only the anomaly analysis re-runs
     labels = tmp_path / "my_labels.npy"
@@ -113,7 +121,8 @@ def test_offline_demo(repo_copy, tmp_path):
     proc = snakemake(repo_copy, "config/demo.yaml", short, user)
     ran = {ln.split()[-1].rstrip(":") for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
            if ln.strip().startswith(("rule ", "localrule "))}
-    assert ran - {"all"} == {"anomalies"}, ran
+    assert ran - {"all"} == {"anomalies", "credibility", "quantitative_figure", "cross_model_figure",
+                              "qualitative_figures"}, ran
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
     mine = anom[anom["label_source"] == "user:my_labels.npy"]
     assert len(mine) == 45 and (mine["n_anomalies"] == 2).all()

@@ -171,3 +171,77 @@ def channels(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) ->
     full, _ = _open_stores(rep_dir)
     df = channel_outliers(full, model_name=model, ratio_threshold=cfg["channels"]["ratio_threshold"])
     return _write_csv(df, out_csv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and figures: read only the tables (and, for the qualitative views, the stores)
+# ---------------------------------------------------------------------------------------------
+
+TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers")
+
+
+def read_tables(table_dir: str | Path) -> dict:
+    """The tidy tables of one model (a missing or empty table is None)."""
+    import pandas as pd
+
+    out = {}
+    for name in TABLES:
+        path = Path(table_dir) / f"{name}.csv"
+        try:
+            out[name] = pd.read_csv(path) if path.is_file() else None
+        except pd.errors.EmptyDataError:
+            out[name] = None
+    return out
+
+
+def paper_applies(cfg: dict, model: str) -> bool:
+    """The published numbers are comparable: one of the authors' models on the paper's image set."""
+    from .reference import PAPER_MODELS
+
+    return model in PAPER_MODELS and cfg["dataset"]["source"] == "imagenet_subset"
+
+
+def credibility(cfg: dict, model: str, table_dir: str | Path, out_csv: str | Path) -> Path:
+    from .analyses.credibility import credibility as score
+
+    t = read_tables(table_dir)
+    df = score(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], t["channel_outliers"],
+               model=model, safe_threshold=cfg["credibility"]["safe_below"])
+    return _write_csv(df, out_csv)
+
+
+def paper_comparison(cfg: dict, model: str, table_dir: str | Path, out_csv: str | Path, out_stem: str | Path):
+    """Our tables next to the authors' published numbers (fetched, sha256-checked) and the overlay figure."""
+    from .figures.quantitative import plot_quantitative
+    from .reference import compare_with_paper, paper_tables
+
+    t = read_tables(table_dir)
+    paper = paper_tables(model, PAPER_CACHE)
+    _write_csv(compare_with_paper(t, paper), out_csv)
+    plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], out_stem,
+                      model=f"{model}: ours vs paper", reference=paper)
+
+
+def quantitative_figure(cfg: dict, model: str, table_dir: str | Path, out_stem: str | Path):
+    from .figures.quantitative import plot_quantitative
+
+    t = read_tables(table_dir)
+    plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], out_stem, model=model)
+
+
+def cross_model_figure(cfg: dict, table_dirs: dict[str, str | Path], out_stem: str | Path):
+    from .figures.quantitative import plot_cross_model
+
+    plot_cross_model({m: read_tables(d) for m, d in table_dirs.items()}, out_stem)
+
+
+def qualitative_figures(cfg: dict, model: str, rep_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path):
+    """Token similarity, corner similarity, norm maps (with the anomaly labels in use) and PCA-RGB."""
+    from .analyses.anomalies import load_label_file
+    from .figures.qualitative import render_all
+
+    full, _ = _open_stores(rep_dir)
+    hand = {s: p for s, p in label_sources(cfg, model).items() if p is not None and Path(p).is_file()}
+    labels = load_label_file(next(iter(hand.values())), n_images=full.n_images) if hand else None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    render_all(full, dataset_dir, out_dir, labels=labels)
