@@ -1,33 +1,10 @@
-"""Command line: ``diffaudit <command>``, and the error handling shared with the workflow scripts."""
+"""Command line: ``diffaudit <command>``."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from .config import ConfigError
-
-# Errors caused by the user's input: reported as one line, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .analyses.anomalies import LabelFetchError
-    from .datasets import DatasetError
-    from .layers import UnknownLayerError
-    from .models import ModelLoadError
-    from .store import IncompleteStoreError, StoreMismatchError
-
-    return (ConfigError, DatasetError, UnknownLayerError, ModelLoadError, StoreMismatchError,
-            IncompleteStoreError, LabelFetchError, FileNotFoundError, ValueError)
-
-
-def run_task(fn, *args, **kwargs):
-    """Run a workflow task; a user error exits with one line naming the file or key."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return fn(*args, **kwargs)
-    except _user_errors() as exc:
-        msg = str(exc).strip().replace("\n", " ")
-        print(f"diffaudit error: {msg}", file=sys.stderr)
-        sys.exit(1)
+from .errors import run_task
 
 
 def _cmd_layers(args):
@@ -61,6 +38,12 @@ def _cmd_extract(args):
     print(extract(load_config(*args.configfile), args.model, args.dataset, args.out))
 
 
+def _cmd_dvc_yaml(args):
+    from .dvcgen import render
+
+    sys.stdout.write(render(args.configfile))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="diffaudit", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -87,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("out")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_extract)
+
+    s = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the Snakemake DAG")
+    s.add_argument("--configfile", **cfg_kw)
+    s.set_defaults(fn=_cmd_dvc_yaml)
 
     args = p.parse_args(argv)
     run_task(args.fn, args)

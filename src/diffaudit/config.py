@@ -8,8 +8,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import DiffauditError
 
-class ConfigError(ValueError):
+
+class ConfigError(DiffauditError, ValueError):
     """The configuration is invalid; the message names the key."""
 
 

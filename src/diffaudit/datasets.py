@@ -45,6 +45,8 @@ import pandas as pd
 import PIL
 from PIL import Image
 
+from .errors import DiffauditError
+
 DATASET_FORMAT = "diffaudit-dataset/1"
 INDEX_COLUMNS = ("id", "file", "source", "label")
 SOURCES = ("demo", "folder", "imagenet_subset")
@@ -75,7 +77,7 @@ _HF_HELP = ("log in with `hf auth login` (or pass hf_token), accept the imagenet
             "`imagenet: {source: local}` with `dataset.path: /path/to/ILSVRC2012/train` instead")
 
 
-class DatasetError(ValueError):
+class DatasetError(DiffauditError, ValueError):
     """A dataset cannot be built or read; the one-line message names the offending file or key."""
 
 

@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from .errors import DiffauditError
+
 # The 45 hooked submodules of the paper (``sd15_all_blocks`` in the authors' code). It omits
 # ``up_blocks[0].resnets[2]``. Index in this list = ``layer_index`` in every table.
 PAPER_LAYERS: tuple[str, ...] = (
@@ -66,7 +68,7 @@ LAYER_SETS: dict[str, tuple[str, ...]] = {"paper": PAPER_LAYERS}
 _SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\d+\])*$")
 
 
-class UnknownLayerError(KeyError):
+class UnknownLayerError(DiffauditError, KeyError):
     """A requested layer name is not a submodule of the model."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import DiffauditError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(DiffauditError, RuntimeError):
     """A model could not be resolved or loaded; the message says what to do."""
 
 

@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from .errors import DiffauditError
 from .layers import PAPER_LAYERS
 
 REPO = "JonasLoos/sd-representation-anomalies"
@@ -97,7 +98,7 @@ TABLES: dict[str, list[str]] = {"position_probe": PROBE_COLUMNS, "token_group_si
                                 "anomaly_rel_norm": RELNORM_COLUMNS}
 
 
-class ReferenceFetchError(RuntimeError):
+class ReferenceFetchError(DiffauditError, RuntimeError):
     """A reference file could not be obtained."""
 
 

@@ -27,16 +27,17 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .errors import DiffauditError
 from .layers import group_name
 
 STORE_FORMAT = "diffaudit-repr/1"
 
 
-class StoreMismatchError(RuntimeError):
+class StoreMismatchError(DiffauditError, RuntimeError):
     """An existing store was written with a different configuration."""
 
 
-class IncompleteStoreError(RuntimeError):
+class IncompleteStoreError(DiffauditError, RuntimeError):
     """A store is being read that has not been completely written."""
 
 

@@ -1,6 +1,6 @@
 # One thin wrapper for every analysis rule: the rule name selects the task in diffaudit.pipeline.
 from diffaudit import pipeline
-from diffaudit.cli import run_task
+from diffaudit.errors import run_task
 
 TASKS = {
     "position_probe": lambda cfg, m, i, o: pipeline.probe(cfg, m, i[0], o[0]),

@@ -1,4 +1,4 @@
-from diffaudit.cli import run_task
+from diffaudit.errors import run_task
 from diffaudit.pipeline import extract
 
 run_task(extract, snakemake.config, snakemake.wildcards.model, snakemake.input.dataset, snakemake.output[0])

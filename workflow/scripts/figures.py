@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from diffaudit import pipeline
-from diffaudit.cli import run_task
+from diffaudit.errors import run_task
 
 
 def stem(path):

@@ -1,4 +1,3 @@
-from .anomalies import (PAPER_LABELS, detect_anomalies, fetch_paper_labels, load_label_file,  # noqa: E402
-                        precision_recall, relative_norms)
-from .channels import channel_outliers  # noqa: E402
-from .probe import accuracy_at_granularity, run_probe, summarize_probe  # noqa: E402
+"""The analyses, one module each: :mod:`.probe` (positional linear probe), :mod:`.similarity` (corner/border
+token-group similarity), :mod:`.anomalies` (high-norm anomalies), :mod:`.channels` (channel-wise norm census)
+and :mod:`.credibility` (per-layer hazard scores)."""

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .. import reference as _ref
+from ..errors import DiffauditError
 from ..store import ReprStore
 
 REF_LAYER = "up_blocks[1].upsamplers[0]"
@@ -38,11 +39,11 @@ PAPER_LABELS: dict[str, tuple[str, str]] = {
 }
 
 
-class LabelFileError(ValueError):
+class LabelFileError(DiffauditError, ValueError):
     """A label file (or label array) is malformed."""
 
 
-class LabelFetchError(RuntimeError):
+class LabelFetchError(DiffauditError, RuntimeError):
     """The authors' label file could not be obtained."""
 
 

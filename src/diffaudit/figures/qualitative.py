@@ -41,6 +41,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from ..analyses.anomalies import REF_LAYER, detect_anomalies, reference_grid, validate_labels
 from ..datasets import load_images, load_index
+from ..errors import DiffauditError
 from ..store import ReprStore
 
 DPI = 150
@@ -56,7 +57,7 @@ LABEL_COLOR = "lime"
 DETECT_COLOR = "cyan"
 
 
-class LayerNotAvailableError(ValueError):
+class LayerNotAvailableError(DiffauditError, ValueError):
     """Neither the requested layer nor a layer of the right resolution is in the store."""
 
 
