@@ -1,0 +1,208 @@
+"""Generate ``dvc.yaml`` from the Snakemake DAG, so that DVC and Snakemake never drift apart.
+
+One DVC stage per Snakemake job (rule, or rule and model): its command runs exactly that rule through
+Snakemake (``--allowed-rules``), its deps are the job's inputs, the rule file, the rule's script and the
+package modules that script reaches, its params are the ``params.yaml`` sections the rule declares, its outs
+the job's outputs (figures as image plots, JSON summaries as metrics).
+
+    diffaudit dvc-yaml > dvc.yaml          # after changing rules, models or results_dir in params.yaml
+
+``tests/test_dvc.py`` regenerates the file and fails when it differs from the committed one.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+PACKAGE = Path(__file__).resolve().parent
+HEADER = ("# Generated from the Snakemake DAG by `diffaudit dvc-yaml > dvc.yaml`; do not edit by hand.\n"
+          "# Each stage runs one Snakemake job; see README.md (Reproducing with DVC).\n")
+FIGURE_SUFFIXES = (".png", ".svg")
+
+
+def snakemake_jobs(configfiles=("params.yaml",), snakefile="Snakefile") -> list[dict]:
+    """The jobs of the full DAG (as if nothing existed yet) for the given config files."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
+                                          StorageSettings)
+
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                          config_settings=ConfigSettings(configfiles=[Path(c) for c in configfiles]),
+                          storage_settings=StorageSettings(), snakefile=Path(snakefile))
+        dag_api = wf.dag(dag_settings=DAGSettings(forceall=True))
+        workflow = dag_api.workflow_api._workflow  # the DAG itself has no public accessor
+        workflow.dag_settings = dag_api.dag_settings
+        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
+        workflow._build_dag()
+        jobs = []
+        for job in workflow.dag.jobs:
+            rule = job.rule
+            if rule.name == "all":
+                continue
+            rule_file = Path(rule.snakefile).resolve()
+            script = (rule_file.parent / rule.script).resolve() if rule.script else None
+            jobs.append({"rule": rule.name, "wildcards": dict(job.wildcards_dict),
+                         "inputs": [str(i) for i in job.input], "outputs": [str(o) for o in job.output],
+                         "params": list(rule.params._names), "rule_file": rule_file, "script": script})
+    return sorted(jobs, key=lambda j: (j["rule"], sorted(j["wildcards"].items())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which package modules a rule's script reaches (static, from the source)
+# ---------------------------------------------------------------------------------------------
+
+def _module_file(name: str) -> Path | None:
+    rel = name.split(".")[1:]
+    base = PACKAGE.joinpath(*rel) if rel else PACKAGE
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(tree: ast.AST, module: str) -> set[str]:
+    """``diffaudit`` modules imported anywhere in ``tree`` (module or function level)."""
+    pkg = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != "diffaudit":
+                continue
+            for alias in node.names:  # `from . import reference` imports a module
+                sub = f"{base}.{alias.name}"
+                out.add(sub if _module_file(sub) else base)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "diffaudit"}
+    return {m for m in out if _module_file(m)}
+
+
+def _closure(start: set[str], opaque: frozenset[str] = frozenset({"diffaudit.pipeline"})) -> set[str]:
+    """``start`` and every package module they import, transitively. The imports of ``opaque`` modules are
+    not followed: for ``pipeline`` only the imports of the task functions in use count."""
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        if mod in opaque:
+            continue
+        path = _module_file(mod)
+        name = mod if path.name != "__init__.py" else mod + ".__init__"
+        todo += _imports(ast.parse(path.read_text()), name) - seen
+        parts = mod.split(".")  # importing a.b.c runs the __init__ of a and a.b first
+        todo += [p for p in (".".join(parts[:k]) for k in range(1, len(parts))) if p not in seen]
+    return seen
+
+
+def _pipeline_functions(script: Path, rule: str) -> set[str] | None:
+    """``pipeline.<fn>`` used for ``rule`` by a dispatching script (``TASKS = {rule: ...}``), else None."""
+    tree = ast.parse(script.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == rule:
+                    return {n.attr for n in ast.walk(value)
+                            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                            and n.value.id == "pipeline"}
+    return None
+
+
+def _function_modules(names: set[str]) -> set[str]:
+    """Modules imported by the given ``pipeline`` functions and the pipeline helpers they call."""
+    tree = ast.parse((PACKAGE / "pipeline.py").read_text())
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    mods = set().union(*(_imports(n, "diffaudit.pipeline") for n in top)) if top else set()
+    todo, seen = list(names), set()
+    while todo:
+        fn = todo.pop()
+        if fn in seen or fn not in funcs:
+            continue
+        seen.add(fn)
+        mods |= _imports(funcs[fn], "diffaudit.pipeline")
+        todo += [n.id for n in ast.walk(funcs[fn]) if isinstance(n, ast.Name) and n.id in funcs]
+    return mods | {"diffaudit.pipeline"}
+
+
+def code_deps(script: Path, rule: str) -> list[str]:
+    """Package source files (relative to the repository) that the rule's script can execute."""
+    tree = ast.parse(script.read_text())
+    direct = _imports(tree, "workflow_script")
+    fns = _pipeline_functions(script, rule)
+    if fns is not None:
+        direct = (direct - {"diffaudit.pipeline"}) | _function_modules(fns)
+    else:
+        for node in ast.walk(tree):  # `from diffaudit.pipeline import build_mini`
+            if isinstance(node, ast.ImportFrom) and node.module == "diffaudit.pipeline":
+                direct = (direct - {"diffaudit.pipeline"}) | _function_modules({a.name for a in node.names})
+    files = {_module_file(m) for m in _closure(direct)}
+    # package data the code reads
+    files |= {PACKAGE / "params.schema.json"} if PACKAGE / "config.py" in files else set()
+    root = PACKAGE.parent.parent
+    return sorted(str(f.relative_to(root)) for f in files if f is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc.yaml
+# ---------------------------------------------------------------------------------------------
+
+def stage_name(job: dict) -> str:
+    return "-".join([job["rule"], *job["wildcards"].values()])
+
+
+def _params(job: dict, config: dict) -> list[str]:
+    out = []
+    for name in job["params"]:
+        if name == "source":  # the model's registry entry
+            out.append(f"model_sources.{job['wildcards']['model']}")
+        elif name in config:
+            out.append(name)
+    return out
+
+
+def dvc_stages(configfiles=("params.yaml",), root: str | Path = ".") -> dict:
+    from .config import load_config
+
+    root = Path(root).resolve()
+    config = load_config(*[root / c for c in configfiles])
+    stages = {}
+    for job in snakemake_jobs([root / c for c in configfiles], snakefile=root / "Snakefile"):
+        rel = lambda p: str(Path(p).resolve().relative_to(root))  # noqa: E731
+        deps = list(dict.fromkeys(job["inputs"] + [rel(job["rule_file"])]
+                                  + ([rel(job["script"])] + code_deps(job["script"], job["rule"])
+                                     if job["script"] else [])))
+        outs, plots, metrics = [], [], []
+        for o in job["outputs"]:
+            if o.endswith(FIGURE_SUFFIXES):
+                plots.append(o)
+            elif o.endswith(".json"):
+                metrics.append({o: {"cache": False}})
+            else:
+                outs.append(o)
+        targets = " ".join(job["outputs"])
+        stage = {"cmd": f"snakemake --cores all --allowed-rules {job['rule']} -- {targets}", "deps": deps}
+        params = _params(job, config)
+        if params:
+            stage["params"] = params
+        if outs:
+            stage["outs"] = outs
+        if metrics:
+            stage["metrics"] = metrics
+        if plots:
+            stage["plots"] = plots
+        stages[stage_name(job)] = stage
+    return {"stages": stages}
+
+
+def render(configfiles=("params.yaml",), root: str | Path = ".") -> str:
+    return HEADER + yaml.safe_dump(dvc_stages(configfiles, root), sort_keys=False, width=120)
