@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO
 from diffaudit.config import load_config
-from diffaudit.dvcgen import render, snakemake_jobs
+from diffaudit.dvcgen import render, snakemake_jobs, stage_name
 
 
 def test_committed_dvc_yaml_matches_the_snakemake_dag():
@@ -28,7 +28,7 @@ def test_every_rule_has_stages_and_every_output_is_tracked():
         jobs = snakemake_jobs([REPO / c for c in cfgs], snakefile=REPO / "Snakefile")
         gen = yaml.safe_load(render(cfgs, root=REPO))["stages"]
         for job in jobs:
-            name = "-".join([job["rule"], *job["wildcards"].values()])
+            name = stage_name(job)
             stage = gen[name]
             tracked = stage.get("outs", []) + stage.get("plots", []) + [next(iter(m)) for m in stage.get("metrics", [])]
             assert sorted(tracked) == sorted(job["outputs"]), name

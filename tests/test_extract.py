@@ -88,7 +88,7 @@ def test_crop_image_removes_one_token_ring():
 
 
 def test_token_sizes_groups_layers_by_resolution():
-    shapes = {"a": (4, 64, 64), "b": (8, 32, 32), "c": (8, 32, 32), "d": (8, 2, 2), "e": (8, 6, 5)}
+    shapes = {"a": (4, 64, 64), "b": (8, 32, 32), "c": (8, 32, 32), "d": (8, 4, 4), "e": (8, 6, 5)}
     assert token_sizes(shapes, 512) == {8: ["a"], 16: ["b", "c"]}
 
 

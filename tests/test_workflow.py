@@ -155,3 +155,23 @@ def test_bad_input_gives_one_clear_line(case, repo_copy, mini_dir, tmp_path):
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if expect in ln]
     assert lines, proc.stderr[-3000:]
     assert not (tmp_path / "o" / "mymodel" / "representations").exists()
+
+
+def test_sharded_extraction_gives_the_same_tables(repo_copy, mini_dir, image_folder, tmp_path):
+    """extraction.shards splits the images into batch-aligned jobs; the analyses read them as one dataset."""
+    imgs = image_folder(6, 256)
+    base = {"models": ["mini"], "model_sources": {"mini": str(mini_dir)},
+            "dataset": {"source": "folder", "path": str(imgs), "n_images": 6, "size": 256},
+            "extraction": {"batch_size": 2}}
+    tables = {}
+    for shards in (1, 3):
+        out = tmp_path / f"out{shards}"
+        cfg = {**base, "results_dir": str(out), "extraction": {"batch_size": 2, "shards": shards}}
+        snakemake(repo_copy, "params.yaml", write_yaml(tmp_path / f"s{shards}.yaml", cfg))
+        tables[shards] = {name: pd.read_csv(out / "mini" / f"{name}.csv") for name in
+                          ["position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers"]}
+    assert sorted(p.name for p in (tmp_path / "out3" / "mini").glob("representations*")) == [
+        "representations_shard1of3", "representations_shard2of3", "representations_shard3of3"]
+    for name, df in tables[1].items():
+        pd.testing.assert_frame_equal(df, tables[3][name], check_exact=True, obj=name)
+    assert len(tables[1]["position_probe"]) > 0

@@ -157,7 +157,14 @@ def code_deps(script: Path, rule: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def stage_name(job: dict) -> str:
-    return "-".join([job["rule"], *job["wildcards"].values()])
+    """``rule``, ``rule-model`` or, for extraction shards, ``extract-model-shard2of4``."""
+    parts = [job["rule"]]
+    for key, value in job["wildcards"].items():
+        if key == "part":
+            value = value.removeprefix("representations").lstrip("_")
+        if value:
+            parts.append(value)
+    return "-".join(parts)
 
 
 def _params(job: dict, config: dict) -> list[str]:

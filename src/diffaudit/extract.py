@@ -166,11 +166,16 @@ class Extractor:
 # ---------------------------------------------------------------------------------------------
 
 def token_sizes(shapes: dict[str, tuple[int, int, int]], image_size: int) -> dict[int, list[str]]:
-    """Group layers by token size in pixels (``image_size // H``); layers too small to crop are dropped."""
+    """Group layers by token size in pixels (``image_size // H``).
+
+    Layers without whole-pixel square tokens, or too small for the corner/border/other groups after removing
+    one ring (``H - 2 < 3``), get no cropped variant.
+    """
     groups: dict[int, list[str]] = {}
     for layer, (_, h, w) in shapes.items():
-        if h != w or image_size % h or h < 3:
-            log.warning("layer %s (%dx%d) has no whole-pixel square tokens; no cropped variant", layer, h, w)
+        if h != w or image_size % h or h < 5:
+            log.warning("layer %s (%dx%d): no cropped variant (tokens not whole pixels, or the map is too small "
+                        "for corner/border/other groups)", layer, h, w)
             continue
         groups.setdefault(image_size // h, []).append(layer)
     return dict(sorted(groups.items()))
@@ -213,8 +218,11 @@ def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[in
                     image_ids: Sequence[str], labels: Sequence[int] | None, layers: Sequence[str],
                     layer_indices: Sequence[int], config: dict, attrs: dict, crop_px: int = 0,
                     full_size: int | None = None, progress: bool = True, desc: str = "",
-                    stop_after: int | None = None) -> StoreWriter:
-    """Extract one variant into the store at ``path`` (resuming from its last complete batch)."""
+                    stop_after: int | None = None, index_offset: int = 0) -> StoreWriter:
+    """Extract one variant into the store at ``path`` (resuming from its last complete batch).
+
+    ``index_offset`` is the dataset index of the first image (for shards): corrected-mode noise is seeded by it.
+    """
     from tqdm.auto import tqdm
 
     s = extractor.settings
@@ -233,7 +241,8 @@ def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[in
             imgs = images_fn(start, stop)
             if crop_px:
                 imgs = [crop_image(im, crop_px) for im in imgs]
-            reps = extractor.run_batch(imgs, range(start, stop), layers=layers, crop_px=crop_px,
+            reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
+                                       crop_px=crop_px,
                                        full_size=full_size)
             bg.put(start, {k: v.numpy() for k, v in reps.items()})
             bar.update(stop - start)
@@ -251,7 +260,7 @@ def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[in
 def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_ids: Sequence[str],
                    labels: Sequence[int] | None, layers: Sequence[str], settings: ExtractionSettings,
                    out_dir: str | Path, provenance: dict, image_size: int = 512, progress: bool = True,
-                   stop_after: int | None = None) -> Path:
+                   stop_after: int | None = None, index_offset: int = 0) -> Path:
     """Extract the ``full`` variant and every ``crop<t>`` variant into ``out_dir``.
 
     Work happens in ``<out_dir>.partial``; it is renamed to ``out_dir`` only when every store is complete,
@@ -275,7 +284,8 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
     full = extract_variant(extractor, store_path(work, "full"), images_fn=dataset_images, image_ids=image_ids,
                            labels=labels, layers=layers, layer_indices=layer_indices,
                            config={**base_config, "variant": "full"}, attrs={**attrs, "variant": "full"},
-                           progress=progress, desc=f"{name} full", stop_after=stop_after)
+                           progress=progress, desc=f"{name} full", stop_after=stop_after,
+                           index_offset=index_offset)
     if not full.complete:
         return work
     if settings.crops:
@@ -291,7 +301,7 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
                                 config={**base_config, "variant": variant, "crop_px": tpx},
                                 attrs={**attrs, "variant": variant, "crop_px": tpx}, crop_px=tpx,
                                 full_size=image_size, progress=progress, desc=f"{name} {variant}",
-                                stop_after=stop_after)
+                                stop_after=stop_after, index_offset=index_offset)
             if not w.complete:
                 return work
     if out_dir.exists():

@@ -28,11 +28,16 @@ def _device(cfg: dict) -> str:
 
 
 def extract(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, progress: bool = True,
-            stop_after: int | None = None) -> Path:
-    """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable)."""
+            stop_after: int | None = None, shard: int | None = None) -> Path:
+    """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable).
+
+    With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
+    (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
+    """
     from .datasets import load_images, load_index
     from .extract import ExtractionSettings, run_extraction
     from .models import compute_dtype, load_pipeline, model_revision, resolve_model
+    from .store import shard_ranges
 
     validate(cfg)
     ex = cfg["extraction"]
@@ -46,14 +51,20 @@ def extract(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path,
         raise ValueError(f"dataset {dataset_dir} has {len(index)} images but dataset.n_images={n_req}; "
                          "rebuild the dataset or lower dataset.n_images")
     index = index.iloc[:n_req]
+    first = 0
+    if shard is not None:
+        first, last = shard_ranges(n_req, ex["batch_size"], ex["shards"])[shard]
+        index = index.iloc[first:last]
     spec = resolve_model(model, cfg["model_sources"])
     device = _device(cfg)
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]))
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
     provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
+    if shard is not None:
+        provenance.update(shard=f"{shard + 1}/{ex['shards']}", image_range=[first, first + len(index)])
     return run_extraction(
-        pipe, dataset_images=lambda a, b: load_images(dataset_dir, index, a, b),
+        pipe, dataset_images=lambda a, b: load_images(dataset_dir, index, a, b), index_offset=first,
         image_ids=list(index["id"].astype(str)), labels=list(index["label"].astype(int)), layers=layers,
         settings=settings, out_dir=out_dir, provenance=provenance, image_size=int(cfg["dataset"]["size"]),
         progress=progress, stop_after=stop_after)
@@ -63,11 +74,13 @@ def extract(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path,
 # Analyses: each reads the model's representation directory and writes one tidy CSV
 # ---------------------------------------------------------------------------------------------
 
-def _open_stores(rep_dir: str | Path):
-    from .store import ReprStore, list_variants, store_path
+def _open_stores(rep_dirs: str | Path | list):
+    """The ``full`` store and the ``crop<t>`` stores of one model (several shard directories read as one)."""
+    from .store import list_variants, open_variant
 
-    full = ReprStore(store_path(rep_dir, "full"))
-    crops = {int(v[4:]): ReprStore(store_path(rep_dir, v)) for v in list_variants(rep_dir) if v.startswith("crop")}
+    dirs = [rep_dirs] if isinstance(rep_dirs, (str, Path)) else list(rep_dirs)
+    full = open_variant(dirs, "full")
+    crops = {int(v[4:]): open_variant(dirs, v) for v in list_variants(dirs[0]) if v.startswith("crop")}
     return full, crops
 
 
@@ -80,23 +93,23 @@ def _write_csv(df, out: str | Path) -> Path:
     return out
 
 
-def probe(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) -> Path:
+def probe(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
     from .analyses.probe import run_probe
 
     p = cfg["probe"]
-    full, _ = _open_stores(rep_dir)
+    full, _ = _open_stores(rep_dirs)
     df = run_probe(full, mode=p["mode"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
                    train_frac=p["train_frac"], seed=p["seed"], seeds=p["seeds"], granularities=p["granularities"],
                    device=_device(cfg), model_name=model, progress=True)
     return _write_csv(df, out_csv)
 
 
-def similarity(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) -> Path:
+def similarity(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
     from .analyses.similarity import token_group_similarity
 
-    full, crops = _open_stores(rep_dir)
+    full, crops = _open_stores(rep_dirs)
     if not crops:
-        raise ValueError(f"{rep_dir} has no cropped variants; set extraction.crops: true and re-extract")
+        raise ValueError(f"{full.path} has no cropped variants; set extraction.crops: true and re-extract")
     df = token_group_similarity(full, crops, layers=sorted(set().union(*(c.layers for c in crops.values())),
                                                            key=full.layers.index),
                                 mode=cfg["similarity"]["mode"], image_size=int(cfg["dataset"]["size"]),
@@ -130,7 +143,7 @@ def label_sources(cfg: dict, model: str) -> dict[str, str | None]:
     return out
 
 
-def anomalies(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path,
+def anomalies(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
               detector_json: str | Path | None = None) -> Path:
     """Relative norms of labelled anomalies for every label source, and the detector's precision/recall
     against each set of hand labels (``detector_json``)."""
@@ -142,7 +155,7 @@ def anomalies(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path,
                                      relative_norms)
 
     a = cfg["anomalies"]
-    full, _ = _open_stores(rep_dir)
+    full, _ = _open_stores(rep_dirs)
     if a["ref_layer"] not in full.layers:
         raise ValueError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers`")
     tables, labels = [], {}
@@ -165,10 +178,10 @@ def anomalies(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path,
     return _write_csv(df, out_csv)
 
 
-def channels(cfg: dict, model: str, rep_dir: str | Path, out_csv: str | Path) -> Path:
+def channels(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
     from .analyses.channels import channel_outliers
 
-    full, _ = _open_stores(rep_dir)
+    full, _ = _open_stores(rep_dirs)
     df = channel_outliers(full, model_name=model, ratio_threshold=cfg["channels"]["ratio_threshold"])
     return _write_csv(df, out_csv)
 
@@ -235,12 +248,12 @@ def cross_model_figure(cfg: dict, table_dirs: dict[str, str | Path], out_stem: s
     plot_cross_model({m: read_tables(d) for m, d in table_dirs.items()}, out_stem)
 
 
-def qualitative_figures(cfg: dict, model: str, rep_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path):
+def qualitative_figures(cfg: dict, model: str, rep_dirs: str | Path | list, dataset_dir: str | Path, out_dir: str | Path):
     """Token similarity, corner similarity, norm maps (with the anomaly labels in use) and PCA-RGB."""
     from .analyses.anomalies import load_label_file
     from .figures.qualitative import render_all
 
-    full, _ = _open_stores(rep_dir)
+    full, _ = _open_stores(rep_dirs)
     hand = {s: p for s, p in label_sources(cfg, model).items() if p is not None and Path(p).is_file()}
     labels = load_label_file(next(iter(hand.values())), n_images=full.n_images) if hand else None
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -215,9 +215,103 @@ class ReprStore:
         return xr.open_zarr(str(self.path), group=group_name(layer), consolidated=False)
 
 
+# Attributes that legitimately differ between the shards of one extraction.
+SHARD_ATTRS = {"fingerprint", "n_images", "n_complete", "shard", "image_range", "config"}
+
+
+class _ConcatArray:
+    """Read-only concatenation of the shards' arrays along the image axis (numpy-style indexing on axis 0)."""
+
+    def __init__(self, arrays: list, offsets: list[int]):
+        self.arrays, self.offsets = arrays, offsets
+        self.shape = (offsets[-1], *arrays[0].shape[1:])
+        self.dtype = arrays[0].dtype
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, (int, np.integer)):
+            i = int(first) + (self.shape[0] if first < 0 else 0)
+            k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return self.arrays[k][(i - self.offsets[k], *rest)]
+        if not isinstance(first, slice) or first.step not in (None, 1):
+            raise IndexError("shard views support an integer or a contiguous slice on the image axis")
+        start, stop, _ = first.indices(self.shape[0])
+        parts = []
+        for k, arr in enumerate(self.arrays):
+            a, b = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
+            if a < b:
+                parts.append(np.asarray(arr[(slice(a - self.offsets[k], b - self.offsets[k]), *rest)]))
+        if not parts:
+            return np.asarray(self.arrays[0][(slice(0, 0), *rest)])
+        return np.concatenate(parts, axis=0)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+
+class ShardedStore(ReprStore):
+    """Several shard stores of one extraction (consecutive image ranges) read as one store."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.shards = [ReprStore(p) for p in paths]
+        first = self.shards[0]
+        for other in self.shards[1:]:
+            a = {k: v for k, v in first.attrs.items() if k not in SHARD_ATTRS}
+            b = {k: v for k, v in other.attrs.items() if k not in SHARD_ATTRS}
+            if a != b or other.layers != first.layers:
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["layers"]
+                raise StoreMismatchError(f"shards {first.path} and {other.path} come from different configurations "
+                                         f"(differ in: {', '.join(diff)}); re-extract them together")
+        self.path = Path(paths[0]).parent.parent / f"{Path(paths[0]).name} (+{len(paths) - 1} shards)"
+        self.attrs = {**first.attrs, "n_images": sum(s.n_images for s in self.shards),
+                      "shards": [str(s.path) for s in self.shards]}
+        self.layers = first.layers
+        self.layer_indices = first.layer_indices
+        self.image_ids = np.concatenate([s.image_ids for s in self.shards])
+        self.labels = np.concatenate([s.labels for s in self.shards])
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise StoreMismatchError(f"shards of {self.path} overlap: an image id occurs twice")
+        self.offsets = list(np.cumsum([0] + [s.n_images for s in self.shards]))
+
+    def layer_attrs(self, layer: str) -> dict:
+        return self.shards[0].layer_attrs(layer)
+
+    def shape(self, layer: str) -> tuple[int, int, int, int]:
+        return (self.n_images, *self.shards[0].shape(layer)[1:])
+
+    def array(self, layer: str) -> _ConcatArray:
+        return _ConcatArray([s.array(layer) for s in self.shards], self.offsets)
+
+    def to_datatree(self):
+        raise NotImplementedError("open the shards' DataTrees individually (ShardedStore.shards)")
+
+    def dataset(self, layer: str):
+        import xarray as xr
+
+        return xr.concat([s.dataset(layer) for s in self.shards], dim="image")
+
+
 def store_path(rep_dir: str | Path, variant: str) -> Path:
     return Path(rep_dir) / f"{variant}.zarr"
 
 
 def list_variants(rep_dir: str | Path) -> list[str]:
     return sorted(p.name[:-5] for p in Path(rep_dir).glob("*.zarr"))
+
+
+def open_variant(rep_dirs: str | Path | list, variant: str) -> ReprStore:
+    """The ``variant`` store of one representation directory, or of several shard directories as one store."""
+    dirs = [rep_dirs] if isinstance(rep_dirs, (str, Path)) else list(rep_dirs)
+    if len(dirs) == 1:
+        return ReprStore(store_path(dirs[0], variant))
+    return ShardedStore([store_path(d, variant) for d in dirs])
+
+
+def shard_ranges(n_images: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
+    """Image ranges of ``n_shards`` shards, cut at batch boundaries (so paper-mode noise is unchanged)."""
+    n_batches = -(-n_images // batch_size)
+    if not 1 <= n_shards <= n_batches:
+        raise ValueError(f"extraction.shards={n_shards} must be between 1 and the number of batches ({n_batches})")
+    cuts = [k * n_batches // n_shards for k in range(n_shards + 1)]
+    return [(min(a * batch_size, n_images), min(b * batch_size, n_images)) for a, b in zip(cuts, cuts[1:])]

@@ -12,7 +12,7 @@ def label_files(wildcards):
 
 rule position_probe:
     input:
-        REPR_DIR,
+        rep=repr_dirs,
     output:
         f"{ANALYSIS_DIR}/position_probe.csv",
     params:
@@ -25,7 +25,7 @@ rule position_probe:
 
 rule token_group_similarity:
     input:
-        REPR_DIR,
+        rep=repr_dirs,
     output:
         f"{ANALYSIS_DIR}/token_group_similarity.csv",
     params:
@@ -36,8 +36,8 @@ rule token_group_similarity:
 
 rule anomalies:
     input:
-        REPR_DIR,
-        label_files,
+        rep=repr_dirs,
+        labels=label_files,
     output:
         table=f"{ANALYSIS_DIR}/anomaly_rel_norm.csv",
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
@@ -49,7 +49,7 @@ rule anomalies:
 
 rule channel_outliers:
     input:
-        REPR_DIR,
+        rep=repr_dirs,
     output:
         f"{ANALYSIS_DIR}/channel_outliers.csv",
     params:

@@ -12,6 +12,7 @@ rule extract:
         layers=config["layers"],
         extraction=config["extraction"],
         source=lambda wc: config["model_sources"].get(wc.model, wc.model),
+        shard=lambda wc: shard_index(wc.part),
     resources:
         gpu=1,
     script:

@@ -40,7 +40,7 @@ rule paper_comparison:
 
 rule qualitative_figures:
     input:
-        rep=REPR_DIR,
+        rep=repr_dirs,
         dataset=DATASET_DIR,
         labels=label_files,
     output:

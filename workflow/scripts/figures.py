@@ -18,7 +18,7 @@ TASKS = {
     "quantitative_figure": lambda cfg, wc, i, o: pipeline.quantitative_figure(cfg, wc.model, table_dir(i), stem(o[0])),
     "paper_comparison": lambda cfg, wc, i, o: pipeline.paper_comparison(cfg, wc.model, table_dir(i), o.table,
                                                                          stem(o.figure[0])),
-    "qualitative_figures": lambda cfg, wc, i, o: pipeline.qualitative_figures(cfg, wc.model, i.rep, i.dataset,
+    "qualitative_figures": lambda cfg, wc, i, o: pipeline.qualitative_figures(cfg, wc.model, list(i.rep), i.dataset,
                                                                               Path(o[0]).parent),
     "cross_model_figure": lambda cfg, wc, i, o: pipeline.cross_model_figure(
         cfg, {Path(p).parent.name: Path(p).parent for p in i}, stem(o[0])),
