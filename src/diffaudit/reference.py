@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from .analyses.similarity import ratio_columns
 from .errors import DiffauditError
 from .layers import PAPER_LAYERS
 
@@ -80,7 +81,6 @@ PAPER_FILES: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 GRANULARITIES: tuple[int, ...] = (8, 16, 32, 64)  # last axis of accuracies_cls
-GROUPS: tuple[str, ...] = ("corner", "border", "other")  # row/column order of the 3 x 3 group matrices
 PAPER_SEED = 42
 
 PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
@@ -317,14 +317,8 @@ def parse_group_similarities(path, model: str) -> pd.DataFrame:
         if rc.shape != (3, 3) or rf.shape != (3, 3):
             raise ValueError(f"{path}: {name}: expected two 3x3 matrices, got {rc.shape} and {rf.shape}")
         c, s = paper_layer_shape(name)
-        row = {"model": model, "layer_index": index[name], "layer": name, "channels": c, "spatial": s}
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for gi, g in enumerate(GROUPS):
-                row[f"{g}_ratio"] = float(rc[gi, gi] / rf[gi, gi])
-        for gi, g in enumerate(GROUPS):
-            row[f"{g}_sim_cropped_image"] = float(rc[gi, gi])
-            row[f"{g}_sim_full_image_ring_removed"] = float(rf[gi, gi])
-        rows.append(row)
+        rows.append({"model": model, "layer_index": index[name], "layer": name, "channels": c, "spatial": s,
+                     **ratio_columns(rc, rf)})
     return (pd.DataFrame(rows, columns=SIMILARITY_COLUMNS).sort_values("layer_index", kind="stable")
             .reset_index(drop=True))
 

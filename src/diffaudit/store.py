@@ -183,6 +183,18 @@ class ReprStore:
     def n_images(self) -> int:
         return len(self.image_ids)
 
+    def select_layers(self, layers=None) -> list[str]:
+        """``layers`` (default: all stored layers) after checking each is in the store."""
+        layers = list(self.layers) if layers is None else list(layers)
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise KeyError(f"layer(s) {missing} not in store {self.path} (has {self.layers})")
+        return layers
+
+    def layer_index(self, layer: str) -> int:
+        """The layer's index in the extraction's layer list (``layer_index`` in every table)."""
+        return int(self.layer_indices[self.layers.index(layer)])
+
     def layer_attrs(self, layer: str) -> dict:
         return dict(self.root[group_name(layer)].attrs)
 

@@ -160,11 +160,7 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
         raise ValueError(f"unknown relative-norm mode {mode!r}; use one of {MODES}")
     h_ref = reference_grid(store, ref_layer)
     labels = validate_labels(labels, n_images=store.n_images, grid=h_ref)
-    layers = list(store.layers) if layers is None else list(layers)
-    for layer in layers:
-        if layer not in store.layers:
-            raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
-    index_of = dict(zip(store.layers, store.layer_indices))
+    layers = store.select_layers(layers)
     images = np.unique(labels[:, 0])
     by_image = {int(i): labels[labels[:, 0] == i] for i in images}
     runs = _runs(images)
@@ -201,7 +197,7 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
                             denom = (total - p_sum) / rest if rest > 0 else np.nan
                         values.append((p_sum / p_cnt) / denom if denom else np.nan)
         v = np.asarray(values, dtype=np.float64)
-        rows.append((model_name, int(index_of[layer]), layer, int(c), int(h), label_source,
+        rows.append((model_name, store.layer_index(layer), layer, int(c), int(h), label_source,
                      float(np.mean(v)) if v.size else np.nan, float(np.std(v)) if v.size else np.nan, int(v.size)))
     return pd.DataFrame(rows, columns=RELNORM_COLUMNS)
 

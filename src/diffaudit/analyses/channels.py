@@ -43,11 +43,7 @@ def channel_ratios(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def channel_outliers(store: ReprStore, layers: list[str] | None = None, model_name: str = "",
                      ratio_threshold: float = 10.0, chunk_images: int = 20, progress: bool = False) -> pd.DataFrame:
     """Channels whose per-image max |activation| exceeds ``ratio_threshold`` x the median channel (module doc)."""
-    layers = list(store.layers) if layers is None else list(layers)
-    for layer in layers:
-        if layer not in store.layers:
-            raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
-    index_of = dict(zip(store.layers, store.layer_indices))
+    layers = store.select_layers(layers)
     it = layers
     if progress:
         from tqdm.auto import tqdm
@@ -68,6 +64,6 @@ def channel_outliers(store: ReprStore, layers: list[str] | None = None, model_na
         for ch in np.flatnonzero(count > 0):
             col = ratios[:, ch]
             med = float(np.nanmedian(col)) if np.isfinite(col).any() else float("nan")
-            rows.append((model_name, int(index_of[layer]), layer, int(c), int(h), int(ch), med, float(max_abs[ch]),
+            rows.append((model_name, store.layer_index(layer), layer, int(c), int(h), int(ch), med, float(max_abs[ch]),
                          float(count[ch]) / n, int(n)))
     return pd.DataFrame(rows, columns=CHANNEL_COLUMNS)

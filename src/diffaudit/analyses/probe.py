@@ -199,7 +199,6 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
         raise ValueError(f"train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
                          f"{n_img - n_train_img} test images; both must be >= 1")
     dev = _resolve_device(device)
-    index_of = dict(zip(store.layers, store.layer_indices))
 
     it = layers
     if progress:
@@ -224,7 +223,7 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
         for layer in it:
             _, c, n = geoms[layer]
             x = _layer_tokens(store, layer, dev, chunk_images=chunk_images)
-            meta = (model_name, int(index_of[layer]), layer, int(c), int(n))
+            meta = (model_name, store.layer_index(layer), layer, int(c), int(n))
             for s, (tr_img, te_img) in splits.items():
                 if mode == "paper":
                     gen = None

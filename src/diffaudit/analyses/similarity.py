@@ -341,6 +341,19 @@ def group_similarity_matrix(full, crop, layer: str, count_quirk: bool = True,
     }
 
 
+def ratio_columns(r_crop: np.ndarray, r_full_ring: np.ndarray) -> dict[str, float]:
+    """The table's value columns from the two 3x3 matrices: per group the ratio of the diagonals and both
+    diagonal values (``<group>_ratio``, ``<group>_sim_cropped_image``, ``<group>_sim_full_image_ring_removed``)."""
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for gi, g in enumerate(GROUPS):
+            out[f"{g}_ratio"] = float(r_crop[gi, gi] / r_full_ring[gi, gi])
+    for gi, g in enumerate(GROUPS):
+        out[f"{g}_sim_cropped_image"] = float(r_crop[gi, gi])
+        out[f"{g}_sim_full_image_ring_removed"] = float(r_full_ring[gi, gi])
+    return out
+
+
 def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], object],
                            layers: Sequence[str] | None = None, mode: str = "paper", image_size: int = 512,
                            chunk_images: int = 20, model_name: str = "") -> pd.DataFrame:
@@ -365,13 +378,6 @@ def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], o
         r = group_similarity_matrix(full, crop, layer, count_quirk, chunk_images)
         rc, rf = r["cropped_image"], r["full_image_ring_removed"]
         layer_index = attrs.get("layer_index", full.layer_indices[full.layers.index(layer)])
-        row = {"model": model_name, "layer_index": int(layer_index), "layer": layer, "channels": int(c),
-               "spatial": int(n)}
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for gi, g in enumerate(GROUPS):
-                row[f"{g}_ratio"] = float(rc[gi, gi] / rf[gi, gi])
-        for gi, g in enumerate(GROUPS):
-            row[f"{g}_sim_cropped_image"] = float(rc[gi, gi])
-            row[f"{g}_sim_full_image_ring_removed"] = float(rf[gi, gi])
-        rows.append(row)
+        rows.append({"model": model_name, "layer_index": int(layer_index), "layer": layer, "channels": int(c),
+                     "spatial": int(n), **ratio_columns(rc, rf)})
     return pd.DataFrame(rows, columns=list(COLUMNS))
