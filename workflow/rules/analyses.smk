@@ -14,7 +14,13 @@ rule position_probe:
     input:
         rep=repr_dirs,
     output:
-        f"{ANALYSIS_DIR}/position_probe.csv",
+        report(
+            f"{ANALYSIS_DIR}/position_probe.csv",
+            caption="../report/position_probe.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "position_probe.csv (probe accuracy per layer and epoch)"},
+        ),
     params:
         probe=config["probe"],
     resources:
@@ -27,7 +33,13 @@ rule token_group_similarity:
     input:
         rep=repr_dirs,
     output:
-        f"{ANALYSIS_DIR}/token_group_similarity.csv",
+        report(
+            f"{ANALYSIS_DIR}/token_group_similarity.csv",
+            caption="../report/token_group_similarity.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "token_group_similarity.csv (corner/border/other similarity ratios)"},
+        ),
     params:
         similarity=config["similarity"],
     script:
@@ -39,7 +51,13 @@ rule anomalies:
         rep=repr_dirs,
         labels=label_files,
     output:
-        table=f"{ANALYSIS_DIR}/anomaly_rel_norm.csv",
+        table=report(
+            f"{ANALYSIS_DIR}/anomaly_rel_norm.csv",
+            caption="../report/anomaly_rel_norm.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "anomaly_rel_norm.csv (relative norm of labelled anomalies)"},
+        ),
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
     params:
         anomalies=config["anomalies"],
@@ -51,7 +69,13 @@ rule channel_outliers:
     input:
         rep=repr_dirs,
     output:
-        f"{ANALYSIS_DIR}/channel_outliers.csv",
+        report(
+            f"{ANALYSIS_DIR}/channel_outliers.csv",
+            caption="../report/channel_outliers.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "channel_outliers.csv (channels with extreme magnitude)"},
+        ),
     params:
         channels=config["channels"],
     script:

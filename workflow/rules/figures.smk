@@ -12,7 +12,13 @@ rule credibility:
     input:
         expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
     output:
-        f"{RESULTS}/{{model}}/credibility.csv",
+        report(
+            f"{RESULTS}/{{model}}/credibility.csv",
+            caption="../report/credibility.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "credibility.csv (per-layer hazard scores)"},
+        ),
     params:
         credibility=config["credibility"],
     script:
@@ -23,7 +29,14 @@ rule quantitative_figure:
     input:
         expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
     output:
-        multiext(f"{FIGURES}/quantitative_{{model}}", ".png", ".svg"),
+        report(
+            f"{FIGURES}/quantitative_{{model}}.png",
+            caption="../report/quantitative.rst",
+            category="Paper figure",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "probe accuracy, corner/border similarity, anomaly norm"},
+        ),
+        f"{FIGURES}/quantitative_{{model}}.svg",
     script:
         "../scripts/figures.py"
 
@@ -32,8 +45,23 @@ rule paper_comparison:
     input:
         expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
     output:
-        table=f"{RESULTS}/{{model}}/paper_comparison.csv",
-        figure=multiext(f"{FIGURES}/paper_comparison_{{model}}", ".png", ".svg"),
+        table=report(
+            f"{RESULTS}/{{model}}/paper_comparison.csv",
+            caption="../report/paper_comparison_table.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "paper_comparison.csv (ours vs published, per layer)"},
+        ),
+        figure=[
+            report(
+                f"{FIGURES}/paper_comparison_{{model}}.png",
+                caption="../report/paper_comparison.rst",
+                category="Paper comparison",
+                subcategory="{model}",
+                labels={"model": "{model}", "figure": "ours (colour) vs published (black dashed)"},
+            ),
+            f"{FIGURES}/paper_comparison_{{model}}.svg",
+        ],
     script:
         "../scripts/figures.py"
 
@@ -44,7 +72,20 @@ rule qualitative_figures:
         dataset=DATASET_DIR,
         labels=label_files,
     output:
-        expand(f"{FIGURES}/{{{{model}}}}/qualitative_{{view}}.{{ext}}", view=QUALITATIVE, ext=["png", "svg"]),
+        # same files and order as expand(".../qualitative_{view}.{ext}", view=QUALITATIVE, ext=["png", "svg"])
+        [
+            report(
+                f"{FIGURES}/{{model}}/qualitative_{view}.png",
+                caption=f"../report/qualitative_{view}.rst",
+                category="Qualitative",
+                subcategory="{model}",
+                labels={"model": "{model}", "view": view.replace("_", " ")},
+            )
+            if ext == "png"
+            else f"{FIGURES}/{{model}}/qualitative_{view}.{ext}"
+            for view in QUALITATIVE
+            for ext in ["png", "svg"]
+        ],
     params:
         anomalies=config["anomalies"],
     script:
@@ -55,6 +96,13 @@ rule cross_model_figure:
     input:
         expand(f"{RESULTS}/{{model}}/{{table}}", model=MODELS, table=TABLE_FILES),
     output:
-        multiext(f"{FIGURES}/cross_model", ".png", ".svg"),
+        report(
+            f"{FIGURES}/cross_model.png",
+            caption="../report/cross_model.rst",
+            category="Cross-model",
+            subcategory="all models",
+            labels={"models": ", ".join(MODELS), "figure": "one line per model"},
+        ),
+        f"{FIGURES}/cross_model.svg",
     script:
         "../scripts/figures.py"
