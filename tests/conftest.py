@@ -53,3 +53,18 @@ def image_folder(tmp_path):
 def shared_reference() -> Path:
     """The read-only published reference files beside the checkout (``../shared/reference``), if present."""
     return Path(os.environ.get("DIFFAUDIT_SHARED_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+def copy_repo(dst: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked and not ignored), without outputs, at ``dst``."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.splitlines()
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    return dst

@@ -1,7 +1,6 @@
 """DVC mirrors the Snakemake DAG: the committed dvc.yaml is what the generator makes, and `dvc repro` works."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_repo
 from diffaudit.config import load_config
 from diffaudit.dvcgen import render, snakemake_jobs, stage_name
 
@@ -55,13 +54,7 @@ def test_stage_params_are_config_sections():
 @pytest.mark.slow
 def test_dvc_repro_on_the_demo(tmp_path):
     """From scratch, then nothing to do, then one parameter re-runs only its analysis and what reads it."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.split()
-    repo = tmp_path / "repo"
-    for f in files:
-        if (REPO / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, repo / f)
+    repo = copy_repo(tmp_path / "repo")
     cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
     cfg["dataset"]["n_images"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, copy_repo
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 REPORT_DIR = REPO / "workflow" / "report"
@@ -51,16 +51,6 @@ TABLES = {f"{DEMO}/mini/credibility.csv": ["position_score", "corner_score", "an
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-def with_report_line(snakefile: Path) -> None:
-    """Add the global report description to a Snakefile that does not reference it yet (idempotent)."""
-    text = snakefile.read_text()
-    if re.search(r"""^report:\s*["']workflow/report/workflow\.rst["']""", text, re.M):
-        return
-    m = re.search(r"^configfile:.*\n", text, re.M)
-    at = m.end() if m else 0
-    snakefile.write_text(text[:at] + REPORT_LINE + "\n" + text[at:])
-
 
 def js_object(html: str, script_id: str, name: str):
     """The JSON value assigned by ``var <name> = ...`` in the report's ``<script id=...>`` data block."""
@@ -172,15 +162,8 @@ def test_captions_render_without_rst_problems(configs, model):
 def report(tmp_path_factory):
     """The demo (6 images) run in a fresh copy of the repository, and its report; returns (repo, report.html)."""
     root = tmp_path_factory.mktemp("report")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.splitlines()
-    repo = root / "repo"
-    for f in files:
-        src = REPO / f
-        if src.is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / f)
-    with_report_line(repo / "Snakefile")
+    repo = copy_repo(root / "repo")
+    assert REPORT_LINE in (repo / "Snakefile").read_text()  # the global description page
     short = root / "short.yaml"
     short.write_text(yaml.safe_dump({"dataset": {"n_images": 6}}))
     configs = ["--configfile", "config/demo.yaml", str(short)]

@@ -1,7 +1,6 @@
 """Token-group similarity: group-sum algorithm vs brute force, count quirk vs published numbers, store API."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -1,6 +1,5 @@
 """End-to-end: the Snakemake workflow on a fresh copy of the repository, offline."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import REPO, random_images
+from conftest import copy_repo, random_images
 from diffaudit.layers import PAPER_LAYERS
 from diffaudit.store import ReprStore
 
@@ -22,15 +20,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 @pytest.fixture
 def repo_copy(tmp_path):
     """The tracked files of the repository (as a fresh clone has them), without outputs."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.split()
-    dst = tmp_path / "repo"
-    for f in files:
-        src = REPO / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    return dst
+    return copy_repo(tmp_path / "repo")
 
 
 def snakemake(repo: Path, *configfiles: Path | str, check: bool = True) -> subprocess.CompletedProcess:
