@@ -16,13 +16,12 @@ class ConfigError(DiffauditError, ValueError):
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Recursive merge, as Snakemake merges several ``--configfile``s: mappings key by key, other values replaced."""
+    """``override`` merged into a copy of ``base`` exactly as Snakemake merges several ``--configfile``s
+    (``snakemake.utils.update_config``: mappings key by key, other values replaced)."""
+    from snakemake.utils import update_config
+
     out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+    update_config(out, copy.deepcopy(override))
     return out
 
 

@@ -1,0 +1,126 @@
+"""Results travel through a DVC remote: compute once, `dvc push`, then a fresh `git clone` + `dvc pull`
+gets the same bytes, and neither DVC nor Snakemake wants to recompute anything there."""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from diffaudit.config import load_config
+from diffaudit.dvcgen import render
+
+pytestmark = pytest.mark.slow
+
+# What a clone of the repository holds that the DVC stages depend on (copied without running git here).
+TRACKED = ["Snakefile", "params.yaml", "config", "workflow", "src", "profiles", ".gitignore", "pyproject.toml"]
+
+
+def copy_repo(dst: Path) -> Path:
+    for name in TRACKED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def tracked_outputs(dvc_yaml: Path) -> tuple[list[str], list[str]]:
+    """All outputs of dvc.yaml (outs, metrics, plots), and those kept out of the DVC cache (cache: false)."""
+    every, uncached = [], []
+    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, opts = (next(iter(entry.items())) if isinstance(entry, dict) else (entry, {}))
+                every.append(path)
+                if opts and opts.get("cache") is False:
+                    uncached.append(path)
+    return every, uncached
+
+
+def digests(root: Path, outputs: list[str]) -> dict[str, str]:
+    """sha256 of every file of the outputs (directories walked), by path relative to ``root``."""
+    out = {}
+    for o in outputs:
+        p = root / o
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        assert files, f"{o} is missing or empty under {root}"
+        for f in files:
+            out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def test_push_then_pull_into_a_fresh_clone(tmp_path):
+    origin = copy_repo(tmp_path / "origin")
+    cfg = load_config(origin / "params.yaml", origin / "config" / "demo.yaml")
+    cfg["dataset"]["n_images"] = 6
+    cfg["dataset"]["size"] = 256  # small images: this test is about moving results, not about the numbers
+    (origin / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (origin / "dvc.yaml").write_text(render(["params.yaml"], root=origin))
+    store = tmp_path / "dvc-store"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(cwd: Path, *cmd: str) -> str:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        return proc.stdout + proc.stderr
+
+    # --- compute and push -------------------------------------------------------------------
+    run(origin, "git", "init", "-q")
+    run(origin, "dvc", "init", "-q")
+    run(origin, "git", "add", "-A")
+    run(origin, "git", "commit", "-qm", "demo")
+    assert "Running stage 'extract-mini'" in run(origin, "dvc", "repro")
+    run(origin, "dvc", "remote", "add", "-d", "store", str(store))
+    outputs, uncached = tracked_outputs(origin / "dvc.yaml")
+    # outputs with `cache: false` (the small JSON metrics) do not go to the remote: like dvc.lock, they
+    # are committed to git. results/ is git-ignored, hence -f.
+    if uncached:
+        run(origin, "git", "add", "-f", *uncached)
+    run(origin, "git", "add", "-A")
+    run(origin, "git", "commit", "-qm", "results")
+    pushed = run(origin, "dvc", "push")
+    m = re.search(r"(\d+) files? pushed", pushed)
+    assert m and int(m[1]) > 0, pushed
+    assert "Everything is up to date" in run(origin, "dvc", "push")  # nothing left behind
+    expected = digests(origin, outputs)
+
+    # --- a fresh clone, from the remote alone ------------------------------------------------------
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+    shutil.rmtree(origin / ".dvc" / "cache")  # so the only source of the data is the remote
+    assert not (clone / "results").exists() or not any((clone / "results").rglob("*.png"))
+    remotes = run(clone, "dvc", "remote", "list").split()
+    assert remotes[:2] == ["store", str(store)], remotes  # configured through git (.dvc/config)
+    run(clone, "dvc", "remote", "modify", "--local", "store", "url", str(store))  # or point it at your own mount
+    pulled = run(clone, "dvc", "pull")
+    assert re.search(r"\d+ files? (fetched|added)", pulled), pulled
+
+    got = digests(clone, outputs)
+    assert got == expected  # same files, byte for byte
+    results = clone / "results" / "demo"
+    figures = sorted(p.relative_to(results).as_posix() for p in (results / "figures").rglob("*.png"))
+    assert "figures/quantitative_mini.png" in figures and "figures/cross_model.png" in figures
+    assert len(figures) >= 6
+    for table in ["position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers", "credibility"]:
+        assert (results / "mini" / f"{table}.csv").stat().st_size > 0, table
+
+    # --- nothing to recompute ---------------------------------------------------------------------
+    status = run(clone, "dvc", "status")
+    assert "Data and pipelines are up to date" in status, status
+    repro = run(clone, "dvc", "repro")
+    assert "Running stage" not in repro, repro
+    assert digests(clone, outputs) == expected
+    # Snakemake has no run records in a clone: --touch adopts the pulled files, then there is nothing to do
+    run(clone, sys.executable, "-m", "snakemake", "--cores", "1", "--touch")
+    assert "Nothing to be done" in run(clone, sys.executable, "-m", "snakemake", "-n")
+    assert "Data and pipelines are up to date" in run(clone, "dvc", "status")
