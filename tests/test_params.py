@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_repo
 from diffaudit.config import ConfigError, load_config, merge, validate
 from diffaudit.dvcgen import render, stage_name
 
-WORKFLOW_FILES = ["Snakefile", "params.yaml", "config", "workflow"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,15 +87,6 @@ def snakemake_workflow(root: Path, configfiles: list[str], dag: bool = False):
         return canonical(workflow.config), jobs
 
 
-def copy_workflow(dst: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-    return dst
 
 
 def dvc_repo(root: Path):
@@ -111,7 +101,7 @@ def dvc_repo(root: Path):
 # ---------------------------------------------------------------------------------------------
 
 def test_snakemake_and_dvc_read_the_same_params_yaml(tmp_path):
-    root = copy_workflow(tmp_path / "repo")
+    root = copy_repo(tmp_path / "repo")
     (root / "dvc.yaml").write_text(render(["params.yaml"], root=root))
     snake_file = snakemake_reads(root / "params.yaml")
     snake_run, _ = snakemake_workflow(root, [])  # the Snakefile's `configfile: "params.yaml"`
@@ -143,7 +133,7 @@ def test_the_comparison_sees_yaml_1_1_versus_1_2(tmp_path, text, snake, dvc):
 
 def test_every_stage_param_is_what_snakemake_gives_the_rule(tmp_path):
     """The values DVC records for each stage (dvc.lock) are the `params:` values of that Snakemake job."""
-    root = copy_workflow(tmp_path / "repo")
+    root = copy_repo(tmp_path / "repo")
     (root / "dvc.yaml").write_text(render(["params.yaml"], root=root))
     config, jobs = snakemake_workflow(root, [], dag=True)
     by_stage = {stage_name(j): j for j in jobs}
@@ -169,7 +159,7 @@ def test_every_stage_param_is_what_snakemake_gives_the_rule(tmp_path):
 def test_the_demo_params_file_of_the_dvc_tests_is_read_alike(tmp_path):
     """tests/test_dvc*.py write the merged demo config into params.yaml with yaml.safe_dump: DVC and
     Snakemake must read that file back as Snakemake's own merge of params.yaml and config/demo.yaml."""
-    root = copy_workflow(tmp_path / "repo")
+    root = copy_repo(tmp_path / "repo")
     merged, _ = snakemake_workflow(root, ["params.yaml", "config/demo.yaml"])
     (root / "params.yaml").write_text(yaml.safe_dump(load_config(root / "params.yaml", root / "config" / "demo.yaml"),
                                                      sort_keys=False))
@@ -215,7 +205,7 @@ def test_dvc_set_param_round_trips_to_snakemake(tmp_path, override):
 # ---------------------------------------------------------------------------------------------
 
 def test_demo_merged_by_snakemake_validates_and_matches_load_config(tmp_path):
-    root = copy_workflow(tmp_path / "repo")
+    root = copy_repo(tmp_path / "repo")
     merged, _ = snakemake_workflow(root, ["params.yaml", "config/demo.yaml"])
     validate(merged)
     assert not differences(merged, load_config(REPO / "params.yaml", REPO / "config" / "demo.yaml"))
@@ -310,7 +300,7 @@ def test_snakemake_reports_a_bad_key_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    root = copy_workflow(tmp_path / "repo")
+    root = copy_repo(tmp_path / "repo")
     bad = tmp_path / "bad.yaml"
     bad.write_text("probe:\n  epochs: five\n")
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--workflow-profile", "none",

@@ -6,7 +6,6 @@ PATH and fails loudly if it is ever called. The plugin does not need sinfo, sque
 """
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -16,29 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_repo
 from diffaudit.dvcgen import snakemake_jobs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 PROFILES = REPO / "profiles"
-# What a fresh clone needs to run the workflow (copied without asking git, so that nothing runs git here).
-WORKFLOW_FILES = ["Snakefile", "params.yaml", "config", "workflow", "profiles"]
 
 
-def copy_workflow(dst: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-    return dst
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    return copy_workflow(tmp_path_factory.mktemp("profiles") / "repo")
+    return copy_repo(tmp_path_factory.mktemp("profiles") / "repo")
 
 
 @pytest.fixture(scope="module")
