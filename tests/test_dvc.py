@@ -1,4 +1,5 @@
 """DVC mirrors the Snakemake DAG: the committed dvc.yaml is what the generator makes, and `dvc repro` works."""
+import json
 import os
 import re
 import subprocess
@@ -73,6 +74,14 @@ def test_dvc_repro_on_the_demo(tmp_path):
     first = run("dvc", "repro")
     assert "Running stage 'extract-mini'" in first and "Running stage 'cross_model_figure'" in first
     assert "Nothing to be done" in run(sys.executable, "-m", "snakemake", "-n")
+    # the paper's three panels as DVC plots, from the tidy per-layer summary (and the figures as images)
+    shown = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+    for name in ("probe_accuracy-mini", "corner_border_ratio-mini", "anomaly_rel_norm-mini"):
+        plot = shown["data"][name][0]
+        assert plot["type"] == "vega" and len(plot["content"]["data"]["values"]) >= 45, name  # one per layer and y
+    assert not shown.get("errors"), shown.get("errors")
+    assert any(k.endswith("quantitative_mini.png") for k in shown["data"])
     assert "Running stage" not in run("dvc", "repro")
     assert "up to date" in run("dvc", "status")
     cfg["probe"]["epochs"] = 2

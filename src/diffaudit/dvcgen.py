@@ -211,5 +211,31 @@ def dvc_stages(configfiles=("params.yaml",), root: str | Path = ".") -> dict:
     return {"stages": stages}
 
 
+# Top-level `dvc plots` drawn from each model's layer_summary.csv: the three panels of the paper's figure.
+SUMMARY_PLOTS = (
+    ("probe_accuracy", ["acc_8x8", "acc_16x16", "acc_32x32", "acc_64x64"], "test accuracy (per axis)"),
+    ("corner_border_ratio", ["corner_ratio", "border_ratio"], "rel. similarity (cropped / full)"),
+    ("anomaly_rel_norm", ["rel_norm_mean"], "rel. norm of labelled anomalies"),
+)
+
+
+def summary_plots(stages: dict) -> list[dict]:
+    """Plot definitions for every ``layer_summary.csv`` that a stage writes."""
+    plots = []
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if Path(out).name == "layer_summary.csv":
+                model = Path(out).parent.name
+                for name, columns, label in SUMMARY_PLOTS:
+                    plots.append({f"{name}-{model}": {"template": "linear", "x": "layer_index",
+                                                      "y": {out: list(columns)}, "title": f"{model}: {label}",
+                                                      "x_label": "layer index", "y_label": label}})
+    return plots
+
+
 def render(configfiles=("params.yaml",), root: str | Path = ".") -> str:
-    return HEADER + yaml.safe_dump(dvc_stages(configfiles, root), sort_keys=False, width=120)
+    doc = dvc_stages(configfiles, root)
+    plots = summary_plots(doc["stages"])
+    if plots:
+        doc["plots"] = plots
+    return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -214,12 +214,17 @@ def paper_applies(cfg: dict, model: str) -> bool:
     return model in PAPER_MODELS and cfg["dataset"]["source"] == "imagenet_subset"
 
 
-def credibility(cfg: dict, model: str, table_dir: str | Path, out_csv: str | Path) -> Path:
+def credibility(cfg: dict, model: str, table_dir: str | Path, out_csv: str | Path,
+                summary_csv: str | Path | None = None) -> Path:
+    """The per-layer hazard scores, and (``summary_csv``) the figure's quantities one row per layer."""
     from .analyses.credibility import credibility as score
+    from .reference import per_layer_quantities
 
     t = read_tables(table_dir)
     df = score(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], t["channel_outliers"],
                model=model, safe_threshold=cfg["credibility"]["safe_below"])
+    if summary_csv is not None:
+        _write_csv(per_layer_quantities(t), summary_csv)
     return _write_csv(df, out_csv)
 
 

@@ -406,6 +406,21 @@ _QUANTITY_ORDER = ["acc_8x8", "acc_16x16", "acc_32x32", "acc_64x64", "corner_rat
                    "rel_norm_mean"]
 
 
+def per_layer_quantities(tables: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
+    """One row per layer with the plotted quantities of the paper's figure (the columns of
+    ``paper_comparison.csv``): final-epoch per-axis accuracy per granularity (mean over seeds), corner and
+    border ratio, and the anomaly relative norm (the authors' labels when present, else the mean over the
+    label sources). Written as ``layer_summary.csv`` for ``dvc plots``."""
+    an = tables.get("anomaly_rel_norm")
+    has_paper = an is not None and not an.empty and (an["label_source"] == "paper").any()
+    long = _long_quantities(tables, paper_labels_only=bool(has_paper))
+    if long.empty:
+        return pd.DataFrame(columns=["layer_index", "layer", *_QUANTITY_ORDER])
+    wide = long.pivot_table(index=["layer_index", "layer"], columns="quantity", values="value").reset_index()
+    wide = wide.reindex(columns=["layer_index", "layer", *_QUANTITY_ORDER])  # every column, NaN if not computed
+    return wide.sort_values("layer_index", kind="stable").reset_index(drop=True)
+
+
 def compare_with_paper(ours: Mapping[str, pd.DataFrame | None],
                        paper: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
     """Our numbers next to the published ones: the ``paper_comparison.csv`` table.

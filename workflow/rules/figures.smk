@@ -12,13 +12,15 @@ rule credibility:
     input:
         expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
     output:
-        report(
+        table=report(
             f"{RESULTS}/{{model}}/credibility.csv",
             caption="../report/credibility.rst",
             category="Tables",
             subcategory="{model}",
             labels={"model": "{model}", "table": "credibility.csv (per-layer hazard scores)"},
         ),
+        # the figure's quantities one row per layer, for `dvc plots` (see dvc.yaml's top-level plots)
+        summary=f"{RESULTS}/{{model}}/layer_summary.csv",
     params:
         credibility=config["credibility"],
     script:

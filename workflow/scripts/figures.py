@@ -14,7 +14,7 @@ def table_dir(inputs):
 
 
 TASKS = {
-    "credibility": lambda cfg, wc, i, o: pipeline.credibility(cfg, wc.model, table_dir(i), o[0]),
+    "credibility": lambda cfg, wc, i, o: pipeline.credibility(cfg, wc.model, table_dir(i), o.table, o.summary),
     "quantitative_figure": lambda cfg, wc, i, o: pipeline.quantitative_figure(cfg, wc.model, table_dir(i), stem(o[0])),
     "paper_comparison": lambda cfg, wc, i, o: pipeline.paper_comparison(cfg, wc.model, table_dir(i), o.table,
                                                                          stem(o.figure[0])),
