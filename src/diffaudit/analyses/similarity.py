@@ -49,6 +49,7 @@ token counting as cosine 0 with every other token.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -131,50 +132,86 @@ def group_masks(m: int) -> np.ndarray:
     return masks.reshape(3, m * m)
 
 
-def group_sums(x: np.ndarray) -> dict:
+def _grid_masks(s: int, ring: bool) -> np.ndarray:
+    """(3, s*s) float32 group masks on an s x s map; ``ring=True`` places the groups of the inner
+    (s-2) x (s-2) grid (the ring tokens get weight 0), so ``x[..., 1:-1, 1:-1]`` never has to be copied."""
+    if not ring:
+        return group_masks(s).astype(np.float32)
+    masks = np.zeros((3, s, s), dtype=np.float32)
+    masks[:, 1:-1, 1:-1] = group_masks(s - 2).reshape(3, s - 2, s - 2)
+    return masks.reshape(3, s * s)
+
+
+def group_sums(x: np.ndarray, ring: bool = False) -> dict:
     """Per-image group sums of L2-normalised tokens.
 
-    ``x``: (b, C, m, m) representations of one map set on the m-grid. Returns a dict with
+    ``x``: (b, C, s, s) representations of one map set (any float dtype; stores hold float16). The groups live
+    on the m-grid: m = s, or m = s - 2 with ``ring=True``, which means the map set ``x[..., 1:-1, 1:-1]`` (full
+    image, ring removed) without copying the slice. Returns a dict with
     ``corner``, ``border``, ``other``: (b, C) float64 sums of unit tokens over the group;
     ``self``: (b, 3) float64 sums of self-cosines |u_a|^2 per group (= group size unless a token is zero);
     ``sizes``: (3,) token counts on the m-grid; ``m``: grid size.
     The per-image pair sum of group pair (i, j) is ``sum_c s_i[c] * s_j[c]``.
 
-    The normalisation and the group sums run as one batched float32 matrix product
-    ``x (b, C, T) @ (mask / |x|) (b, T, 3)`` (pairwise float32 accumulation; relative error ~1e-7, far below
-    the float16 storage precision); the results are returned, and pooled by the caller, in float64.
+    One image at a time, in buffers allocated once and small enough to stay in the CPU cache: cast to float32,
+    squared norms as a sum over channels, then the three group sums as one (3, T) x (T, C) matrix product with
+    the weights ``mask / |x_a|`` (float32 accumulation, relative error ~1e-7, far below the float16 storage
+    precision). The costly parts of a naive version were the fresh chunk-sized float32 copies (page faults on
+    every chunk) and ``vector_norm`` over the strided channel axis, both avoided here.
     """
     import torch
 
     x = np.asarray(x)
     if x.ndim != 4 or x.shape[2] != x.shape[3]:
-        raise ValueError(f"expected (b, C, m, m), got shape {x.shape}")
-    b, c, m, _ = x.shape
-    masks = torch.from_numpy(group_masks(m).astype(np.float32))  # (3, T)
+        raise ValueError(f"expected (b, C, s, s), got shape {x.shape}")
+    b, c, s, _ = x.shape
+    m = s - 2 if ring else s
+    masks = torch.from_numpy(_grid_masks(s, ring))  # (3, T), validates m >= 3
+    t = s * s
+    if x.dtype not in (np.float16, np.float32, np.float64) or not x.dtype.isnative:
+        x = x.astype(np.float32)
+    if min(x.strides) < 0:
+        x = np.ascontiguousarray(x)
+    with warnings.catch_warnings():  # a read-only array is fine: it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        xt = torch.from_numpy(x)  # a view, also of strided slices; cast per image below
+    sums = torch.empty((b, 3, c), dtype=torch.float32)
+    unit = torch.empty((b, t), dtype=torch.float32)  # |x_a| / max(|x_a|, eps): 1, or < 1 for a (near) zero token
+    buf = torch.empty((c, s, s), dtype=torch.float32)
+    flat = buf.view(c, t)
+    sq = torch.empty((c, t), dtype=torch.float32)
+    norm = torch.empty(t, dtype=torch.float32)
+    inv = torch.empty(t, dtype=torch.float32)
+    w = torch.empty((3, t), dtype=torch.float32)
     with torch.no_grad():
-        xt = torch.from_numpy(np.ascontiguousarray(x)).reshape(b, c, m * m).float()
-        norm = torch.linalg.vector_norm(xt, dim=1)  # (b, T)
-        inv = 1.0 / norm.clamp_min(EPS)
-        unit_sq = (norm * inv) ** 2  # |u_a|^2: 1, or 0 for a zero token
-        w = masks[None] * inv[:, None, :]  # (b, 3, T): group mask times 1/|x_a|
-        sums = torch.bmm(xt, w.transpose(1, 2)).transpose(1, 2).double().numpy()  # (b, 3, C)
-        selfs = (unit_sq.double() @ masks.double().T).numpy()  # (b, 3)
-    out = {g: sums[:, gi] for gi, g in enumerate(GROUPS)}
-    out.update({"self": selfs, "sizes": group_sizes(m), "m": m})
-    return out
+        for i in range(b):
+            buf.copy_(xt[i])
+            torch.sum(torch.mul(flat, flat, out=sq), dim=0, out=norm)
+            norm.sqrt_()
+            torch.reciprocal(torch.clamp_min(norm, EPS, out=inv), out=inv)
+            torch.mul(norm, inv, out=unit[i])
+            torch.mm(torch.mul(masks, inv, out=w), flat.t(), out=sums[i])  # (3, C): sum of x_a / |x_a| per group
+        selfs = (unit.double() ** 2 @ masks.double().t()).numpy()  # (b, 3) sums of |u_a|^2
+    sums = sums.double().numpy()
+    res = {g: sums[:, gi] for gi, g in enumerate(GROUPS)}
+    res.update({"self": selfs, "sizes": group_sizes(m), "m": m})
+    return res
 
 
 class GroupSimilarityAccumulator:
-    """Streaming float64 accumulator of pooled group pair sums for one map set."""
+    """Streaming float64 accumulator of pooled group pair sums for one map set.
 
-    def __init__(self, m: int | None = None):
+    ``ring=True``: the map set is the chunk's ``x[..., 1:-1, 1:-1]`` (full image, ring removed)."""
+
+    def __init__(self, m: int | None = None, ring: bool = False):
         self.m = m
+        self.ring = ring
         self.pair_sums = np.zeros((3, 3))
         self.self_sums = np.zeros(3)
         self.n_images = 0
 
     def update(self, x: np.ndarray) -> None:
-        gs = group_sums(x)
+        gs = group_sums(x, ring=self.ring)
         if self.m is None:
             self.m = gs["m"]
         elif gs["m"] != self.m:
@@ -303,11 +340,11 @@ def _resolve_crop(crops, token_size: int, layer: str, n: int):
 
 
 def _accumulate(store, layer: str, chunk_images: int, ring: bool) -> GroupSimilarityAccumulator:
-    acc = GroupSimilarityAccumulator()
-    # dtype=None keeps the stored dtype (float16): group_sums casts one image at a time to float64, which saves a
-    # whole-chunk float32 copy (the cast costs about as much as the zarr decode itself)
+    acc = GroupSimilarityAccumulator(ring=ring)
+    # dtype=None keeps the stored dtype (float16): group_sums casts one image at a time into a cached float32
+    # buffer, which saves a whole-chunk float32 copy (the cast costs about as much as the zarr decode itself)
     for _, x in store.iter_chunks(layer, chunk_images=chunk_images, dtype=None):
-        acc.update(x[..., 1:-1, 1:-1] if ring else x)
+        acc.update(x)
         del x  # else the previous chunk stays alive while the next one is read (two chunks in memory)
     return acc
 
