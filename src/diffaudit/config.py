@@ -44,6 +44,20 @@ def schema() -> dict:
     return json.loads(resources.files("diffaudit").joinpath("params.schema.json").read_text())
 
 
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _dotted(text: str) -> str:
+    """``1e-4`` -> ``1.0e-4`` (a float to YAML 1.1)."""
+    mant, _, exp = text.lower().partition("e")
+    return f"{mant if '.' in mant else mant + '.0'}{'e' + exp if exp else ''}"
+
+
 def validate(cfg: dict) -> dict:
     """Validate against the JSON schema; the first error becomes one line naming the key."""
     import jsonschema
@@ -56,5 +70,8 @@ def validate(cfg: dict) -> dict:
         msg = err.message
         if err.validator == "additionalProperties":
             msg = f"unknown key ({msg})"
+        elif err.validator == "type" and isinstance(err.instance, str) and _looks_numeric(err.instance):
+            # YAML 1.1 (PyYAML, used by Snakemake) reads 1e-4 as text: its floats need a dot
+            msg += f"; YAML reads {err.instance} as text, write it with a dot, e.g. {_dotted(err.instance)}"
         raise ConfigError(f"config key {key}: {msg}")
     return cfg
