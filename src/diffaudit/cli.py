@@ -26,16 +26,16 @@ def _cmd_build_mini(args):
 
 def _cmd_dataset(args):
     from .config import load_config
-    from .pipeline import build_dataset
+    from .pipeline import dataset
 
-    print(build_dataset(load_config(*args.configfile), args.out))
+    print(dataset.run(load_config(*args.configfile), args.out))
 
 
 def _cmd_extract(args):
     from .config import load_config
     from .pipeline import extract
 
-    print(extract(load_config(*args.configfile), args.model, args.dataset, args.out))
+    print(extract.run(load_config(*args.configfile), args.model, args.dataset, args.out))
 
 
 def _cmd_dvc_yaml(args):

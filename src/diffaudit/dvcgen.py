@@ -1,9 +1,9 @@
 """Generate ``dvc.yaml`` from the Snakemake DAG, so that DVC and Snakemake never drift apart.
 
 One DVC stage per Snakemake job (rule, or rule and model): its command runs exactly that rule through
-Snakemake (``--allowed-rules``), its deps are the job's inputs, the rule file, the rule's script and the
-package modules that script reaches, its params are the ``params.yaml`` sections the rule declares, its outs
-the job's outputs (figures as image plots, JSON summaries as metrics).
+Snakemake (``--allowed-rules``; ``--nolock``, as DVC's own lock covers the run), its deps are the job's inputs,
+the rule file, the rule's script and the package modules that script reaches, its params are the ``params.yaml``
+sections the rule declares, its outs the job's outputs (figures as image plots, JSON summaries as metrics).
 
     diffaudit dvc-yaml > dvc.yaml          # after changing rules, models or results_dir in params.yaml
 
@@ -84,9 +84,8 @@ def _imports(tree: ast.AST, module: str) -> set[str]:
     return {m for m in out if _module_file(m)}
 
 
-def _closure(start: set[str], opaque: frozenset[str] = frozenset({"diffaudit.pipeline"})) -> set[str]:
-    """``start`` and every package module they import, transitively. The imports of ``opaque`` modules are
-    not followed: for ``pipeline`` only the imports of the task functions in use count."""
+def _closure(start: set[str]) -> set[str]:
+    """``start`` and every package module they import (at module or function level), transitively."""
     seen: set[str] = set()
     todo = list(start)
     while todo:
@@ -94,8 +93,6 @@ def _closure(start: set[str], opaque: frozenset[str] = frozenset({"diffaudit.pip
         if mod in seen:
             continue
         seen.add(mod)
-        if mod in opaque:
-            continue
         path = _module_file(mod)
         name = mod if path.name != "__init__.py" else mod + ".__init__"
         todo += _imports(ast.parse(path.read_text()), name) - seen
@@ -104,47 +101,24 @@ def _closure(start: set[str], opaque: frozenset[str] = frozenset({"diffaudit.pip
     return seen
 
 
-def _pipeline_functions(script: Path, rule: str) -> set[str] | None:
-    """``pipeline.<fn>`` used for ``rule`` by a dispatching script (``TASKS = {rule: ...}``), else None."""
-    tree = ast.parse(script.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
-                if isinstance(key, ast.Constant) and key.value == rule:
-                    return {n.attr for n in ast.walk(value)
-                            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-                            and n.value.id == "pipeline"}
-    return None
+TASK_SCRIPT = "task.py"  # workflow/scripts/task.py runs diffaudit.pipeline.<rule>
 
 
-def _function_modules(names: set[str]) -> set[str]:
-    """Modules imported by the given ``pipeline`` functions and the pipeline helpers they call."""
-    tree = ast.parse((PACKAGE / "pipeline.py").read_text())
-    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
-    mods = set().union(*(_imports(n, "diffaudit.pipeline") for n in top)) if top else set()
-    todo, seen = list(names), set()
-    while todo:
-        fn = todo.pop()
-        if fn in seen or fn not in funcs:
-            continue
-        seen.add(fn)
-        mods |= _imports(funcs[fn], "diffaudit.pipeline")
-        todo += [n.id for n in ast.walk(funcs[fn]) if isinstance(n, ast.Name) and n.id in funcs]
-    return mods | {"diffaudit.pipeline"}
+def task_module(rule: str) -> str:
+    """The module that does the work of ``rule`` (by convention named after it)."""
+    name = f"diffaudit.pipeline.{rule}"
+    if _module_file(name) is None:
+        raise FileNotFoundError(f"rule {rule!r} runs {TASK_SCRIPT} but has no task module "
+                                f"src/diffaudit/pipeline/{rule}.py")
+    return name
 
 
 def code_deps(script: Path, rule: str) -> list[str]:
-    """Package source files (relative to the repository) that the rule's script can execute."""
-    tree = ast.parse(script.read_text())
-    direct = _imports(tree, "workflow_script")
-    fns = _pipeline_functions(script, rule)
-    if fns is not None:
-        direct = (direct - {"diffaudit.pipeline"}) | _function_modules(fns)
-    else:
-        for node in ast.walk(tree):  # `from diffaudit.pipeline import build_mini`
-            if isinstance(node, ast.ImportFrom) and node.module == "diffaudit.pipeline":
-                direct = (direct - {"diffaudit.pipeline"}) | _function_modules({a.name for a in node.names})
+    """Package source files (relative to the repository) that the rule's script can execute: the script's own
+    imports and, for the shared task script, the rule's task module, each with everything it imports."""
+    direct = _imports(ast.parse(script.read_text()), "workflow_script")
+    if script.name == TASK_SCRIPT:
+        direct.add(task_module(rule))
     files = {_module_file(m) for m in _closure(direct)}
     # package data the code reads
     files |= {PACKAGE / "params.schema.json"} if PACKAGE / "config.py" in files else set()
@@ -192,12 +166,14 @@ def dvc_stages(configfiles=("params.yaml",), root: str | Path = ".") -> dict:
         for o in job["outputs"]:
             if o.endswith(FIGURE_SUFFIXES):
                 plots.append(o)
-            elif o.endswith(".json"):
-                metrics.append({o: {"cache": False}})
+            elif o.endswith(".json"):  # cached like every output, so `dvc push`/`dvc pull` move them too
+                metrics.append(o)
             else:
                 outs.append(o)
         targets = " ".join(job["outputs"])
-        stage = {"cmd": f"snakemake --cores all --allowed-rules {job['rule']} -- {targets}", "deps": deps}
+        # --nolock: `dvc repro` holds DVC's repository lock for the whole run, so Snakemake's own directory lock
+        # adds no protection there; it would only outlive a kill -9 and make the re-run fail until --unlock
+        stage = {"cmd": f"snakemake --cores all --nolock --allowed-rules {job['rule']} -- {targets}", "deps": deps}
         params = _params(job, config)
         if params:
             stage["params"] = params

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import default_device
 from .errors import DiffauditError
 
 
@@ -61,10 +62,6 @@ def resolve_model(key: str, model_sources: dict) -> ModelSpec:
     raise ModelLoadError(
         f"model_sources.{key}: expected a hub id, a directory, or {{id: ..., revision: ...}}, got {entry!r}"
     )
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def compute_dtype(device: str, precision: str = "auto") -> torch.dtype:

@@ -80,6 +80,7 @@ PAPER_FILES: dict[tuple[str, str], tuple[str, str]] = {
     (m, k): (_PATTERNS[k].format(m=m), _SHA256[(m, k)]) for m in PAPER_MODELS for k in KINDS
 }
 
+
 GRANULARITIES: tuple[int, ...] = (8, 16, 32, 64)  # last axis of accuracies_cls
 PAPER_SEED = 42
 
@@ -96,6 +97,11 @@ COMPARISON_COLUMNS = ["model", "layer_index", "layer", "quantity", "ours", "pape
 #: Table name (file stem of our CSVs) -> its columns.
 TABLES: dict[str, list[str]] = {"position_probe": PROBE_COLUMNS, "token_group_similarity": SIMILARITY_COLUMNS,
                                 "anomaly_rel_norm": RELNORM_COLUMNS}
+
+
+def paper_applies(cfg: dict, model: str) -> bool:
+    """The published numbers are comparable: one of the authors' models on the paper's image set."""
+    return model in PAPER_MODELS and cfg["dataset"]["source"] == "imagenet_subset"
 
 
 class ReferenceFetchError(DiffauditError, RuntimeError):

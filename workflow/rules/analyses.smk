@@ -5,7 +5,7 @@ ANALYSIS_DIR = f"{RESULTS}/{{model}}"
 
 def label_files(wildcards):
     """User label files (a change re-runs the analysis); the authors' labels are fetched by the rule."""
-    from diffaudit.pipeline import label_sources
+    from diffaudit.pipeline.anomalies import label_sources
 
     return [p for s, p in label_sources(config, wildcards.model).items() if s.startswith("user:")]
 
@@ -26,7 +26,7 @@ rule position_probe:
     resources:
         gpu=1 if config["extraction"]["device"] != "cpu" else 0,
     script:
-        "../scripts/analysis.py"
+        "../scripts/task.py"
 
 
 rule token_group_similarity:
@@ -43,7 +43,7 @@ rule token_group_similarity:
     params:
         similarity=config["similarity"],
     script:
-        "../scripts/analysis.py"
+        "../scripts/task.py"
 
 
 rule anomalies:
@@ -62,7 +62,7 @@ rule anomalies:
     params:
         anomalies=config["anomalies"],
     script:
-        "../scripts/analysis.py"
+        "../scripts/task.py"
 
 
 rule channel_outliers:
@@ -79,4 +79,4 @@ rule channel_outliers:
     params:
         channels=config["channels"],
     script:
-        "../scripts/analysis.py"
+        "../scripts/task.py"

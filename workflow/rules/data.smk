@@ -7,4 +7,4 @@ rule dataset:
     params:
         dataset=config["dataset"],
     script:
-        "../scripts/build_dataset.py"
+        "../scripts/task.py"

@@ -16,4 +16,4 @@ rule extract:
     resources:
         gpu=1,
     script:
-        "../scripts/extract.py"
+        "../scripts/task.py"

@@ -1,6 +1,6 @@
 # Summary table and figures. Quantitative figures read only the tidy tables; the qualitative views read the
 # stores of one model. The paper comparison runs for the authors' models on the paper's image set.
-from diffaudit.pipeline import paper_applies
+from diffaudit.reference import paper_applies
 
 FIGURES = f"{RESULTS}/figures"
 TABLE_FILES = ["position_probe.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv", "channel_outliers.csv"]
@@ -24,7 +24,7 @@ rule credibility:
     params:
         credibility=config["credibility"],
     script:
-        "../scripts/figures.py"
+        "../scripts/task.py"
 
 
 rule quantitative_figure:
@@ -40,7 +40,7 @@ rule quantitative_figure:
         ),
         f"{FIGURES}/quantitative_{{model}}.svg",
     script:
-        "../scripts/figures.py"
+        "../scripts/task.py"
 
 
 rule paper_comparison:
@@ -65,7 +65,7 @@ rule paper_comparison:
             f"{FIGURES}/paper_comparison_{{model}}.svg",
         ],
     script:
-        "../scripts/figures.py"
+        "../scripts/task.py"
 
 
 rule qualitative_figures:
@@ -91,7 +91,7 @@ rule qualitative_figures:
     params:
         anomalies=config["anomalies"],
     script:
-        "../scripts/figures.py"
+        "../scripts/task.py"
 
 
 rule cross_model_figure:
@@ -107,4 +107,4 @@ rule cross_model_figure:
         ),
         f"{FIGURES}/cross_model.svg",
     script:
-        "../scripts/figures.py"
+        "../scripts/task.py"

@@ -8,4 +8,4 @@ rule build_mini:
     params:
         mini=config["mini"],
     script:
-        "../scripts/build_mini.py"
+        "../scripts/task.py"

@@ -1,0 +1,56 @@
+"""Rule ``extract``: U-Net representations of one model (or one shard of its images) into Zarr stores."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from . import common
+
+
+def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, progress: bool = True,
+        stop_after: int | None = None, shard: int | None = None) -> Path:
+    """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable).
+
+    With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
+    (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
+    """
+    from ..config import validate
+    from ..datasets import load_images, load_index
+    from ..extract import ExtractionSettings, run_extraction
+    from ..layers import expand_layers
+    from ..models import compute_dtype, load_pipeline, model_revision, resolve_model
+    from ..store import shard_ranges
+
+    validate(cfg)
+    ex = cfg["extraction"]
+    settings = ExtractionSettings(mode=ex["mode"], timestep=ex["timestep"], seed=ex["seed"],
+                                  batch_size=ex["batch_size"], prompt=ex["prompt"], precision=ex["precision"],
+                                  store_dtype=ex["store_dtype"], crops=ex["crops"])
+    layers = expand_layers(cfg["layers"])
+    index = load_index(dataset_dir)
+    n_req = int(cfg["dataset"]["n_images"])
+    if len(index) < n_req:
+        raise ValueError(f"dataset {dataset_dir} has {len(index)} images but dataset.n_images={n_req}; "
+                         "rebuild the dataset or lower dataset.n_images")
+    index = index.iloc[:n_req]
+    first = 0
+    if shard is not None:
+        first, last = shard_ranges(n_req, ex["batch_size"], ex["shards"])[shard]
+        index = index.iloc[first:last]
+    spec = resolve_model(model, cfg["model_sources"])
+    device = common.device(cfg)
+    pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]))
+    index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
+    provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
+                  "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
+    if shard is not None:
+        provenance.update(shard=f"{shard + 1}/{ex['shards']}", image_range=[first, first + len(index)])
+    return run_extraction(
+        pipe, dataset_images=lambda a, b: load_images(dataset_dir, index, a, b), index_offset=first,
+        image_ids=list(index["id"].astype(str)), labels=list(index["label"].astype(int)), layers=layers,
+        settings=settings, out_dir=out_dir, provenance=provenance, image_size=int(cfg["dataset"]["size"]),
+        progress=progress, stop_after=stop_after)
+
+
+def from_snakemake(smk):
+    return run(smk.config, smk.wildcards.model, smk.input.dataset, smk.output[0], shard=smk.params.shard)

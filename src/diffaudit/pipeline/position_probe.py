@@ -1,0 +1,22 @@
+"""Rule ``position_probe``: linear probes of token position per layer (``position_probe.csv``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import common
+
+
+def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
+    from ..analyses.probe import run_probe
+    from ..store import open_model_stores
+
+    p = cfg["probe"]
+    full, _ = open_model_stores(rep_dirs)
+    df = run_probe(full, mode=p["mode"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
+                   train_frac=p["train_frac"], seed=p["seed"], seeds=p["seeds"], granularities=p["granularities"],
+                   device=common.device(cfg), model_name=model, progress=True)
+    return common.write_csv(df, out_csv)
+
+
+def from_snakemake(smk):
+    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output[0])
