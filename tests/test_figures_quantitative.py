@@ -203,6 +203,14 @@ def test_mean_over_seeds_and_final_epoch(tables):
     fig = quantitative_figure(probe, None, None, "sd15")
     final = p[(p.epoch == 5) & (p.granularity == 8)].sort_values("layer_index")
     np.testing.assert_allclose(line(fig.axes[0], "8×8").get_ydata(), 100 * final["accuracy"].to_numpy())
+    # a +-1 sd band per granularity: sd of (0.5 a, 1.5 a) with ddof 1 is a / sqrt(2)
+    bands = [c for c in fig.axes[0].collections if len(c.get_paths())]
+    assert len(bands) == 4
+    top = bands[0].get_paths()[0].vertices[:, 1].max()
+    a = final["accuracy"].to_numpy()
+    assert top == pytest.approx(100 * (a + a / np.sqrt(2)).max(), rel=1e-6)
+    one_seed = quantitative_figure(p, None, None, "sd15")
+    assert not [c for c in one_seed.axes[0].collections if len(c.get_paths())]  # one seed: no band
 
 
 def test_nonpositive_ratios_dropped_and_limits_expand(tables):

@@ -90,6 +90,8 @@ def test_offline_demo(repo_copy, tmp_path):
     tables = repo_copy / "results" / "demo" / "mini"
     probe = pd.read_csv(tables / "position_probe.csv")
     assert set(probe["layer"]) == set(PAPER_LAYERS) and set(probe["epoch"]) == {1, 2, 3, 4, 5}
+    summary = pd.read_csv(tables / "position_probe_summary.csv")  # paper mode: one seed, no sd
+    assert len(summary) == len(probe) and (summary["n_seeds"] == 1).all() and summary["accuracy_sd"].isna().all()
     sim = pd.read_csv(tables / "token_group_similarity.csv")
     assert len(sim) == 45 and (sim["corner_sim_cropped_image"].abs() <= 1).all()
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")

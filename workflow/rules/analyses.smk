@@ -14,12 +14,19 @@ rule position_probe:
     input:
         rep=repr_dirs,
     output:
-        report(
+        table=report(
             f"{ANALYSIS_DIR}/position_probe.csv",
             caption="../report/position_probe.rst",
             category="Tables",
             subcategory="{model}",
             labels={"model": "{model}", "table": "position_probe.csv (probe accuracy per layer and epoch)"},
+        ),
+        summary=report(
+            f"{ANALYSIS_DIR}/position_probe_summary.csv",
+            caption="../report/position_probe_summary.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "position_probe_summary.csv (mean and sd over seeds)"},
         ),
     params:
         probe=config["probe"],

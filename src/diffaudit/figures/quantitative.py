@@ -3,7 +3,8 @@
 :func:`plot_quantitative` draws one model: three panels over the layers (x = ``layer_index``), sharing the x axis:
 
 1. "test accuracy" (%): per-axis probe test accuracy of the final epoch (mean over seeds), one line per
-   granularity (8x8 ... 64x64), coloured ``Reds(linspace(.25, .9, k))``;
+   granularity (8x8 ... 64x64), coloured ``Reds(linspace(.25, .9, k))``, with a +-1 sd band over seeds when there
+   are several (corrected mode);
 2. "rel. similarity" (log2 y): corner (``tab:blue``) and border (``#50b0bf``) ratio R_crop / R_full_ring, with
    ``conv_out`` and every non-positive ratio left out, and a dashed gray line at 1;
 3. "rel. norm" (log y): mean relative norm of the labelled anomalies with a +-1 sd band (alpha .2), green
@@ -185,8 +186,9 @@ def _for_model(df, model: str | None):
     return df
 
 
-def final_accuracy(probe: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Final-epoch accuracy (%) per layer x granularity, mean over seeds; per_axis (joint if that is all)."""
+def final_accuracy(probe: pd.DataFrame, stat: str = "mean") -> tuple[pd.DataFrame, str]:
+    """Final-epoch accuracy (%) per layer x granularity over seeds (``stat``: ``mean``, or ``std``, the sample sd,
+    NaN for one seed); per_axis (joint if that is all)."""
     metric = "per_axis"
     if "metric" in probe.columns:
         if not (probe["metric"] == "per_axis").any():
@@ -194,7 +196,7 @@ def final_accuracy(probe: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         probe = probe[probe["metric"] == metric]
     last = probe.groupby("layer")["epoch"].transform("max")
     d = probe[probe["epoch"] == last]
-    wide = d.groupby(["layer", "granularity"])["accuracy"].mean().unstack("granularity") * 100.0
+    wide = d.groupby(["layer", "granularity"])["accuracy"].agg(stat).unstack("granularity") * 100.0
     return wide.sort_index(axis=1), metric
 
 
@@ -418,10 +420,14 @@ def _panel_accuracy(ax, axis: LayerAxis, probe, ref_probe, markers: bool) -> Non
         wide, metric = final_accuracy(probe)
         if metric != "per_axis":
             ax.set_ylabel(f"test accuracy\n({metric})")
+        sd, _ = final_accuracy(probe, "std")  # several seeds (corrected mode): a +-1 sd band per granularity
         cols = matplotlib.colormaps["Reds"](np.linspace(0.25, 0.9, max(len(wide.columns), 1)))
         for c, g in zip(cols, wide.columns):
             x, y = _series(axis, wide[g])
             _line(ax, x, y, markers, color=c, lw=1.5, label=_gran_label(g), zorder=3)
+            _, e = _series(axis, sd[g]) if g in sd.columns else (x, np.full_like(y, np.nan))
+            if np.isfinite(e).any():
+                ax.fill_between(x, y - e, y + e, color=c, alpha=0.2, lw=0, zorder=2)
             vals.append(y)
     if ref_probe is not None:
         rwide, _ = final_accuracy(ref_probe)

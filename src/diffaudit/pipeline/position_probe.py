@@ -6,8 +6,10 @@ from pathlib import Path
 from . import common
 
 
-def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
-    from ..analyses.probe import run_probe
+def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
+        summary_csv: str | Path | None = None) -> Path:
+    """Every run's accuracies (``out_csv``) and their mean and sd over seeds (``summary_csv``)."""
+    from ..analyses.probe import run_probe, summarize_probe
     from ..store import open_model_stores
 
     p = cfg["probe"]
@@ -15,8 +17,10 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
     df = run_probe(full, mode=p["mode"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
                    train_frac=p["train_frac"], seed=p["seed"], seeds=p["seeds"], granularities=p["granularities"],
                    device=common.device(cfg), model_name=model, progress=True)
+    if summary_csv is not None:
+        common.write_csv(summarize_probe(df), summary_csv)
     return common.write_csv(df, out_csv)
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output[0])
+    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output.table, smk.output.summary)
