@@ -68,3 +68,30 @@ def copy_repo(dst: Path) -> Path:
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
     return dst
+
+
+def kill_mid_extraction(cmd: list[str], cwd: Path, env: dict, partial_store: Path, after_images: int,
+                        timeout: float = 600) -> int:
+    """Start ``cmd`` in its own process group and ``kill -9`` the whole group as soon as the partial store
+    ``partial_store`` (``.../representations.partial/full.zarr``) records ``after_images`` complete images.
+    Returns the number of complete images the store recorded at the kill."""
+    import signal
+    import subprocess
+    import time
+
+    import zarr
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline, n = time.time() + timeout, 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            n = zarr.open_group(str(partial_store), mode="r").attrs.get("n_complete", 0)
+        except Exception:  # noqa: BLE001 - not created yet
+            n = 0
+        if n >= after_images:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return n

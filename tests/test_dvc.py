@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_repo
+from conftest import REPO, copy_repo, kill_mid_extraction
 from diffaudit.config import load_config
 from diffaudit.dvcgen import render, snakemake_jobs, stage_name
 
@@ -149,27 +149,11 @@ def test_snakemake_first_then_dvc_commit_and_checkout_recovery(tmp_path):
 def test_kill_9_during_dvc_repro_then_rerun(tmp_path):
     """kill -9 of the whole `dvc repro` process group mid-extraction; a plain second `dvc repro` resumes the
     partial stores and gives the tables of an uninterrupted run."""
-    import signal
-    import time
-
     import pandas as pd
-    import zarr
 
     repo, cfg, run = demo_repo(tmp_path, batch_size=2)
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    full = repo / "results" / "demo" / "mini" / "representations.partial" / "full.zarr"
-    deadline, n = time.time() + 600, 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = zarr.open_group(str(full), mode="r").attrs.get("n_complete", 0)
-        except Exception:  # noqa: BLE001 - not created yet
-            n = 0
-        if n >= 2:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    n = kill_mid_extraction(["dvc", "repro"], repo, ENV, after_images=2,
+                            partial_store=repo / "results" / "demo" / "mini" / "representations.partial" / "full.zarr")
     assert 2 <= n < 6, f"the kill came too late or never (n_complete={n})"
     assert not (repo / "results" / "demo" / "mini" / "representations").exists()
 

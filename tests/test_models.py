@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from diffaudit.models import (ModelLoadError, ModelSpec, compute_dtype, load_pipeline, resolve_model,
-                              save_mini_model)
+from diffaudit.models import (ModelLoadError, ModelSpec, compute_dtype, download_model, load_pipeline,
+                              resolve_model, save_mini_model)
 
 REGISTRY = {"sd15": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main"}, "mini": "/x/mini"}
 
@@ -71,6 +71,14 @@ def test_unreachable_hub_model_says_what_to_do(monkeypatch):
         load_pipeline(ModelSpec("nope", "diffaudit-test/does-not-exist", "main"), device="cpu")
     msg = str(e.value)
     assert "\n" not in msg and "To fix" in msg and "hf auth login" in msg and "model_sources.nope" in msg
+
+
+def test_prefetching_a_hub_model_offline_says_what_to_do(monkeypatch, mini_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        download_model(ModelSpec("nope", "diffaudit-test/does-not-exist", "main"))
+    assert "\n" not in str(e.value) and "To fix" in str(e.value)
+    assert download_model(ModelSpec("mini", str(mini_dir))) is None  # a local directory: nothing to download
 
 
 def test_precision_rule():

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
+from conftest import REPO
 from diffaudit import reference as ref
 from diffaudit.layers import PAPER_LAYERS
 from diffaudit.reference import (COMPARISON_COLUMNS, PAPER_FILES, ReferenceChecksumError, ReferenceFetchError,
@@ -303,3 +305,24 @@ def test_compare_with_paper_itself(paper):
     assert len(out) == 45 * 7 and (out["delta"] == 0).all()
     assert out[(out.layer == "up_blocks[1].resnets[2]") & (out.quantity == "rel_norm_mean")]["paper"].item() \
         == pytest.approx(2.263, abs=1e-3)
+
+
+def test_prefetch_fills_the_caches_for_offline_runs(mirror, mini_dir, tmp_path, monkeypatch, capsys):
+    """`diffaudit prefetch` (on a login node): the authors' files of every paper model in the configured run land
+    verified in resources/paper, so the analyses need no network later; local models need no download."""
+    from diffaudit import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ref, "URL_BASE", mirror)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"models": ["sd15", "mini"], "model_sources": {"sd15": str(mini_dir), "mini": str(mini_dir)}}))
+    run = ["prefetch", "--configfile", str(REPO / "params.yaml"), str(mine)]
+    cli.main(run)
+    cache = tmp_path / "resources" / "paper"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(ref.cache_name("sd15", k) for k in ref.KINDS)
+    for kind in ref.KINDS:
+        assert ref.sha256_file(cache / ref.cache_name("sd15", kind)) == ref.PAPER_FILES[("sd15", kind)][1]
+    out = capsys.readouterr().out
+    assert f"sd15: local directory {mini_dir}" in out and "--until dataset" in out
+    monkeypatch.setattr(ref, "URL_BASE", (tmp_path / "gone").as_uri())
+    cli.main(run)  # everything cached and verified: no download needed

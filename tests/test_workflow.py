@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import copy_repo, random_images
+from conftest import copy_repo, kill_mid_extraction, random_images
 from diffaudit.layers import PAPER_LAYERS
 from diffaudit.store import ReprStore
 
@@ -172,11 +172,6 @@ def test_sharded_extraction_gives_the_same_tables(repo_copy, mini_dir, image_fol
 def test_kill_9_during_snakemake_extraction_then_rerun(repo_copy, mini_dir, image_folder, tmp_path):
     """kill -9 of the whole Snakemake process group mid-extraction; `--unlock` and re-run resume the partial
     stores and give tables and stores identical to an uninterrupted run."""
-    import signal
-    import time
-
-    import zarr
-
     imgs = image_folder(8, 256)
     cfg = {"models": ["mini"], "model_sources": {"mini": str(mini_dir)},
            "dataset": {"source": "folder", "path": str(imgs), "n_images": 8, "size": 256},
@@ -186,21 +181,9 @@ def test_kill_9_during_snakemake_extraction_then_rerun(repo_copy, mini_dir, imag
 
     run = write_yaml(tmp_path / "run.yaml", {**cfg, "results_dir": str(tmp_path / "run")})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(SNAKEMAKE + ["--cores", "2", "--configfile", "params.yaml", str(run)], cwd=repo_copy,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    full = tmp_path / "run" / "mini" / "representations.partial" / "full.zarr"
-    deadline = time.time() + 300
-    n = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = zarr.open_group(str(full), mode="r").attrs.get("n_complete", 0)
-        except Exception:  # noqa: BLE001 - not created yet
-            n = 0
-        if n >= 4:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    n = kill_mid_extraction(SNAKEMAKE + ["--cores", "2", "--configfile", "params.yaml", str(run)], repo_copy, env,
+                            partial_store=tmp_path / "run" / "mini" / "representations.partial" / "full.zarr",
+                            after_images=4, timeout=300)
     assert 4 <= n < 8, f"the kill came too late or never (n_complete={n})"
     assert not (tmp_path / "run" / "mini" / "representations").exists()
 

@@ -38,6 +38,25 @@ def _cmd_extract(args):
     print(extract.run(load_config(*args.configfile), args.model, args.dataset, args.out))
 
 
+def _cmd_prefetch(args):
+    """Everything the configured run downloads, fetched now (on a machine with internet)."""
+    from .config import load_config
+    from .models import download_model, resolve_model
+    from .pipeline.common import PAPER_CACHE
+    from .reference import fetch_all, paper_applies
+
+    cfg = load_config(*args.configfile)
+    for model in cfg["models"]:
+        spec = resolve_model(model, cfg["model_sources"])
+        where = download_model(spec)
+        print(f"{model}: {'local directory ' + spec.source if where is None else where}")
+        if paper_applies(cfg, model):
+            for path in fetch_all(model, PAPER_CACHE):
+                print(f"{model}: {path} (published numbers, sha256 verified)")
+    if cfg["dataset"]["source"] == "imagenet_subset":
+        print("the images: run `snakemake --cores 1 --until dataset` here as well (it streams them from the hub)")
+
+
 def _cmd_dvc_yaml(args):
     from .dvcgen import render
 
@@ -70,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("out")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_extract)
+
+    s = sub.add_parser("prefetch", help="download the configured models (HF cache) and the authors' published "
+                                        "files (resources/paper) now, for runs on machines without internet")
+    s.add_argument("--configfile", **cfg_kw)
+    s.set_defaults(fn=_cmd_prefetch)
 
     s = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the Snakemake DAG")
     s.add_argument("--configfile", **cfg_kw)

@@ -111,6 +111,23 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
         dlogging.set_verbosity(verbosity)
 
 
+def download_model(spec: ModelSpec) -> str | None:
+    """Put the files :func:`load_pipeline` reads into the Hugging Face cache (``HF_HOME``), for runs on machines
+    without internet (cluster compute nodes then run with ``HF_HUB_OFFLINE=1``). Returns the snapshot directory,
+    or ``None`` for a local directory (nothing to download)."""
+    if spec.is_local:
+        return None
+    from diffusers import DiffusionPipeline
+
+    kwargs = dict(use_safetensors=True)
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    try:
+        return str(DiffusionPipeline.download(spec.source, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - reported like a failed load
+        raise _load_error(spec, exc) from exc
+
+
 def _load_error(spec: ModelSpec, exc: BaseException) -> ModelLoadError:
     reason = " ".join(str(exc).split())[:300]
     if spec.is_local:

@@ -194,6 +194,11 @@ def fetch(model: str, kind: str, cache_dir, *, url_base: str | None = None, time
                              what=f"the paper reference {repo_path} ({model})")
 
 
+def fetch_all(model: str, cache_dir, **fetch_kw) -> list[Path]:
+    """Every published file of ``model`` in ``cache_dir``, downloaded and verified (see :func:`fetch`)."""
+    return [fetch(model, kind, cache_dir, **fetch_kw) for kind in KINDS]
+
+
 # ---------------------------------------------------------------------------------------------
 # Safe loading
 # ---------------------------------------------------------------------------------------------
