@@ -105,10 +105,20 @@ def test_dvc_repro_on_the_demo(tmp_path):
     assert any(k.endswith("quantitative_mini.png") for k in shown["data"])
     assert "Running stage" not in run("dvc", "repro")
     assert "up to date" in run("dvc", "status")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")  # dvc.lock
     cfg["probe"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ran = set(re.findall(r"Running stage '([^']+)'", run("dvc", "repro")))
     assert ran == {"position_probe-mini", "credibility-mini", "quantitative_figure-mini", "cross_model_figure"}
+    # browsing versions: the committed revision and the workspace side by side
+    diff = json.loads(subprocess.run(["dvc", "plots", "diff", "HEAD", "--json"], cwd=repo, env=ENV, check=True,
+                                     capture_output=True, text=True).stdout)
+    values = diff["data"]["probe_accuracy-mini"][0]["content"]["data"]["values"]
+    revs = {v["rev"] for v in values}
+    assert revs == {"HEAD", "workspace"}, revs
+    by_rev = {r: [v for v in values if v["rev"] == r] for r in revs}
+    assert len(by_rev["HEAD"]) == len(by_rev["workspace"]) >= 45
 
 
 @pytest.mark.slow
