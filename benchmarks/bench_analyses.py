@@ -25,11 +25,11 @@ analysis call only; peak RSS = ``VmHWM`` from ``/proc/self/status`` just before 
 importing numpy/torch/zarr/all analysis modules and opening the stores; +MiB = peak - baseline, i.e. what the
 analysis itself added. Streaming analyses read ``chunk_images`` (default 20) images at a time, so their +MiB
 should stay flat in N. The probe holds one layer's tokens (N*H*W*C float16, plus a float32 copy of the test
-tokens) by design, so its +MiB grows linearly with N; that is expected and reported as is. Workers use the same
-fixed glibc mmap threshold as ``bench_similarity.py`` (``--glibc-default-malloc`` to disable) and one torch thread
+tokens) by design, so its +MiB grows linearly with N; that is expected and reported as is. Timing runs use
+glibc's default allocator; one more run per measurement gives the memory, with the same fixed glibc mmap
+threshold as ``bench_similarity.py`` (``--glibc-default-malloc``: no memory run). Children use one torch thread
 (``--threads``): on a small machine shared with other work, multi-threaded torch made the probe's many small steps
-several times slower and erratic. Each measurement is the fastest of ``--repeat`` fresh processes and the largest
-peak RSS among them.
+several times slower and erratic. Each time is the fastest of ``--repeat`` fresh processes.
 """
 from __future__ import annotations
 
@@ -191,25 +191,29 @@ def child(analysis: str, store_dir: Path, probe_epochs: int, chunk_images: int, 
 
 
 def run_child(analysis: str, store_dir: Path, a) -> dict:
-    """``a.repeat`` fresh processes: fastest wall time, largest peak RSS and increment (conservative)."""
-    runs = []
-    for _ in range(a.repeat):
+    """``a.repeat`` fresh timing processes (fastest wall time, default allocator) and one memory process (peak RSS,
+    fixed glibc mmap threshold; skipped with ``--glibc-default-malloc``, then the largest RSS of the timing runs)."""
+    def once(fixed: bool) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", analysis, "--store-dir", str(store_dir),
                "--probe-epochs", str(a.probe_epochs), "--chunk-images", str(a.chunk_images)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, env=_bs._worker_env())
+        out = subprocess.run(cmd, capture_output=True, text=True, env=_bs._worker_env(fixed))
         if out.returncode:
             sys.stderr.write(out.stderr)
             raise SystemExit(f"child {analysis} failed with exit status {out.returncode}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["process_s"] = time.perf_counter() - t0
-        runs.append(r)
+        return r
+
+    runs = [once(False) for _ in range(a.repeat)]
+    mem = [once(True)] if not a.glibc_default_malloc else runs
     best = dict(min(runs, key=lambda r: r["wall_s"]))
     best["wall_s_all"] = [r["wall_s"] for r in runs]
     for k in ("peak_rss_mib", "peak_increment_mib"):
-        best[k] = max(r[k] for r in runs)
+        best[k] = max(r[k] for r in mem)
+    best["baseline_rss_mib"] = mem[0]["baseline_rss_mib"]
     return best
 
 
@@ -226,24 +230,24 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the children (default 1: stable timings on a small shared CPU; "
                         "0: torch's default)")
-    p.add_argument("--repeat", type=int, default=3, help="fresh processes per measurement (min time, max RSS)")
+    p.add_argument("--repeat", type=int, default=3, help="fresh timing processes per measurement (fastest kept)")
     p.add_argument("--out", type=Path, default=HERE / "out" / "analyses.json", help="JSON results")
     p.add_argument("--glibc-default-malloc", action="store_true",
-                   help="do not fix glibc's mmap threshold in the children (RSS then includes allocator retention)")
+                   help="no separate memory run with a fixed glibc mmap threshold (RSS then includes allocator "
+                        "retention)")
     p.add_argument("--child", choices=ANALYSES, help=argparse.SUPPRESS)
     p.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child(a.child, a.store_dir, a.probe_epochs, a.chunk_images, a.threads)))
         return 0
-    _bs.FIXED_MMAP_THRESHOLD = not a.glibc_default_malloc
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     desc = ", ".join(f"{layer} {c}x{n}x{n}" for layer, c, n in LAYERS)
     print(f"layers: {desc}\nfloat16, chunk {a.chunk_images} images, probe epochs {a.probe_epochs} (CPU), "
-          f"cores {os.cpu_count()}, torch threads {a.threads or 'default'}, {a.repeat} fresh process(es) per "
-          "measurement", flush=True)
+          f"cores {os.cpu_count()}, torch threads {a.threads or 'default'}, {a.repeat} timing run(s) per "
+          "measurement (fastest kept) + 1 memory run", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_analyses_") as tmp:
         for n_images in a.images:
@@ -288,7 +292,7 @@ def main(argv=None) -> int:
             "image_size": IMAGE_SIZE, "dtype": "float16", "chunk_images": a.chunk_images,
             "probe_epochs": a.probe_epochs, "repeat": a.repeat, "torch_threads": a.threads or None,
             "cores": os.cpu_count(),
-            "fixed_mmap_threshold": _bs.FIXED_MMAP_THRESHOLD, "total_s": total,
+            "memory_run_fixed_mmap_threshold": not a.glibc_default_malloc, "total_s": total,
             "loadavg_start": list(load_start), "loadavg_end": list(load)}
     a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {a.out}")
