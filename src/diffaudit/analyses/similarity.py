@@ -342,7 +342,7 @@ def _resolve_crop(crops, token_size: int, layer: str, n: int):
 def _accumulate(store, layer: str, chunk_images: int, ring: bool) -> GroupSimilarityAccumulator:
     acc = GroupSimilarityAccumulator(ring=ring)
     # dtype=None keeps the stored dtype (float16): group_sums casts one image at a time into a cached float32
-    # buffer, which saves a whole-chunk float32 copy (the cast costs about as much as the zarr decode itself)
+    # buffer, which saves a whole-chunk float32 copy in fresh memory (page faults on every chunk)
     for _, x in store.iter_chunks(layer, chunk_images=chunk_images, dtype=None):
         acc.update(x)
         del x  # else the previous chunk stays alive while the next one is read (two chunks in memory)
