@@ -205,6 +205,38 @@ def test_folder_bad_paths(tmp_path):
         build_folder(tmp_path / "empty", tmp_path / "ds")
 
 
+def test_folder_min_side_names_the_small_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rand_rgb(400, 350, 0).save(src / "big.png")         # shorter side == min_side: accepted
+    rand_rgb(12, 10, 1).save(src / "tiny.png")
+    rand_rgb(349, 900, 2).save(src / "narrow.jpg")
+    with pytest.raises(DatasetError) as info:
+        build_folder(src, tmp_path / "ds", size=64, min_side=350)
+    msg = str(info.value)
+    assert "\n" not in msg and "2 of 3 images" in msg
+    assert "tiny.png (12x10)" in msg and "narrow.jpg (349x900)" in msg and "big.png" not in msg
+    assert "dataset.min_side=350" in msg and "lower dataset.min_side" in msg and "remove these files" in msg
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.tmp").exists()
+    # only the images used count: the first one alone (sorted order: big, narrow, tiny) passes
+    assert len(load_index(build_folder(src, tmp_path / "one", n_images=1, size=64, min_side=350))) == 1
+    out = build_folder(src, tmp_path / "all", size=64, min_side=10)  # every image's shorter side is >= 10
+    assert len(load_index(out)) == 3 and json.loads((out / "dataset.json").read_text())["config"]["min_side"] == 10
+    for off in (0, 1):  # 0 or 1 accepts every image
+        assert len(load_index(build_folder(src, tmp_path / f"off{off}", size=64, min_side=off))) == 3
+
+
+def test_folder_min_side_lists_the_first_five(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        rand_rgb(20, 30, i).save(src / f"s{i}.png")
+    with pytest.raises(DatasetError, match=r"8 of 8 images .*s0\.png \(20x30\), .*s4\.png \(20x30\), "
+                                           r"\.\.\. and 3 more") as info:
+        build_folder(src, tmp_path / "ds", size=64, min_side=21)
+    assert "s5.png" not in str(info.value)
+
+
 def test_rebuild_is_atomic(tmp_path):
     src = make_folder(tmp_path / "src")
     stale = tmp_path / "ds.tmp"
@@ -344,17 +376,39 @@ def test_imagenet_hf_stream_offline(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- dispatch & reading
 
 def test_build_dataset_dispatch(tmp_path):
-    # the merged workflow config carries keys that do not apply to the chosen source
-    cfg = {"source": "demo", "path": None, "n_images": 2, "size": 64,
-           "imagenet": {"source": "hf", "classes": list(PAPER_CLASSES), "per_class": 100, "min_side": 350}}
+    # the merged workflow config carries keys that do not apply to the chosen source; the demo ignores min_side
+    # (some of its bundled pictures, e.g. text.png, are below 350 px)
+    cfg = {"source": "demo", "path": None, "n_images": 2, "size": 64, "min_side": 10**6,
+           "imagenet": {"source": "hf", "classes": list(PAPER_CLASSES), "per_class": 100}}
     assert len(load_index(build_dataset(cfg, tmp_path / "demo"))) == 2
     src = make_folder(tmp_path / "src")
-    out = build_dataset({"source": "folder", "path": str(src), "n_images": 2, "size": 64}, tmp_path / "f")
+    out = build_dataset({"source": "folder", "path": str(src), "n_images": 2, "size": 64, "min_side": 0},
+                        tmp_path / "f")
     assert list(load_index(out)["source"]) == ["a.JPG", "b.png"]
     root = fake_ilsvrc(tmp_path / "train")
-    cfg = {"source": "imagenet_subset", "path": str(root), "n_images": 1, "size": 64,
-           "imagenet": {"source": "local", "classes": [980], "per_class": 2, "min_side": 40}}
-    assert list(load_index(build_dataset(cfg, tmp_path / "in"))["label"]) == [0, 0]
+    cfg = {"source": "imagenet_subset", "path": str(root), "n_images": 1, "size": 64, "min_side": 40,
+           "imagenet": {"source": "local", "classes": [980], "per_class": 2}}
+    out = build_dataset(cfg, tmp_path / "in")
+    assert list(load_index(out)["label"]) == [0, 0]
+    assert json.loads((out / "dataset.json").read_text())["config"]["min_side"] == 40
+
+
+def test_build_dataset_min_side_is_one_key_for_folder_and_imagenet(tmp_path):
+    src = make_folder(tmp_path / "src")  # images of 50..120 px
+    # without the key: the paper's 350 px, which these images are below
+    with pytest.raises(DatasetError, match=r"5 of 5 images have a shorter side below dataset.min_side=350"):
+        build_dataset({"source": "folder", "path": str(src), "size": 64}, tmp_path / "f")
+    with pytest.raises(DatasetError, match=r"b\.png \(120x80\)"):
+        build_dataset({"source": "folder", "path": str(src), "size": 64, "min_side": 81}, tmp_path / "f")
+    assert len(load_index(build_dataset({"source": "folder", "path": str(src), "size": 64, "min_side": 50},
+                                        tmp_path / "f"))) == 5
+    # the same key on the ImageNet local path: class 980 has a 50x50 and a 41x70 image
+    root = fake_ilsvrc(tmp_path / "train")
+    cfg = {"source": "imagenet_subset", "path": str(root), "size": 64, "min_side": 42,
+           "imagenet": {"source": "local", "classes": [980], "per_class": 2}}
+    with pytest.raises(DatasetError, match=r"class 980 \(volcano\) has only 1 images with min\(w,h\) >= 42 "
+                                           r"\(dataset.min_side\)"):
+        build_dataset(cfg, tmp_path / "in")
 
 
 @pytest.mark.parametrize("cfg, match", [
@@ -366,6 +420,9 @@ def test_build_dataset_dispatch(tmp_path):
     ({"source": "imagenet_subset", "imagenet": {"source": "s3"}}, "imagenet.source"),
     ({"source": "imagenet_subset", "imagenet": {"per_klass": 3}}, "imagenet.per_klass"),
     ({"source": "imagenet_subset", "n_images": 501}, "n_images=501 exceeds"),
+    ({"source": "imagenet_subset", "imagenet": {"min_side": 350}}, "imagenet.min_side has moved to dataset.min_side"),
+    ({"source": "folder", "path": "x", "min_side": -1}, "dataset.min_side must be an integer >= 0"),
+    ({"source": "imagenet_subset", "min_side": "big"}, "dataset.min_side"),
 ])
 def test_build_dataset_errors_name_the_key(tmp_path, cfg, match):
     with pytest.raises(DatasetError, match=match):

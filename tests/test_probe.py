@@ -1,21 +1,23 @@
 """Positional linear probe on synthetic stores (planted position codes, noise, exact replay)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffaudit.analyses.probe import (PROBE_COLUMNS, accuracy_at_granularity, chance_level, run_probe,
-                                      summarize_probe)
+from diffaudit.analyses.probe import (PROBE_COLUMNS, SUMMARY_KEYS, SUMMARY_VALUES, accuracy_at_granularity,
+                                      chance_level, class_mix, probe_splits, run_probe, summarize_probe)
 from diffaudit.store import ReprStore, StoreWriter
 
 
-def make_store(path, data: dict[str, np.ndarray]) -> ReprStore:
+def make_store(path, data: dict[str, np.ndarray], labels=None) -> ReprStore:
     layers = list(data)
     n = next(iter(data.values())).shape[0]
-    w = StoreWriter(path, layers=layers, image_ids=[f"img{i}" for i in range(n)], labels=None,
+    w = StoreWriter(path, layers=layers, image_ids=[f"img{i}" for i in range(n)], labels=labels,
                     config={"test": str(path)}, layer_indices=list(range(len(layers))))
     w.write_batch(0, data)
     w.finalize()
@@ -208,3 +210,79 @@ def test_errors(tmp_path, store):
         run_probe(store, train_frac=1.0, device="cpu")
     with pytest.raises(KeyError):
         run_probe(store, layers=["missing"], device="cpu")
+
+
+# -- the test set's class mix -------------------------------------------------------------------
+
+def test_class_mix_format():
+    assert class_mix([4, 4, 4]) == (1, "4:3")
+    assert class_mix([1, 0, 1, 4], class_names=[235, 242, 282, 717, 980]) == (3, "235:1;242:2;980:1")
+    assert class_mix([2, -1, -1], class_names={2: "volcano"}) == (1, "volcano:1;unlabelled:2")
+    assert class_mix([-1, -1]) == (None, "unlabelled")
+
+
+@pytest.fixture(scope="module")
+def class_ordered(tmp_path_factory):
+    """Ten images of 5 classes in class order (2 each), like imagenet_subset read from a local ILSVRC tree."""
+    rng = np.random.default_rng(3)
+    data = {"code": position_code_layer(rng, 10, 16, 4, 1.5)}
+    root = tmp_path_factory.mktemp("mix")
+    labels = np.repeat(np.arange(5), 2)
+    return {"ordered": make_store(root / "ordered.zarr", data, labels=labels),
+            "unlabelled": make_store(root / "unlabelled.zarr", data)}
+
+
+TINY = dict(epochs=1, batch_size=64, lr=0.01, granularities=(4,), device="cpu")
+NAMES = [235, 242, 282, 717, 980]
+
+
+def test_paper_split_of_class_ordered_set_warns_and_records_one_class(class_ordered, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffaudit.analyses.probe"):
+        df = run_probe(class_ordered["ordered"], mode="paper", model_name="syn", class_names=NAMES, **TINY)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert "single class, 980" in warned[0] and "probe.mode: corrected" in warned[0]
+    summ = summarize_probe(df)
+    assert list(summ.columns) == [*SUMMARY_KEYS, *SUMMARY_VALUES]
+    assert (summ.test_images == 2).all() and (summ.test_classes == 1).all()
+    assert (summ.test_class_mix == "980:2").all()
+    # the same from the settings alone, without training
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffaudit.analyses.probe"):
+        sp = probe_splits(class_ordered["ordered"], mode="paper")
+    assert sp.to_dict("records") == [{"seed": 42, "test_images": 2, "test_classes": 1, "test_class_mix": "4:2"}]
+    assert len(caplog.records) == 1
+
+
+def test_corrected_split_mixes_the_classes(class_ordered, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffaudit.analyses.probe"):
+        df = run_probe(class_ordered["ordered"], mode="corrected", seeds=(0, 1), train_frac=0.6,
+                       class_names=NAMES, **TINY)
+    assert not caplog.records
+    splits = pd.DataFrame(df.attrs["probe_splits"])
+    assert list(splits.seed) == [0, 1] and (splits.test_images == 4).all() and (splits.test_classes >= 2).all()
+    summ = summarize_probe(df)
+    row = summ.iloc[0]
+    assert row.n_seeds == 2 and row.test_images == 4 and row.test_classes == splits.test_classes.min()
+    mixes = row.test_class_mix.split(" | ")
+    assert [m.rsplit(" (seed ", 1)[1] for m in mixes] == ["0)", "1)"]
+    assert mixes[0].rsplit(" (seed", 1)[0] == splits.test_class_mix[0]
+    assert sum(int(part.rsplit(":", 1)[1]) for part in splits.test_class_mix[0].split(";")) == 4
+    assert summ.test_class_mix.nunique() == 1  # a property of the split: the same for every layer and metric
+
+
+def test_unlabelled_set_records_unlabelled_and_does_not_warn(class_ordered, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffaudit.analyses.probe"):
+        summ = summarize_probe(run_probe(class_ordered["unlabelled"], mode="paper", **TINY))
+    assert not caplog.records
+    assert (summ.test_class_mix == "unlabelled").all() and summ.test_classes.isna().all()
+    assert (summ.test_images == 2).all()
+
+
+def test_summary_without_split_information_has_empty_split_columns(paper_df):
+    bare = paper_df.copy()
+    bare.attrs.clear()
+    summ = summarize_probe(bare)
+    assert list(summ.columns) == [*SUMMARY_KEYS, *SUMMARY_VALUES]
+    assert summ.test_images.isna().all() and summ.test_class_mix.isna().all()
+    assert list(summarize_probe(paper_df.iloc[:0]).columns) == [*SUMMARY_KEYS, *SUMMARY_VALUES]

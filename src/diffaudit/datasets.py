@@ -25,7 +25,10 @@ Sources (see :func:`build_dataset`):
   with ``min(w, h) >= 350``), streamed from the Hugging Face hub or read from a local ILSVRC-2012
   train directory.
 
-All images go through :func:`center_crop_resize`, the paper's preprocessing.
+All images go through :func:`center_crop_resize`, the paper's preprocessing. ``min_side`` (config key
+``dataset.min_side``, the paper's 350 px) guards against upscaling: ``imagenet_subset`` skips images whose
+shorter side is below it (as the authors did), ``folder`` refuses to build and names them; ``0`` (or ``1``)
+accepts every image. The ``demo`` source derives its images from fixed bundled pictures and ignores it.
 """
 from __future__ import annotations
 
@@ -70,8 +73,12 @@ DEMO_TRANSFORM = (
     "mirrored left-right on odd r; then center_crop_resize(size)"
 )
 
-_CONFIG_KEYS = {"source", "path", "n_images", "size", "imagenet", "name", "description"}
-_IMAGENET_KEYS = {"source", "path", "per_class", "min_side", "classes"}
+_CONFIG_KEYS = {"source", "path", "n_images", "size", "min_side", "imagenet", "name", "description"}
+_IMAGENET_KEYS = {"source", "path", "per_class", "classes"}
+#: The paper's minimum shorter side in pixels (default of ``dataset.min_side``).
+PAPER_MIN_SIDE = 350
+#: How many offending files a "below min_side" message names before "... and N more".
+_NAME_AT_MOST = 5
 _HF_HELP = ("log in with `hf auth login` (or pass hf_token), accept the imagenet-1k terms at "
             "https://huggingface.co/datasets/ILSVRC/imagenet-1k, or use "
             "`imagenet: {source: local}` with `dataset.path: /path/to/ILSVRC2012/train` instead")
@@ -357,7 +364,27 @@ def _list_images(root: Path, exclude: Sequence[Path]) -> list[Path]:
     return sorted(found, key=lambda p: p.parts)
 
 
-def build_folder(src_dir, out_dir, n_images: int | None = None, size: int = 512) -> Path:
+def _check_min_side(src: Path, files: Sequence[Path], min_side: int, size: int) -> None:
+    """Raise one :class:`DatasetError` naming the files whose shorter side is below ``min_side``."""
+    small: list[str] = []
+    for rel in files:
+        path = src / rel
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as exc:
+            raise DatasetError(f"cannot read image {path} ({_one_line(exc)})") from exc
+        if min(w, h) < min_side:
+            small.append(f"{rel.as_posix()} ({w}x{h})")
+    if small:
+        named = ", ".join(small[:_NAME_AT_MOST])
+        more = f", ... and {len(small) - _NAME_AT_MOST} more" if len(small) > _NAME_AT_MOST else ""
+        raise DatasetError(f"folder {src}: {len(small)} of {len(files)} images have a shorter side below "
+                           f"dataset.min_side={min_side} px and would be upscaled to {size}x{size}: {named}{more}; "
+                           f"remove these files or lower dataset.min_side (0 accepts every image)")
+
+
+def build_folder(src_dir, out_dir, n_images: int | None = None, size: int = 512, min_side: int = 0) -> Path:
     """Build a dataset from any directory of images.
 
     Files are found recursively (extensions png, jpg, jpeg, bmp, gif, tif, tiff, webp, case-insensitive;
@@ -368,6 +395,10 @@ def build_folder(src_dir, out_dir, n_images: int | None = None, size: int = 512)
     :func:`center_crop_resize` (palette/RGBA/LA/L/CMYK cropped and resized in their own mode, then RGB;
     16-bit/float scaled to 8-bit ``L`` first); EXIF orientation is ignored (pixels as stored); multi-frame
     files use their first frame.
+
+    ``min_side``: if any selected image has a shorter side below ``min_side`` pixels, nothing is built and
+    :class:`DatasetError` names those files (the first five, then how many more) and the fix. ``0`` (the
+    default here; the workflow passes ``dataset.min_side``, 350 in ``params.yaml``) or ``1`` accepts every image.
 
     Labels: if no image lies directly in ``src_dir`` (all are in subfolders, like an ImageFolder tree),
     ``label`` = index of the image's first-level subfolder among the sorted names of the subfolders that
@@ -384,6 +415,7 @@ def build_folder(src_dir, out_dir, n_images: int | None = None, size: int = 512)
     if n_images is not None:
         n_images = _check_int(n_images, "n_images", 1)
     size = _check_int(size, "size", 1)
+    min_side = _check_int(min_side, "dataset.min_side", 0)
     out = Path(out_dir)
     files = _list_images(src, [out, out.with_name(out.name + ".tmp")])
     if not files:
@@ -395,12 +427,14 @@ def build_folder(src_dir, out_dir, n_images: int | None = None, size: int = 512)
         classes = sorted({f.parts[0] for f in files})
     label_of = {c: i for i, c in enumerate(classes or [])}
     selected = files if n_images is None else files[:n_images]
+    if min_side > 1:
+        _check_min_side(src, selected, min_side, size)
     with _DatasetWriter(out, size) as writer:
         for rel in selected:
             path = src / rel
             img = _preprocess(_open_loaded(path), size, f"image {path}")
             writer.add(img, rel.as_posix(), label_of[rel.parts[0]] if classes else -1)
-        config = {"source": "folder", "path": str(src), "n_images": n_images, "size": size}
+        config = {"source": "folder", "path": str(src), "n_images": n_images, "size": size, "min_side": min_side}
         return writer.finish(config, label_names=classes)
 
 
@@ -410,8 +444,8 @@ def _shortfall(classes: Sequence[int], counts: Sequence[int], per_class: int, mi
                where: str) -> DatasetError:
     short = [f"class {c} ({_class_name(c)}) has only {n}"
              for c, n in zip(classes, counts) if n < per_class]
-    return DatasetError(f"imagenet_subset: {'; '.join(short)} images with min(w,h) >= {min_side} in "
-                        f"{where}, per_class={per_class} requested")
+    return DatasetError(f"imagenet_subset: {'; '.join(short)} images with min(w,h) >= {min_side} "
+                        f"(dataset.min_side) in {where}, per_class={per_class} requested")
 
 
 def _hf_stream(hf_token) -> Iterator[dict]:
@@ -515,7 +549,7 @@ def _select_local(root: Path, classes: Sequence[int], per_class: int, min_side: 
 
 
 def build_imagenet_subset(out_dir, source: str = "hf", path=None, classes=PAPER_CLASSES, per_class: int = 100,
-                          min_side: int = 350, size: int = 512, hf_token=None, records=None) -> Path:
+                          min_side: int = PAPER_MIN_SIDE, size: int = 512, hf_token=None, records=None) -> Path:
     """Build the paper's ImageNet subset: ``per_class`` images of each of ``classes``.
 
     Stored labels are the positions in ``classes`` (0..4 for :data:`PAPER_CLASSES`). For each class the
@@ -533,10 +567,12 @@ def build_imagenet_subset(out_dir, source: str = "hf", path=None, classes=PAPER_
       stored (no EXIF orientation). ``source`` is ``<wnid>/<file>``.
 
     Too few qualifying images for a class raises :class:`DatasetError` naming the class and the count.
+    ``min_side`` is the config key ``dataset.min_side`` (shared with the ``folder`` source); ``0`` or ``1``
+    takes every image.
     """
     classes = _check_classes(classes, "imagenet.classes")
     per_class = _check_int(per_class, "imagenet.per_class", 1)
-    min_side = _check_int(min_side, "imagenet.min_side", 0)
+    min_side = _check_int(min_side, "dataset.min_side", 0)
     size = _check_int(size, "size", 1)
     versions = _versions()
     if source == "hf":
@@ -565,8 +601,9 @@ def build_imagenet_subset(out_dir, source: str = "hf", path=None, classes=PAPER_
         for src, label, img in selected:
             writer.add(_preprocess(img, size, src), src, label)
         config = {"source": "imagenet_subset", "n_images": len(classes) * per_class, "size": size,
+                  "min_side": min_side,
                   "imagenet": {"source": source, "path": None if root is None else str(root),
-                               "per_class": per_class, "min_side": min_side, "classes": list(classes)}}
+                               "per_class": per_class, "classes": list(classes)}}
         if records is not None:
             config["imagenet"]["records"] = "injected"
         return writer.finish(config, label_names=[_class_name(c) for c in classes], versions=versions)
@@ -578,11 +615,12 @@ def build_dataset(cfg: dict, out_dir) -> Path:
     """Build the dataset described by ``cfg`` into ``out_dir``.
 
     Keys: ``source`` (``demo`` | ``folder`` | ``imagenet_subset``), ``size`` (default 512), ``n_images``
-    (demo: default 40; folder: default all), ``path`` (folder: the image directory),
-    ``imagenet: {source: hf|local, path, per_class, min_side, classes}`` (defaults: hf, the paper's
-    classes, 100, 350). For ``imagenet_subset`` the whole subset (``per_class * len(classes)`` images) is
-    always built -- ``n_images`` only limits how many of them later steps use, so it may not exceed that
-    total -- and the ILSVRC directory of ``source: local`` is ``imagenet.path`` or, if that is absent, the
+    (demo: default 40; folder: default all), ``path`` (folder: the image directory), ``min_side`` (folder and
+    imagenet_subset: the smallest shorter side in pixels an image may have, default 350 as in the paper; ``0``
+    accepts every image; the demo ignores it), ``imagenet: {source: hf|local, path, per_class, classes}``
+    (defaults: hf, the paper's classes, 100). For ``imagenet_subset`` the whole subset
+    (``per_class * len(classes)`` images) is always built -- ``n_images`` only limits how many of them later
+    steps use, so it may not exceed that total -- and the ILSVRC directory of ``source: local`` is ``imagenet.path`` or, if that is absent, the
     top-level ``path``. Keys that do not apply to the chosen source are ignored; ``name`` and
     ``description`` are accepted and ignored; unknown keys raise :class:`DatasetError`.
     """
@@ -597,16 +635,22 @@ def build_dataset(cfg: dict, out_dir) -> Path:
     source = cfg["source"]
     size = cfg.get("size", 512)
     n_images = cfg.get("n_images")
+    min_side = cfg.get("min_side", PAPER_MIN_SIDE)
+    if source in ("folder", "imagenet_subset"):
+        min_side = _check_int(min_side, "dataset.min_side", 0)
     if source == "demo":
         return build_demo(out_dir, n_images=40 if n_images is None else n_images, size=size)
     if source == "folder":
         if cfg.get("path") is None:
             raise DatasetError("dataset config: source 'folder' needs key 'path'")
-        return build_folder(cfg["path"], out_dir, n_images=n_images, size=size)
+        return build_folder(cfg["path"], out_dir, n_images=n_images, size=size, min_side=min_side)
     if source == "imagenet_subset":
         im = cfg.get("imagenet") or {}
         if not isinstance(im, Mapping):
             raise DatasetError(f"dataset config: 'imagenet' must be a mapping, got {type(im).__name__}")
+        if "min_side" in im:
+            raise DatasetError("dataset config: imagenet.min_side has moved to dataset.min_side (one minimum for "
+                               "the folder and imagenet_subset sources); move the key up one level")
         unknown = sorted(set(im) - _IMAGENET_KEYS)
         if unknown:
             raise DatasetError(f"dataset config: unknown key(s) imagenet.{', imagenet.'.join(map(str, unknown))} "
@@ -619,8 +663,7 @@ def build_dataset(cfg: dict, out_dir) -> Path:
                                f"imagenet.per_class={per_class} x {len(classes)} classes = {total}")
         path = im.get("path") if im.get("path") is not None else cfg.get("path")
         return build_imagenet_subset(out_dir, source=im.get("source", "hf"), path=path,
-                                     classes=classes, per_class=per_class, min_side=im.get("min_side", 350),
-                                     size=size)
+                                     classes=classes, per_class=per_class, min_side=min_side, size=size)
     raise DatasetError(f"dataset config: unknown source {source!r} (expected one of {', '.join(SOURCES)})")
 
 

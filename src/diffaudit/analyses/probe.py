@@ -25,6 +25,13 @@ positional: training tokens are all tokens of images ``0 .. int(train_frac*N) - 
 (dataset order). The global RNG is left as the authors' loop leaves it; the cuDNN flags are restored afterwards
 (the probe itself uses no cuDNN kernel, so this does not change any number).
 
+The positional split inherits the dataset order: on a class-ordered set (``imagenet_subset`` with
+``imagenet.source: local`` reads the classes one after another; the hub source keeps the stream's order) of the
+paper's 5 x 100 images the last 20 % are the last class, so the test accuracy is measured on one class the probe
+never saw in training. Paper mode keeps
+the split (it replays the authors) but logs a warning when the test images hold a single class while the whole
+set holds several, and the test set's class mix is recorded for every run (see :func:`summarize_probe`).
+
 ``corrected`` repeats the probe for each seed in ``seeds``: the image split is a seeded permutation of the images
 (``numpy.random.default_rng(seed).permutation(N)``, first ``int(train_frac*N)`` for training), shared by all
 layers of that seed; the probe initialisation (PyTorch's default ``nn.Linear`` init drawn from a private
@@ -41,8 +48,9 @@ the store with ``iter_chunks``. Evaluation adds one float32 copy of the test tok
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,8 +63,16 @@ from ..store import ReprStore
 PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
                  "seed", "accuracy"]
 SUMMARY_KEYS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric"]
+#: Columns of :func:`summarize_probe`, after the keys: the accuracy over the pooled seeds, then the test split.
+SUMMARY_VALUES = ["accuracy", "accuracy_sd", "n_seeds", "test_images", "test_classes", "test_class_mix"]
+#: Columns of :func:`probe_splits` (one row per run, i.e. per seed).
+SPLIT_COLUMNS = ["seed", "test_images", "test_classes", "test_class_mix"]
+#: ``test_class_mix`` of a test set without any class label (folder images at the top level, hand-made stores).
+UNLABELLED = "unlabelled"
 METRICS = ("per_axis", "joint")
 MODES = ("paper", "corrected")
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +183,101 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
     return out
 
 
+def _class_name(label: int, class_names) -> str:
+    if class_names is not None:
+        try:
+            return str(class_names[label])
+        except (IndexError, KeyError, TypeError):
+            pass
+    return str(label)
+
+
+def class_mix(labels, class_names: Sequence | Mapping | None = None) -> tuple[int | None, str]:
+    """``(number of classes, mix)`` of a set of images from their labels (-1 = unlabelled).
+
+    ``mix`` is ``"<class>:<count>"`` per class joined by ``;`` in label order (``"980:100"``,
+    ``"235:20;242:20;282:21"``), then ``"unlabelled:<count>"`` if some images have no label; ``"unlabelled"``
+    with ``None`` classes if none has one. ``<class>`` is ``class_names[label]`` when given (a sequence indexed
+    by label or a mapping), else the label itself.
+    """
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    known = lab[lab >= 0]
+    if known.size == 0:
+        return None, UNLABELLED
+    values, counts = np.unique(known, return_counts=True)
+    parts = [f"{_class_name(int(v), class_names)}:{int(n)}" for v, n in zip(values, counts)]
+    if known.size < lab.size:
+        parts.append(f"{UNLABELLED}:{int(lab.size - known.size)}")
+    return int(values.size), ";".join(parts)
+
+
+def _image_splits(n_img: int, n_train_img: int, mode: str, seed: int,
+                  seeds: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """seed -> (training images, test images) as sorted image indices (see the module docstring)."""
+    if mode == "paper":
+        return {int(seed): (np.arange(n_train_img), np.arange(n_train_img, n_img))}
+    splits = {}
+    for s in seeds:
+        perm = np.random.default_rng(int(s)).permutation(n_img)
+        splits[int(s)] = (np.sort(perm[:n_train_img]), np.sort(perm[n_train_img:]))
+    return splits
+
+
+def _describe_splits(labels: np.ndarray, splits: dict, mode: str, class_names, model_name: str,
+                     train_frac: float) -> pd.DataFrame:
+    """One row per run (:data:`SPLIT_COLUMNS`); warns when a test set holds one class of several."""
+    n_all, _ = class_mix(labels)
+    rows = []
+    who = f"probe {model_name} ({mode} mode)" if model_name else f"probe ({mode} mode)"
+    for s, (_, te_img) in splits.items():
+        n_cls, mix = class_mix(labels[te_img], class_names)
+        rows.append((int(s), int(len(te_img)), n_cls, mix))
+        if n_cls == 1 and n_all is not None and n_all > 1:
+            test_labels = labels[te_img]
+            only = _class_name(int(test_labels[test_labels >= 0][0]), class_names)
+            if mode == "paper":
+                log.warning("%s: the positional test split (the last %d of %d images, dataset order) holds a single "
+                            "class, %s, of the %d in the set, so the accuracy is measured on that class only; "
+                            "`probe.mode: corrected` shuffles the split (one per seed) so it mixes the classes",
+                            who, len(te_img), len(labels), only, n_all)
+            else:
+                log.warning("%s: the shuffled test split of seed %d (%d images) holds a single class, %s, of the %d "
+                            "in the set; use more images or a larger test share (lower `probe.train_frac`, now %s)",
+                            who, s, len(te_img), only, n_all, train_frac)
+    out = pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+    out["test_classes"] = out["test_classes"].astype("Int64")
+    return out
+
+
+def probe_splits(store: ReprStore, mode: str = "paper", train_frac: float = 0.8, seed: int = 42,
+                 seeds: Sequence[int] = (42, 43, 44), class_names: Sequence | Mapping | None = None,
+                 model_name: str = "") -> pd.DataFrame:
+    """The test set of every run of :func:`run_probe` with these settings: :data:`SPLIT_COLUMNS`.
+
+    ``test_images`` is the number of test images, ``test_classes`` the number of distinct class labels among
+    them (``<NA>`` if unlabelled) and ``test_class_mix`` their mix (:func:`class_mix`; labels are the store's
+    ``label`` coordinate, named by ``class_names`` when given). Logs a warning for every run whose test images
+    hold a single class while the whole set holds several (paper mode: the positional split of a
+    class-ordered set).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
+    n_img = store.n_images
+    n_train_img = int(train_frac * n_img)
+    if not 0 < n_train_img < n_img:
+        raise ValueError(f"train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
+                         f"{n_img - n_train_img} test images; both must be >= 1")
+    return _describe_splits(_store_labels(store), _image_splits(n_img, n_train_img, mode, seed, seeds), mode,
+                            class_names, model_name, train_frac)
+
+
+def _store_labels(store: ReprStore) -> np.ndarray:
+    labels = getattr(store, "labels", None)
+    if labels is None or len(labels) != store.n_images:
+        return np.full(store.n_images, -1, dtype=np.int64)
+    return np.asarray(labels, dtype=np.int64)
+
+
 def _token_indices(images: np.ndarray, hw: int) -> torch.Tensor:
     img = torch.as_tensor(np.asarray(images, dtype=np.int64))
     return (img[:, None] * hw + torch.arange(hw, dtype=torch.int64)[None, :]).reshape(-1)
@@ -179,13 +290,18 @@ def _token_indices(images: np.ndarray, hw: int) -> torch.Tensor:
 def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "paper", epochs: int = 5,
               batch_size: int = 512, lr: float = 1e-3, train_frac: float = 0.8, seed: int = 42,
               seeds: Sequence[int] = (42, 43, 44), granularities: Sequence[int] = (8, 16, 32, 64), device=None,
-              model_name: str = "", progress: bool = False, chunk_images: int = 20) -> pd.DataFrame:
+              model_name: str = "", progress: bool = False, chunk_images: int = 20,
+              class_names: Sequence | Mapping | None = None) -> pd.DataFrame:
     """Train the positional linear probe on each layer; long-format accuracies (see the module docstring).
 
     Columns: ``model, layer_index, layer, channels, spatial, epoch, granularity, metric, seed, accuracy`` with
     ``metric`` in {"per_axis", "joint"}, epochs 1..``epochs``. ``mode="paper"`` uses ``seed`` (one run, the
     authors' RNG stream and positional split); ``mode="corrected"`` one run per seed in ``seeds``.
     ``device=None`` picks CUDA when available. Memory: one layer's tokens in float16 at a time (module docstring).
+
+    The test set of every run (:func:`probe_splits`, its class mix named by ``class_names``) is attached as
+    ``df.attrs["probe_splits"]`` (a list of row dicts), which :func:`summarize_probe` reads; a test set holding a
+    single class of several is logged as a warning before any training.
     """
     if mode not in MODES:
         raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
@@ -199,6 +315,8 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
         raise ValueError(f"train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
                          f"{n_img - n_train_img} test images; both must be >= 1")
     dev = _resolve_device(device)
+    splits = _image_splits(n_img, n_train_img, mode, seed, seeds)
+    split_info = _describe_splits(_store_labels(store), splits, mode, class_names, model_name, train_frac)
 
     it = layers
     if progress:
@@ -214,12 +332,6 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
             torch.cuda.manual_seed(seed)
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-            splits = {seed: (np.arange(n_train_img), np.arange(n_train_img, n_img))}
-        else:
-            splits = {}
-            for s in seeds:
-                perm = np.random.default_rng(int(s)).permutation(n_img)
-                splits[int(s)] = (np.sort(perm[:n_train_img]), np.sort(perm[n_train_img:]))
         for layer in it:
             _, c, n = geoms[layer]
             x = _layer_tokens(store, layer, dev, chunk_images=chunk_images)
@@ -242,19 +354,58 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
                 torch.cuda.empty_cache()
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
-    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    out = pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    out.attrs["probe_splits"] = [
+        {"seed": int(r.seed), "test_images": int(r.test_images),
+         "test_classes": None if pd.isna(r.test_classes) else int(r.test_classes), "test_class_mix": r.test_class_mix}
+        for r in split_info.itertuples(index=False)]
+    return out
 
 
-def summarize_probe(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample sd (ddof=1; NaN for a single seed) of the accuracy over seeds.
+def _pooled_split(seeds: tuple, by_seed: Mapping[int, tuple]) -> tuple:
+    """(test_images, test_classes, test_class_mix) of the runs of ``seeds`` pooled in one summary row."""
+    runs = [by_seed[s] for s in seeds if s in by_seed]
+    if not runs or len(runs) < len(seeds):
+        return None, None, None
+    if len(runs) == 1:
+        return runs[0]
+    images = {r[0] for r in runs}
+    classes = [r[1] for r in runs if r[1] is not None]
+    mix = " | ".join(f"{r[2]} (seed {s})" for s, r in zip(seeds, runs))
+    return (images.pop() if len(images) == 1 else min(images)), (min(classes) if classes else None), mix
+
+
+def summarize_probe(df: pd.DataFrame, splits: pd.DataFrame | Sequence[Mapping] | None = None) -> pd.DataFrame:
+    """Mean and sample sd (ddof=1; NaN for a single seed) of the accuracy over seeds, with each row's test split.
 
     One row per (model, layer_index, layer, channels, spatial, epoch, granularity, metric), columns
-    ``..., accuracy, accuracy_sd, n_seeds``.
+    ``..., accuracy, accuracy_sd, n_seeds, test_images, test_classes, test_class_mix`` (:data:`SUMMARY_VALUES`).
+    The split columns describe the test images of the pooled runs (one per seed; the same for every layer):
+    ``test_images`` the number of test images of a run, ``test_classes`` the number of distinct classes among
+    them -- the fewest of any pooled run -- (empty if unlabelled) and ``test_class_mix`` the classes and their
+    counts (:func:`class_mix`, e.g. ``980:100``; ``unlabelled``); for several seeds the runs' mixes are joined
+    as ``<mix> (seed 42) | <mix> (seed 43) | ...``. ``splits`` (:func:`probe_splits` or its records) defaults to
+    ``df.attrs["probe_splits"]`` as :func:`run_probe` leaves it; without either the split columns are empty.
     """
+    columns = [*SUMMARY_KEYS, *SUMMARY_VALUES]
     if df.empty:
-        return pd.DataFrame(columns=[*SUMMARY_KEYS, "accuracy", "accuracy_sd", "n_seeds"])
-    out = (df.groupby(SUMMARY_KEYS, sort=False, dropna=False)["accuracy"]
-           .agg(accuracy="mean", accuracy_sd="std", n_seeds="count").reset_index())
+        return pd.DataFrame(columns=columns)
+    if splits is None:
+        splits = df.attrs.get("probe_splits")
+    records = (splits.to_dict("records") if isinstance(splits, pd.DataFrame) else list(splits or []))
+    by_seed = {int(r["seed"]): (int(r["test_images"]),
+                                None if r["test_classes"] is None or pd.isna(r["test_classes"])
+                                else int(r["test_classes"]), str(r["test_class_mix"]))
+               for r in records}
+    out = (df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
+           .agg(accuracy=("accuracy", "mean"), accuracy_sd=("accuracy", "std"), n_seeds=("accuracy", "count"),
+                seeds=("seed", lambda x: tuple(sorted({int(v) for v in x}))))
+           .reset_index())
     out["n_seeds"] = out["n_seeds"].astype(int)
+    pooled = [_pooled_split(seeds, by_seed) for seeds in out["seeds"]]
+    out["test_images"] = pd.array([p[0] for p in pooled], dtype="Int64")
+    out["test_classes"] = pd.array([p[1] for p in pooled], dtype="Int64")
+    out["test_class_mix"] = pd.array([p[2] for p in pooled], dtype="object")
+    out = out[columns]
     return out.sort_values(["model", "layer_index", "metric", "epoch", "granularity"], kind="stable",
                            ignore_index=True)
