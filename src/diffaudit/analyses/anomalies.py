@@ -14,6 +14,11 @@ Relative norm of one label at a layer with map R (C, h, w), float32 (:func:`rela
 i.e. a 4x4 patch at 64-res layers, the labelled 2x2 patch at 32-res, the single source token at 16-res and token
 (y//4, x//4) at 8-res. Per layer the mean and the population std (ddof=0, as ``np.std``) over all labels are
 reported. Index 30 (the labelled layer) is selection-biased: anomalies were picked there for their high norm.
+
+Besides the columns shared with the published table (:data:`RELNORM_COLUMNS`), every row carries the label set's
+prevalence counts (:data:`PREVALENCE_COLUMNS`): ``n_images`` (images in the store) and ``n_images_with_anomalies``
+(images with at least one label), the same for every layer of a source; the credibility score's anomaly axis is
+prevalence x severity (``docs/credibility.md``).
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ REF_LAYER = "up_blocks[1].upsamplers[0]"
 DEFAULT_REF_GRID = 32
 RELNORM_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "label_source", "rel_norm_mean",
                    "rel_norm_std", "n_anomalies"]
+#: Appended by :func:`relative_norms` after :data:`RELNORM_COLUMNS` (the published table has no per-image counts).
+PREVALENCE_COLUMNS = ["n_images", "n_images_with_anomalies"]
+ANOMALY_TABLE_COLUMNS = RELNORM_COLUMNS + PREVALENCE_COLUMNS
 MODES = ("paper", "corrected")
 
 _LABEL_COMMIT = "1230d5395ce8f321eac557da56f0934dfd7cfc63"
@@ -153,6 +161,8 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
                    chunk_images: int = 20, progress: bool = False) -> pd.DataFrame:
     """Mean and std (ddof=0) over labels of the patch's relative token norm, per layer (module docstring).
 
+    Columns :data:`ANOMALY_TABLE_COLUMNS`: the shared :data:`RELNORM_COLUMNS`, then ``n_images`` (the store's
+    images) and ``n_images_with_anomalies`` (distinct labelled images), the label set's prevalence counts.
     Only images that carry labels are read, in contiguous runs of ``chunk_images`` images, one layer at a
     time: memory is O(chunk_images * C * h * w). ``H_ref`` comes from :func:`reference_grid`.
     """
@@ -164,6 +174,7 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
     images = np.unique(labels[:, 0])
     by_image = {int(i): labels[labels[:, 0] == i] for i in images}
     runs = _runs(images)
+    prevalence = (int(store.n_images), int(images.size))
 
     it = layers
     if progress:
@@ -198,8 +209,9 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
                         values.append((p_sum / p_cnt) / denom if denom else np.nan)
         v = np.asarray(values, dtype=np.float64)
         rows.append((model_name, store.layer_index(layer), layer, int(c), int(h), label_source,
-                     float(np.mean(v)) if v.size else np.nan, float(np.std(v)) if v.size else np.nan, int(v.size)))
-    return pd.DataFrame(rows, columns=RELNORM_COLUMNS)
+                     float(np.mean(v)) if v.size else np.nan, float(np.std(v)) if v.size else np.nan, int(v.size),
+                     *prevalence))
+    return pd.DataFrame(rows, columns=ANOMALY_TABLE_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,59 +1,91 @@
 """Per-layer credibility table: how strongly each hazard of the paper affects a layer, on [0, 1].
 
-One row per layer (``model, layer_index, layer``) with three hazard scores, 0 = no hazard, 1 = severe:
+One row per layer (``model, layer_index, layer``) with three hazard scores, 0 = no hazard, 1 = severe. Each score
+is a *fraction* on a scale that means the same thing at every layer (reasoning: ``docs/credibility.md``).
 
-``position_score`` = clip((acc - chance) / (1 - chance), 0, 1)
-    The position probe's test accuracy above chance, as a fraction of the possible gain. ``acc`` is the
-    ``per_axis`` accuracy (the paper's metric; ``joint`` only if no per_axis rows exist) at the final epoch, at the
-    layer's native granularity (``granularity == spatial``; else the largest available granularity <= spatial;
-    else the smallest available, which for g >= n equals the native accuracy), averaged over seeds.
-    ``chance = 1 / min(g, n)`` (per_axis) or ``1 / min(g, n)^2`` (joint). 1 = position perfectly decodable.
-``corner_score`` = clip(|log2(corner_ratio)|, 0, 1)
-    ``corner_ratio`` = mean within-corner cosine similarity of tokens that sit at the corner during extraction,
-    divided by that of the same content away from the corner (METHOD.md 3.2). A ratio of 2 (or 1/2) scores 1, a
-    ratio of 1 scores 0; NaN or non-positive ratios give NaN. With ``corner_control=True`` the ratio is first
-    divided by ``other_ratio`` (the interior tokens' ratio, which carries the crop control's global shift from
-    different noise and VAE context), isolating the position-specific change.
-``anomaly_score`` = clip(log2(r) / 2, 0, 1) with r = max(rel_norm_mean over label sources, max_c median_abs_ratio / 10)
-    ``rel_norm_mean``: mean relative token norm of the labelled 2x2 anomaly patches at this layer (sources with
-    ``n_anomalies == 0`` ignored). ``median_abs_ratio / 10``: the channel census' strongest "massive activation"
-    channel (median over images of its max |activation| / the median channel's), in units of the census'
-    default 10x outlier threshold (only when a channel table is given). r = 1 (no excess) scores 0, r = 4 scores 1.
-    At the labelled layer itself (``up_blocks[1].upsamplers[0]``) the relative norm is selection-biased upwards:
-    the patches were chosen there for their high norm (METHOD.md 3.3).
-``hazard`` = max of the available (non-NaN) scores; NaN when none is available.
-``safe`` = hazard < ``safe_threshold`` (0.25 by default: probe gain under a quarter of the possible gain, a corner
-    ratio within 2^0.25 = 1.19, anomalies under 1.41x the typical norm). A layer without any score is not safe.
+``position_score`` = clip((acc8 - c) / (1 - c), 0, 1),  c = 1 / min(8, n)
+    ``acc8``: the position probe's ``per_axis`` test accuracy at the paper's fixed 8 x 8 grid (granularity 8: is
+    the token in the right eighth of the image along each axis?), final epoch, mean over seeds
+    (:func:`diffaudit.reference._final_accuracy`, the one definition of "final-epoch accuracy"). Every layer is
+    judged on the same grid, whatever its own resolution n: at the native grid a 64 x 64 layer would be judged
+    against chance 1/64 and an 8 x 8 layer against 1/8, so a 64-res layer that tells the image's eighths apart
+    would look harmless. For n < 8 the probe's granularity-8 value is the native accuracy and c = 1/n. The score
+    is the gain over chance as a fraction of the possible gain; NaN when the probe has no granularity 8 or n = 1.
+``corner_score`` = clip(corner_effect, 0, 1),  ``corner_effect`` = log2(corner_ratio / other_ratio)
+    ``corner_ratio`` = similarity among the corner tokens when they sit at the corner (cropped image) / the same
+    content away from it (full image, ring removed); ``other_ratio`` is the same ratio for the interior tokens,
+    which never move to a corner but see the crop's global changes (different noise, VAE context, rescaling).
+    Their quotient is the corner effect net of the crop control, on a log2 scale, signed: > 0 = corner tokens
+    become MORE alike at the corner (the paper's hazard: content-independent corner similarity), < 0 = less alike
+    (no hazard, score 0). An effect of 1 (twice the control's similarity ratio) scores 1. NaN when either ratio
+    is NaN or <= 0 (a log-ratio is undefined); several rows of one layer are averaged in log2 space.
+``anomaly_score`` = prevalence x severity, from ONE label source
+    Source: ``paper`` (the hand labels) if the table has it, else ``auto`` (the detector), else the first user
+    source (``anomaly_source``). ``prevalence`` = n_images_with_anomalies / n_images of that source: the share of
+    images that carry at least one anomaly (``anomaly_prevalence``; NaN when the table lacks the counts, and
+    then taken as 1, the worst case, so that a missing count never makes a layer look safer). ``severity`` =
+    clip(log2(rel_norm_mean), 0, 1) at the layer (``anomaly_rel_norm``): 0 when the labelled patches are no
+    larger than the average token, 1 when they are at least twice as large (the detector's own definition of an
+    anomaly is a 2x larger norm). The score is thus the share of images with a fully expressed anomaly at the
+    layer. A source with no anomaly at all scores 0. At the labelled layer itself (``up_blocks[1].upsamplers[0]``)
+    the relative norm is selection-biased upwards: the patches were chosen there for their high norm.
+``channel_max_ratio`` (informative, not a hazard)
+    The channel census' strongest channel: max over channels of median_abs_ratio (its max |activation| / the
+    median channel's). A different quantity (a channel, not a token), so it is reported, not mixed into a score.
+``hazard`` = max of the available (non-NaN) scores, ``hazard_axis`` the axis that attains it (position, corner,
+    anomaly; "" when no score); NaN when no score is available.
+``safe`` = hazard < ``safe_threshold`` (``credibility.safe_below``, 0.25: under a quarter of the possible position
+    gain, a corner similarity under 2^0.25 = 1.19x the control, anomalies fully expressed in under a quarter of the
+    images). A layer without any score is not safe.
 
-Any input table may be empty or lack layers: the affected score is NaN, never an error. Multiple rows per layer
-(several seeds, label sources or crop variants) are combined as described above; several similarity rows for the
-same layer are averaged in log2 space.
+Any input table may be empty or lack layers: the affected score is NaN, never an error. Tables holding several
+models are filtered to ``model``, or scored per model with ``model=""``.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from ..reference import _final_accuracy
+
+#: The fixed probe grid every layer is judged on (the paper's 8 x 8).
+POSITION_GRID = 8
+#: Label-source preference for the anomaly axis (then the first other source, e.g. ``user:...``).
+SOURCE_PREFERENCE = ("paper", "auto")
+PREVALENCE_COLUMNS = ("n_images", "n_images_with_anomalies")
+AXES = ("position", "corner", "anomaly")
+
 FORMULA = (
-    "position_score = clip((acc - chance)/(1 - chance), 0, 1) with acc the final-epoch per_axis probe accuracy at "
-    "the layer's native granularity (largest <= spatial) averaged over seeds, chance = 1/min(g, n); "
-    "corner_score = clip(|log2 corner_ratio|, 0, 1) (ratio 2 or 1/2 -> 1; NaN if ratio NaN or <= 0); "
-    "anomaly_score = clip(log2(max(rel_norm_mean over label sources, max channel median_abs_ratio/10))/2, 0, 1) "
-    "(relative norm 4 -> 1); hazard = max of available scores; safe = hazard < threshold (0.25)"
+    "position_score = clip((acc8 - c)/(1 - c), 0, 1) with acc8 the final-epoch per_axis probe accuracy at the "
+    "fixed 8x8 grid (mean over seeds) and chance c = 1/min(8, n); "
+    "corner_score = clip(corner_effect, 0, 1) with corner_effect = log2(corner_ratio/other_ratio) (signed, net "
+    "of the crop control; only corners MORE similar than the control count; NaN if a ratio is NaN or <= 0); "
+    "anomaly_score = prevalence x severity from one label source (paper, else auto, else a user source) with "
+    "prevalence = n_images_with_anomalies/n_images (1 if unknown) and severity = clip(log2 rel_norm_mean, 0, 1); "
+    "hazard = max of available scores; safe = hazard < threshold (credibility.safe_below)"
 )
 KEYS = ["model", "layer_index", "layer"]
-CREDIBILITY_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "position_score", "corner_score",
-                       "anomaly_score", "hazard", "safe"]
+CREDIBILITY_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial",
+                       "position_acc_8x8", "position_score",
+                       "corner_effect", "corner_score",
+                       "anomaly_source", "anomaly_prevalence", "anomaly_rel_norm", "anomaly_score",
+                       "channel_max_ratio", "hazard", "hazard_axis", "safe"]
 #: Column descriptions (e.g. for a data dictionary or a CSV sidecar).
 DESCRIPTIONS = {
-    "position_score": "position decodability by the linear probe above chance, 0..1 (0 = chance, 1 = perfect)",
-    "corner_score": "corner-token similarity inflation |log2 corner_ratio| clipped to 0..1 (1 = ratio 2 or 1/2)",
-    "anomaly_score": "high-norm anomaly / massive-channel strength log2(r)/2 clipped to 0..1 (1 = r >= 4)",
+    "position_acc_8x8": "final-epoch per_axis probe accuracy at the fixed 8x8 grid, mean over seeds",
+    "position_score": "position decodability at 8x8 above chance, 0..1: (acc8 - c)/(1 - c), c = 1/min(8, n)",
+    "corner_effect": "log2(corner_ratio / other_ratio): corner similarity change net of the crop control, signed",
+    "corner_score": "clip(corner_effect, 0, 1): only corners more similar than the control are a hazard",
+    "anomaly_source": "label source of the anomaly axis (paper, else auto, else the first user source)",
+    "anomaly_prevalence": "share of images with >= 1 anomaly in that source (NaN: unknown, scored as 1)",
+    "anomaly_rel_norm": "mean relative norm of the source's anomaly patches at this layer",
+    "anomaly_score": "prevalence x clip(log2 anomaly_rel_norm, 0, 1)",
+    "channel_max_ratio": "strongest channel's median max|activation| / median channel's (informative only)",
     "hazard": "max of the available scores (NaN if none)",
-    "safe": "hazard < safe_threshold (0.25 by default); False when no score is available",
+    "hazard_axis": "the axis attaining the hazard: position, corner or anomaly ('' if none)",
+    "safe": "hazard < safe_threshold (credibility.safe_below); False when no score is available",
     "formula": FORMULA,
 }
-CHANNEL_THRESHOLD = 10.0
 
 
 def _clip01(x):
@@ -80,79 +112,93 @@ def _prepare(df: pd.DataFrame | None, model: str, needed: list[str]) -> pd.DataF
 
 
 def position_scores(probe: pd.DataFrame | None, model: str = "") -> pd.DataFrame:
-    """KEYS + ``position_score`` (see the module docstring)."""
+    """KEYS + ``position_acc_8x8, position_score`` (see the module docstring)."""
+    cols = KEYS + ["position_acc_8x8", "position_score"]
     df = _prepare(probe, model, ["epoch", "granularity", "metric", "accuracy"])
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    acc = _final_accuracy(df)
+    acc = acc[acc["quantity"] == f"acc_{POSITION_GRID}x{POSITION_GRID}"]
+    n = df.groupby(["model", "layer"], sort=False)["spatial"].first()
+    out = []
+    for r in acc.itertuples(index=False):
+        a = float(r.value)
+        s = n.get((r.model, r.layer), np.nan)
+        k = POSITION_GRID if pd.isna(s) else min(POSITION_GRID, int(s))
+        chance = 1.0 / k
+        score = np.nan if np.isnan(a) or chance >= 1 else float(_clip01((a - chance) / (1 - chance)))
+        out.append((r.model, int(r.layer_index), r.layer, a, score))
+    return pd.DataFrame(out, columns=cols)
+
+
+def corner_scores(similarity: pd.DataFrame | None, model: str = "") -> pd.DataFrame:
+    """KEYS + ``corner_effect, corner_score`` (see the module docstring)."""
+    df = _prepare(similarity, model, ["corner_ratio", "other_ratio"])
     out = []
     for key, g in df.groupby(KEYS, sort=False):
-        metric = "per_axis" if (g["metric"] == "per_axis").any() else "joint"
-        g = g[g["metric"] == metric]
-        if "seed" not in g.columns:
-            g = g.assign(seed=0)
-        # final epoch of each seed
-        g = g[g["epoch"] == g.groupby("seed")["epoch"].transform("max")]
-        n = g["spatial"].dropna()
-        n = int(n.iloc[0]) if len(n) else None
-        grans = sorted(int(x) for x in g["granularity"].dropna().unique())
-        if not grans:
-            continue
-        if n is None:
-            gran = grans[-1]
-            n = gran
+        c = g["corner_ratio"].astype(float).to_numpy()
+        o = g["other_ratio"].astype(float).to_numpy()
+        ok = (c > 0) & (o > 0)  # False for NaN
+        if ok.any():
+            effect = float(np.mean(np.log2(c[ok]) - np.log2(o[ok])))
+            out.append((*key, effect, float(_clip01(effect))))
         else:
-            below = [x for x in grans if x <= n]
-            gran = below[-1] if below else grans[0]
-        acc = g.loc[g["granularity"] == gran, "accuracy"].astype(float)
-        acc = float(acc.mean()) if acc.notna().any() else np.nan
-        k = min(gran, n)
-        chance = 1.0 / k if metric == "per_axis" else 1.0 / (k * k)
-        score = np.nan if np.isnan(acc) or chance >= 1 else float(_clip01((acc - chance) / (1 - chance)))
-        out.append((*key, score))
-    return pd.DataFrame(out, columns=KEYS + ["position_score"])
+            out.append((*key, np.nan, np.nan))
+    return pd.DataFrame(out, columns=KEYS + ["corner_effect", "corner_score"])
 
 
-def corner_scores(similarity: pd.DataFrame | None, model: str = "", control: bool = False) -> pd.DataFrame:
-    """KEYS + ``corner_score`` (see the module docstring)."""
-    df = _prepare(similarity, model, ["corner_ratio"])
-    out = []
-    for key, g in df.groupby(KEYS, sort=False):
-        r = g["corner_ratio"].astype(float).to_numpy()
-        if control:
-            other = (g["other_ratio"].astype(float).to_numpy() if "other_ratio" in g.columns
-                     else np.full_like(r, np.nan))
-            r = r / other
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.where(r > 0, np.log2(np.where(r > 0, r, 1.0)), np.nan)
-        logs = logs[np.isfinite(logs)]
-        out.append((*key, float(_clip01(abs(logs.mean()))) if logs.size else np.nan))
-    return pd.DataFrame(out, columns=KEYS + ["corner_score"])
+def choose_source(sources) -> str | None:
+    """The anomaly label source to score: ``paper``, else ``auto``, else the first other one (None if none)."""
+    sources = [str(s) for s in pd.unique(pd.Series(list(sources), dtype=object).dropna())]
+    for s in SOURCE_PREFERENCE:
+        if s in sources:
+            return s
+    return sources[0] if sources else None
 
 
-def anomaly_scores(anomalies: pd.DataFrame | None, channels: pd.DataFrame | None = None,
-                   model: str = "") -> pd.DataFrame:
-    """KEYS + ``anomaly_score`` (see the module docstring)."""
+def anomaly_scores(anomalies: pd.DataFrame | None, model: str = "") -> pd.DataFrame:
+    """KEYS + ``anomaly_source, anomaly_prevalence, anomaly_rel_norm, anomaly_score`` (module docstring)."""
+    cols = KEYS + ["anomaly_source", "anomaly_prevalence", "anomaly_rel_norm", "anomaly_score"]
     a = _prepare(anomalies, model, ["rel_norm_mean"])
-    c = _prepare(channels, model, ["median_abs_ratio"])
-    r = {}
-    for key, g in a.groupby(KEYS, sort=False):
-        if "n_anomalies" in g.columns:
-            g = g[g["n_anomalies"].fillna(0) > 0]
-        v = g["rel_norm_mean"].astype(float)
-        if v.notna().any():
-            r[key] = float(v.max())
-    for key, g in c.groupby(KEYS, sort=False):
-        v = g["median_abs_ratio"].astype(float)
-        if v.notna().any():
-            r[key] = max(r.get(key, -np.inf), float(v.max()) / CHANNEL_THRESHOLD)
+    if "label_source" not in a.columns:
+        a["label_source"] = "paper"
     out = []
-    for key, v in r.items():
-        score = float(_clip01(np.log2(v) / 2)) if v > 0 else 0.0
-        out.append((*key, score))
-    return pd.DataFrame(out, columns=KEYS + ["anomaly_score"])
+    for m, gm in a.groupby("model", sort=False):
+        src = choose_source(gm["label_source"])
+        gs = gm[gm["label_source"].astype(str) == src]
+        if set(PREVALENCE_COLUMNS) <= set(gs.columns):
+            n_img = pd.to_numeric(gs["n_images"], errors="coerce").max()
+            n_with = pd.to_numeric(gs["n_images_with_anomalies"], errors="coerce").max()
+            prevalence = float(n_with / n_img) if n_img > 0 and pd.notna(n_with) else np.nan
+        else:
+            prevalence = np.nan
+        n_labels = pd.to_numeric(gs["n_anomalies"], errors="coerce") if "n_anomalies" in gs.columns else None
+        none_found = prevalence == 0 or (n_labels is not None and n_labels.notna().all() and (n_labels == 0).all())
+        weight = 1.0 if np.isnan(prevalence) else prevalence  # unknown prevalence: the worst case
+        for key, g in gs.groupby(KEYS, sort=False):
+            r = pd.to_numeric(g["rel_norm_mean"], errors="coerce")
+            r = float(r.mean()) if r.notna().any() else np.nan
+            if none_found:
+                score = 0.0
+            elif np.isnan(r):
+                score = np.nan
+            else:
+                severity = float(_clip01(np.log2(r))) if r > 0 else 0.0
+                score = weight * severity
+            out.append((*key, src, prevalence, r, score))
+    return pd.DataFrame(out, columns=cols)
+
+
+def channel_max_ratios(channels: pd.DataFrame | None, model: str = "") -> pd.DataFrame:
+    """KEYS + ``channel_max_ratio``: the strongest channel's median_abs_ratio per layer (informative only)."""
+    c = _prepare(channels, model, ["median_abs_ratio"])
+    c = c.assign(median_abs_ratio=pd.to_numeric(c["median_abs_ratio"], errors="coerce"))
+    out = c.groupby(KEYS, as_index=False, sort=False)["median_abs_ratio"].max()
+    return out.rename(columns={"median_abs_ratio": "channel_max_ratio"})[KEYS + ["channel_max_ratio"]]
 
 
 def credibility(probe: pd.DataFrame | None, similarity: pd.DataFrame | None, anomalies: pd.DataFrame | None,
-                channels: pd.DataFrame | None = None, model: str = "", safe_threshold: float = 0.25,
-                corner_control: bool = False) -> pd.DataFrame:
+                channels: pd.DataFrame | None = None, model: str = "", safe_threshold: float = 0.25) -> pd.DataFrame:
     """Per-layer hazard scores and a ``safe`` flag (formulas: module docstring / :data:`FORMULA`).
 
     ``model``: the model name written to the output; tables holding several models are filtered to it. With
@@ -170,11 +216,13 @@ def credibility(probe: pd.DataFrame | None, similarity: pd.DataFrame | None, ano
     if len(meta):
         meta = meta.groupby(KEYS, as_index=False, sort=False).agg({"channels": "first", "spatial": "first"})
     out = meta
-    for part in (position_scores(probe, model), corner_scores(similarity, model, corner_control),
-                 anomaly_scores(anomalies, channels, model)):
+    for part in (position_scores(probe, model), corner_scores(similarity, model), anomaly_scores(anomalies, model),
+                 channel_max_ratios(channels, model)):
         out = out.merge(part, on=KEYS, how="left")
-    scores = out[["position_score", "corner_score", "anomaly_score"]].astype(float)
+    scores = out[[f"{a}_score" for a in AXES]].astype(float)
     out["hazard"] = scores.max(axis=1, skipna=True)  # all-NaN rows stay NaN
+    axis = scores.fillna(-np.inf).to_numpy().argmax(axis=1) if len(out) else np.zeros(0, dtype=int)
+    out["hazard_axis"] = np.where(out["hazard"].notna(), np.asarray(AXES, dtype=object)[axis], "")
     out["safe"] = (out["hazard"] < safe_threshold).astype(bool)  # NaN < x is False
     for col in ("channels", "spatial"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
