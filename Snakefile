@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/reference.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/figures.smk"
 
@@ -22,5 +23,5 @@ rule all:
         expand(f"{RESULTS}/{{model}}/{{table}}", model=MODELS, table=TABLE_FILES + ["credibility.csv"]),
         expand(rules.quantitative_figure.output, model=MODELS),
         expand(rules.qualitative_figures.output, model=MODELS),
-        expand(rules.paper_comparison.output, model=PAPER_MODELS_RUN),
+        expand(rules.paper_comparison.output, model=MODELS),
         rules.cross_model_figure.output,

@@ -80,7 +80,9 @@ def expected_rel_norms(h: int, corrected: bool) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["paper", "corrected"])
 def test_relative_norms_match_hand_computation(exact_store, mode):
     df = relative_norms(exact_store, LABELS, mode=mode, model_name="syn", label_source="planted", chunk_images=3)
-    assert list(df.columns) == RELNORM_COLUMNS
+    assert list(df.columns) == RELNORM_COLUMNS + ["n_images", "n_images_with_anomalies"]
+    assert (df.n_images == exact_store.n_images).all()
+    assert (df.n_images_with_anomalies == len(np.unique(LABELS[:, 0]))).all()
     assert list(df.layer) == list(SIZES) and list(df.layer_index) == [16, 24, 30, 37]
     assert (df.label_source == "planted").all() and (df.model == "syn").all()
     for _, row in df.iterrows():

@@ -11,54 +11,115 @@ import yaml
 
 from conftest import REPO, copy_repo, kill_mid_extraction
 from diffaudit.config import load_config
-from diffaudit.dvcgen import render, snakemake_jobs, stage_name
+from diffaudit.dvcgen import EXTRA_RULES, TASK_SCRIPT, code_deps, render, snakemake_jobs
+from diffaudit.pipeline.common import JOB_PARAMS
 
 
-def test_committed_dvc_yaml_matches_the_snakemake_dag():
-    committed = (REPO / "dvc.yaml").read_text()
-    assert committed == render(["params.yaml"], root=REPO), (
-        "dvc.yaml is out of date with the Snakemake workflow; regenerate it with `diffaudit dvc-yaml > dvc.yaml`")
+def test_committed_dvc_yaml_is_what_the_rules_give():
+    assert (REPO / "dvc.yaml").read_text() == render(), (
+        "dvc.yaml is out of date with the workflow's rules; regenerate it with `diffaudit dvc-yaml > dvc.yaml`")
 
 
-def test_every_rule_has_stages_and_every_output_is_tracked():
-    rules = set(re.findall(r"^rule (\w+):", "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")),
-                           re.M))
-    stages = {}
-    for cfgs in (["params.yaml"], ["params.yaml", "config/demo.yaml"]):
-        jobs = snakemake_jobs([REPO / c for c in cfgs], snakefile=REPO / "Snakefile")
-        gen = yaml.safe_load(render(cfgs, root=REPO))["stages"]
-        for job in jobs:
-            name = stage_name(job)
-            stage = gen[name]
-            tracked = [o if isinstance(o, str) else next(iter(o))
-                       for o in stage.get("outs", []) + stage.get("plots", []) + stage.get("metrics", [])]
-            assert sorted(tracked) == sorted(job["outputs"]), name
-            assert f"--allowed-rules {job['rule']} " in stage["cmd"]
-        stages.update(gen)
-    assert {name.split("-")[0] for name in stages} == rules  # no rule is missing on either side
+def resolved_stages(root: Path) -> dict[str, dict]:
+    """The stages as DVC resolves dvc.yaml's templates with the params.yaml at ``root``."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    out = {}
+    with Repo(str(root)) as repo:
+        for s in repo.index.stages:
+            params = [k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params]
+            out[s.name] = {"cmd": s.cmd, "params": params,
+                           "deps": [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)],
+                           "outs": [o.def_path for o in s.outs]}
+    return out
 
 
-def test_stage_params_are_config_sections():
-    cfg = load_config(REPO / "params.yaml")
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def check_dvc_matches_snakemake(root: Path):
+    """Every Snakemake job of the configuration at ``root`` (params.yaml) is the DVC stage of the same name:
+    same outputs, inputs covered by deps, the params the rule declares, the code its task reaches."""
+    stages = resolved_stages(root)
+    jobs = [j for j in snakemake_jobs([root / "params.yaml"], snakefile=root / "Snakefile")
+            if j["rule"] not in {r for extra in EXTRA_RULES.values() for r in extra}]
+    names = set()
+    for job in jobs:
+        model = job["wildcards"].get("model")
+        name = job["rule"] + (f"@{model}" if model else "")
+        names.add(name)
+        assert name in stages, f"no DVC stage {name} for Snakemake job {job['rule']} {job['wildcards']}"
+        st = stages[name]
+        if job["rule"] == "extract":  # the stage's one output is the folder of every shard
+            assert st["outs"] == [job["outputs"][0].split("/representations")[0] + "/representations"], name
+            assert all(_covered(o, st["outs"]) for o in job["outputs"]), name
+            assert st["cmd"] == f"diffaudit dvc-extract {model}"
+        else:
+            assert sorted(st["outs"]) == sorted(job["outputs"]), name
+            assert st["cmd"].startswith(f"snakemake --cores all --nolock --allowed-rules {job['rule']} -- ")
+            assert sorted(st["cmd"].split(" -- ")[1].split()) == sorted(job["outputs"]), name
+        extra = EXTRA_RULES.get(job["rule"], [])
+        for i in job["inputs"]:
+            made_here = i == "resources/models/mini" and "build_mini" in extra
+            assert made_here or _covered(i, st["deps"]), f"{name}: input {i} is not a DVC dep"
+        declared = {("model_sources." + model if p == "model_source" else p.replace("__", "."))
+                    for p in job["params"] if p not in JOB_PARAMS}
+        if "build_mini" in extra:
+            declared.add("mini")
+        assert set(st["params"]) == declared, f"{name}: DVC params {st['params']} != the rule's {sorted(declared)}"
+        script = REPO / "workflow" / "scripts" / TASK_SCRIPT
+        code = set().union(*(code_deps(script, r) for r in [job["rule"]] + extra))
+        assert {d for d in st["deps"] if d.startswith("src/")} == code, name
+    assert names == set(stages), f"DVC stages without a Snakemake job: {set(stages) - names}"
+
+
+def with_params(tmp_path: Path, *configs, **extraction) -> Path:
+    """A copy of the repository whose params.yaml is the merge of ``configs`` (as Snakemake merges them)."""
+    repo = copy_repo(tmp_path / "repo")
+    cfg = load_config(*[repo / c for c in configs])
+    cfg["extraction"].update(extraction)
+    (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.parametrize("configs, extraction", [
+    (["params.yaml"], {}),
+    (["params.yaml", "config/demo.yaml"], {}),
+    (["params.yaml", "config/demo.yaml"], {"shards": 2}),
+], ids=["paper", "demo", "demo-2-shards"])
+def test_dvc_stages_are_the_snakemake_jobs(tmp_path, configs, extraction):
+    """The drift test: dvc.yaml, resolved by DVC for a configuration, has exactly the jobs of Snakemake's DAG."""
+    check_dvc_matches_snakemake(with_params(tmp_path, *configs, **extraction))
+
+
+def test_changing_models_results_dir_or_shards_needs_no_new_dvc_yaml(tmp_path):
+    cfg_changes = {"models": ["sd15", "mini"], "results_dir": "results/elsewhere"}
+    repo = with_params(tmp_path, "params.yaml")
+    cfg = load_config(repo / "params.yaml")
+    cfg.update(cfg_changes)
+    cfg["extraction"]["shards"] = 5
+    (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    stages = resolved_stages(repo)
+    assert {"extract@sd15", "extract@mini", "paper_reference@mini", "cross_model_figure"} <= set(stages)
+    assert not {s for s in stages if s.endswith(("@sd21", "@sdturbo"))}
+    assert stages["position_probe@mini"]["deps"][0] == "results/elsewhere/mini/representations"
+    check_dvc_matches_snakemake(repo)
+
+
+def test_code_dependencies_are_the_rules_own():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        for key in stage.get("params", []):
-            node = cfg
-            for part in key.split("."):
-                assert part in node, f"{name}: params key {key} not in params.yaml"
-                node = node[part]
-    assert stages["extract-sd15"]["params"] == ["layers", "extraction", "model_sources.sd15"]
-    # code dependencies are the modules the rule's task reaches, not the whole package
-    probe_deps = stages["position_probe-sd15"]["deps"]
+    probe_deps = stages["position_probe"]["do"]["deps"]
     assert "src/diffaudit/analyses/probe.py" in probe_deps and "src/diffaudit/extract.py" not in probe_deps
     # each rule's task is its own module: editing one task re-runs only the stages of that rule (and downstream)
-    assert "src/diffaudit/pipeline/position_probe.py" in probe_deps
     others = {f"src/diffaudit/pipeline/{p.stem}.py" for p in (REPO / "src/diffaudit/pipeline").glob("*.py")
               if p.stem not in ("position_probe", "common", "__init__")}
     assert not others & set(probe_deps)
-    for name, stage in stages.items():
-        rule = name.split("-")[0]
-        assert f"src/diffaudit/pipeline/{rule}.py" in stage["deps"], name
+    for rule, stage in stages.items():
+        body = stage.get("do", stage)
+        assert f"src/diffaudit/pipeline/{rule}.py" in body["deps"], rule
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -67,22 +128,26 @@ TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "chann
 
 
 def demo_repo(tmp_path: Path, **extraction):
-    """A git + DVC repository copied from this one, with params.yaml = the demo on 6 images (dvc.yaml regenerated
-    for it, committed). Returns ``(repo, cfg, run)``; ``run(*cmd)`` asserts success and returns the output."""
-    repo = copy_repo(tmp_path / "repo")
+    """A fresh clone of this repository whose params.yaml alone is switched to the demo on 6 images (committed;
+    no `dvc init`, no new dvc.yaml). Returns ``(repo, cfg, run)``; ``run(*cmd)`` asserts success and returns
+    the output."""
+    src = copy_repo(tmp_path / "src")
+    subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=src, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "src"], cwd=src, check=True)
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(src), str(repo)], check=True)
     cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
     cfg["dataset"]["n_images"] = 6
     cfg["extraction"].update(extraction)
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (repo / "dvc.yaml").write_text(render(["params.yaml"], root=repo))
 
     def run(*cmd):
         proc = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True)
         assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         return proc.stdout + proc.stderr
 
-    run("git", "init", "-q")
-    run("dvc", "init", "-q")
+    assert (repo / ".dvc" / "config").is_file()  # the clone is a DVC repository as it is
     run("git", "add", "-A")
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo")
     return repo, cfg, run
@@ -93,14 +158,13 @@ def test_dvc_repro_on_the_demo(tmp_path):
     """From scratch, then nothing to do, then one parameter re-runs only its analysis and what reads it."""
     repo, cfg, run = demo_repo(tmp_path)
     first = run("dvc", "repro")
-    assert "Running stage 'extract-mini'" in first and "Running stage 'cross_model_figure'" in first
+    assert "Running stage 'extract@mini'" in first and "Running stage 'cross_model_figure'" in first
     assert "Nothing to be done" in run(sys.executable, "-m", "snakemake", "-n")
-    # the paper's three panels as DVC plots, from the tidy per-layer summary (and the figures as images)
+    # the paper's quantities as DVC plots, from the tidy per-layer summary (and the figures as images)
     shown = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=ENV, check=True,
                                       capture_output=True, text=True).stdout)
-    for name in ("probe_accuracy-mini", "corner_border_ratio-mini", "anomaly_rel_norm-mini"):
-        plot = shown["data"][name][0]
-        assert plot["type"] == "vega" and len(plot["content"]["data"]["values"]) >= 45, name  # one per layer and y
+    plot = shown["data"]["results/demo/layer_summary/mini.csv"][0]
+    assert plot["type"] == "vega" and len(plot["content"]["data"]["values"]) >= 45  # one per layer
     assert not shown.get("errors"), shown.get("errors")
     assert any(k.endswith("quantitative_mini.png") for k in shown["data"])
     assert "Running stage" not in run("dvc", "repro")
@@ -110,11 +174,11 @@ def test_dvc_repro_on_the_demo(tmp_path):
     cfg["probe"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ran = set(re.findall(r"Running stage '([^']+)'", run("dvc", "repro")))
-    assert ran == {"position_probe-mini", "credibility-mini", "quantitative_figure-mini", "cross_model_figure"}
+    assert ran == {"position_probe@mini", "credibility@mini", "quantitative_figure@mini", "cross_model_figure"}
     # browsing versions: the committed revision and the workspace side by side
     diff = json.loads(subprocess.run(["dvc", "plots", "diff", "HEAD", "--json"], cwd=repo, env=ENV, check=True,
                                      capture_output=True, text=True).stdout)
-    values = diff["data"]["probe_accuracy-mini"][0]["content"]["data"]["values"]
+    values = diff["data"]["results/demo/layer_summary/mini.csv"][0]["content"]["data"]["values"]
     revs = {v["rev"] for v in values}
     assert revs == {"HEAD", "workspace"}, revs
     by_rev = {r: [v for v in values if v["rev"] == r] for r in revs}
@@ -168,7 +232,7 @@ def test_kill_9_during_dvc_repro_then_rerun(tmp_path):
     assert not (repo / "results" / "demo" / "mini" / "representations").exists()
 
     second = run("dvc", "repro")
-    assert "Running stage 'extract-mini'" in second and "Running stage 'cross_model_figure'" in second
+    assert "Running stage 'extract@mini'" in second and "Running stage 'cross_model_figure'" in second
     assert "Data and pipelines are up to date" in run("dvc", "status")
     assert "Nothing to be done" in run(*SNAKEMAKE, "-n")
     # the same tables as an uninterrupted run (Snakemake into another results_dir, same params)

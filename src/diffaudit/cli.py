@@ -43,14 +43,15 @@ def _cmd_prefetch(args):
     from .config import load_config
     from .models import download_model, resolve_model
     from .pipeline.common import PAPER_CACHE
-    from .reference import fetch_all, paper_applies
+    from .paper_run import verdict
+    from .reference import fetch_all
 
     cfg = load_config(*args.configfile)
     for model in cfg["models"]:
         spec = resolve_model(model, cfg["model_sources"])
         where = download_model(spec)
         print(f"{model}: {'local directory ' + spec.source if where is None else where}")
-        if paper_applies(cfg, model):
+        if verdict(cfg, model)["applies"]:
             for path in fetch_all(model, PAPER_CACHE):
                 print(f"{model}: {path} (published numbers, sha256 verified)")
     if cfg["dataset"]["source"] == "imagenet_subset":
@@ -60,7 +61,25 @@ def _cmd_prefetch(args):
 def _cmd_dvc_yaml(args):
     from .dvcgen import render
 
-    sys.stdout.write(render(args.configfile))
+    sys.stdout.write(render())
+
+
+def _cmd_dvc_extract(args):
+    """Snakemake's extract jobs of one model: the whole folder, or every shard of it (``extraction.shards``)."""
+    import os
+    import shutil
+
+    from .config import load_config
+    from .store import representation_parts
+
+    cfg = load_config(*args.configfile)
+    model_dir = f"{cfg['results_dir'].rstrip('/')}/{args.model}"
+    targets = [f"{model_dir}/{p}" for p in representation_parts(cfg["extraction"]["shards"])]
+    cmd = ["snakemake", "--cores", "all", "--nolock", "--allowed-rules", "build_mini", "extract",
+           *(["--configfile", *args.configfile] if args.configfile != ["params.yaml"] else []), "--", *targets]
+    exe = shutil.which("snakemake") or "snakemake"
+    sys.stdout.flush()
+    os.execv(exe, cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,9 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_prefetch)
 
-    s = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the Snakemake DAG")
-    s.add_argument("--configfile", **cfg_kw)
+    s = sub.add_parser("dvc-yaml", help="print dvc.yaml (templated stages, one per Snakemake rule)")
     s.set_defaults(fn=_cmd_dvc_yaml)
+
+    s = sub.add_parser("dvc-extract", help="the extraction stage of dvc.yaml: run Snakemake's extract jobs (every "
+                                           "shard) of one model")
+    s.add_argument("model")
+    s.add_argument("--configfile", **cfg_kw)
+    s.set_defaults(fn=_cmd_dvc_extract)
 
     args = p.parse_args(argv)
     run_task(args.fn, args)

@@ -1,13 +1,18 @@
-"""Generate ``dvc.yaml`` from the Snakemake DAG, so that DVC and Snakemake never drift apart.
+"""``dvc.yaml``: one templated stage per Snakemake rule, written from :data:`STAGES`, and what checks it.
 
-One DVC stage per Snakemake job (rule, or rule and model): its command runs exactly that rule through
-Snakemake (``--allowed-rules``; ``--nolock``, as DVC's own lock covers the run), its deps are the job's inputs,
-the rule file, the rule's script and the package modules that script reaches, its params are the ``params.yaml``
-sections the rule declares, its outs the job's outputs (figures as image plots, JSON summaries as metrics).
+The file uses DVC's own templating: values from ``params.yaml`` (``${results_dir}``) and, for the rules that run
+per model, ``foreach: ${models}`` (stage ``position_probe@sd15``, ...). So changing ``models``, ``results_dir`` or
+``extraction.shards`` in params.yaml (by hand or with ``dvc exp run -S``) needs no new dvc.yaml; only a change of
+the rules or of the package's imports does:
 
-    diffaudit dvc-yaml > dvc.yaml          # after changing rules, models or results_dir in params.yaml
+    diffaudit dvc-yaml > dvc.yaml
 
-``tests/test_dvc.py`` regenerates the file and fails when it differs from the committed one.
+Each stage runs exactly its rule through Snakemake (``--allowed-rules``; ``--nolock``, as DVC's own lock covers
+the run); its deps are the rule's inputs, the rule file, the task script and the package modules that the rule's
+task reaches (static import analysis); its params are the config keys the rule declares; its outs the rule's
+outputs (figures as image plots, JSON summaries as metrics). ``tests/test_dvc.py`` fails when the committed file
+differs from :func:`render`, and when the stages that DVC resolves for a configuration differ from the jobs of
+the Snakemake DAG (outputs, inputs, params, code).
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from pathlib import Path
 import yaml
 
 PACKAGE = Path(__file__).resolve().parent
-HEADER = ("# Generated from the Snakemake DAG by `diffaudit dvc-yaml > dvc.yaml`; do not edit by hand.\n"
-          "# Each stage runs one Snakemake job; see README.md (Reproducing with DVC).\n")
+HEADER = ("# Written by `diffaudit dvc-yaml > dvc.yaml` from the workflow's rules (see diffaudit.dvcgen); do not edit.\n"
+          "# ${...} are values from params.yaml, so changing models, results_dir or extraction.shards there needs\n"
+          "# no new file. Each stage runs one Snakemake rule; see README.md (Reproducing with DVC).\n")
 FIGURE_SUFFIXES = (".png", ".svg")
 
 
@@ -130,88 +136,87 @@ def code_deps(script: Path, rule: str) -> list[str]:
 # dvc.yaml
 # ---------------------------------------------------------------------------------------------
 
-def stage_name(job: dict) -> str:
-    """``rule``, ``rule-model`` or, for extraction shards, ``extract-model-shard2of4``."""
-    parts = [job["rule"]]
-    for key, value in job["wildcards"].items():
-        if key == "part":
-            value = value.removeprefix("representations").lstrip("_")
-        if value:
-            parts.append(value)
-    return "-".join(parts)
+R, M = "${results_dir}", "${item}"
+FIG = f"{R}/figures"
+TABLES = [f"{R}/{M}/{t}.csv" for t in ("position_probe", "token_group_similarity", "anomaly_rel_norm",
+                                       "channel_outliers")]
+REPR = f"{R}/{M}/representations"
+PAPER_REF = f"{R}/{M}/paper_reference"
+QUALITATIVE = [f"{FIG}/{M}/qualitative_{v}.{e}" for v in ("token_similarity", "corner", "norms", "pca")
+               for e in ("png", "svg")]
+# The extraction stage also builds the embedded model when the model is `mini` (a Snakemake intermediate,
+# deterministic from `mini.seed`): its rule is allowed there, and its code and params are the stage's too.
+EXTRA_RULES = {"extract": ["build_mini"]}
+
+#: rule -> (per model, input paths, config keys, outputs). Config keys as the rule declares them ("model_source"
+#: = the model's registry entry); outputs as Snakemake writes them (for `extract`: the folder that holds every
+#: shard; its command runs every shard job of the model, see `diffaudit dvc-extract`).
+STAGES: dict[str, tuple[bool, list[str], list[str], list[str]]] = {
+    "dataset": (False, [], ["dataset"], [f"{R}/dataset"]),
+    "extract": (True, [f"{R}/dataset"], ["layers", "extraction", "dataset", "mini", "model_source"], [REPR]),
+    "paper_reference": (True, [], ["paper_reference", "extraction", "dataset", "model_source"], [PAPER_REF]),
+    "position_probe": (True, [REPR], ["probe", "extraction.device", "dataset.source", "dataset.imagenet.classes"],
+                       [f"{R}/{M}/position_probe.csv", f"{R}/{M}/position_probe_summary.csv"]),
+    "token_group_similarity": (True, [REPR], ["similarity", "dataset.size"], [f"{R}/{M}/token_group_similarity.csv"]),
+    "anomalies": (True, [REPR, PAPER_REF], ["anomalies"],
+                  [f"{R}/{M}/anomaly_rel_norm.csv", f"{R}/{M}/anomaly_detector.json"]),
+    "channel_outliers": (True, [REPR], ["channels"], [f"{R}/{M}/channel_outliers.csv"]),
+    "credibility": (True, TABLES, ["credibility"], [f"{R}/{M}/credibility.csv", f"{R}/layer_summary/{M}.csv"]),
+    "quantitative_figure": (True, TABLES, [], [f"{FIG}/quantitative_{M}.png", f"{FIG}/quantitative_{M}.svg"]),
+    "paper_comparison": (True, TABLES + [PAPER_REF], [],
+                         [f"{R}/{M}/paper_comparison.csv", f"{FIG}/paper_comparison_{M}.png",
+                          f"{FIG}/paper_comparison_{M}.svg"]),
+    "qualitative_figures": (True, [REPR, f"{R}/dataset", PAPER_REF], ["anomalies"], QUALITATIVE),
+    "cross_model_figure": (False, [f"{R}/layer_summary"], ["models"],
+                           [f"{FIG}/cross_model.png", f"{FIG}/cross_model.svg"]),
+}
+SNAKEFILE_RULE_FILES = {"build_mini": "models.smk", "dataset": "data.smk", "extract": "extract.smk",
+                        "paper_reference": "reference.smk", "cross_model_figure": "figures.smk",
+                        "credibility": "figures.smk", "quantitative_figure": "figures.smk",
+                        "paper_comparison": "figures.smk", "qualitative_figures": "figures.smk"}
 
 
-def _params(job: dict, config: dict) -> list[str]:
-    out = []
-    for name in job["params"]:
-        if name == "source":  # the model's registry entry
-            out.append(f"model_sources.{job['wildcards']['model']}")
-        elif name in config:
-            out.append(name)
-    return out
+def dvc_param(key: str) -> str:
+    """A rule's declared key as DVC names it (``model_source`` is the model's ``model_sources`` entry)."""
+    return f"model_sources.{M}" if key == "model_source" else key
 
 
-def dvc_stages(configfiles=("params.yaml",), root: str | Path = ".") -> dict:
-    from .config import load_config
-
-    root = Path(root).resolve()
-    config = load_config(*[root / c for c in configfiles])
-    stages = {}
-    for job in snakemake_jobs([root / c for c in configfiles], snakefile=root / "Snakefile"):
-        rel = lambda p: str(Path(p).resolve().relative_to(root))  # noqa: E731
-        deps = list(dict.fromkeys(job["inputs"] + [rel(job["rule_file"])]
-                                  + ([rel(job["script"])] + code_deps(job["script"], job["rule"])
-                                     if job["script"] else [])))
-        outs, plots, metrics = [], [], []
-        for o in job["outputs"]:
-            if o.endswith(FIGURE_SUFFIXES):
-                plots.append(o)
-            elif o.endswith(".json"):  # cached like every output, so `dvc push`/`dvc pull` move them too
-                metrics.append(o)
-            else:
-                outs.append(o)
-        targets = " ".join(job["outputs"])
-        # --nolock: `dvc repro` holds DVC's repository lock for the whole run, so Snakemake's own directory lock
-        # adds no protection there; it would only outlive a kill -9 and make the re-run fail until --unlock
-        stage = {"cmd": f"snakemake --cores all --nolock --allowed-rules {job['rule']} -- {targets}", "deps": deps}
-        params = _params(job, config)
-        if params:
-            stage["params"] = params
-        if outs:
-            stage["outs"] = outs
-        if metrics:
-            stage["metrics"] = metrics
-        if plots:
-            stage["plots"] = plots
-        stages[stage_name(job)] = stage
-    return {"stages": stages}
+def rule_file(rule: str) -> str:
+    return f"workflow/rules/{SNAKEFILE_RULE_FILES.get(rule, 'analyses.smk')}"
 
 
-# Top-level `dvc plots` drawn from each model's layer_summary.csv: the three panels of the paper's figure.
-SUMMARY_PLOTS = (
-    ("probe_accuracy", ["acc_8x8", "acc_16x16", "acc_32x32", "acc_64x64"], "test accuracy (per axis)"),
-    ("corner_border_ratio", ["corner_ratio", "border_ratio"], "rel. similarity (cropped / full)"),
-    ("anomaly_rel_norm", ["rel_norm_mean"], "rel. norm of labelled anomalies"),
-)
+def stage(rule: str) -> dict:
+    per_model, inputs, keys, outputs = STAGES[rule]
+    rules = [rule] + EXTRA_RULES.get(rule, [])
+    script = PACKAGE.parent.parent / "workflow" / "scripts" / TASK_SCRIPT
+    code = sorted(set().union(*(code_deps(script, r) for r in rules)))
+    if rule == "extract":
+        cmd = f"diffaudit dvc-extract {M}"
+    else:
+        cmd = f"snakemake --cores all --nolock --allowed-rules {rule} -- {' '.join(outputs)}"
+    body: dict = {"cmd": cmd,
+                  "deps": inputs + sorted({rule_file(r) for r in rules}) + [f"workflow/scripts/{TASK_SCRIPT}"] + code}
+    if keys:
+        body["params"] = [dvc_param(k) for k in keys]
+    outs = [o for o in outputs if not o.endswith(FIGURE_SUFFIXES + (".json",))]
+    metrics = [o for o in outputs if o.endswith(".json")]  # cached like every output: push/pull move them
+    plots = [o for o in outputs if o.endswith(FIGURE_SUFFIXES)]
+    for name, paths in (("outs", outs), ("metrics", metrics), ("plots", plots)):
+        if paths:
+            body[name] = paths
+    return {"foreach": "${models}", "do": body} if per_model else body
 
 
-def summary_plots(stages: dict) -> list[dict]:
-    """Plot definitions for every ``layer_summary.csv`` that a stage writes."""
-    plots = []
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            if Path(out).name == "layer_summary.csv":
-                model = Path(out).parent.name
-                for name, columns, label in SUMMARY_PLOTS:
-                    plots.append({f"{name}-{model}": {"template": "linear", "x": "layer_index",
-                                                      "y": {out: list(columns)}, "title": f"{model}: {label}",
-                                                      "x_label": "layer index", "y_label": label}})
-    return plots
+# `dvc plots`: the quantities of the paper's three panels, one plot per model (per file of the summary folder;
+# DVC keeps one definition per path, so the three panels share one plot).
+SUMMARY_PLOT = {"template": "linear", "x": "layer_index",
+                "y": ["acc_8x8", "acc_16x16", "acc_32x32", "acc_64x64", "corner_ratio", "border_ratio",
+                      "rel_norm_mean"],
+                "title": "per layer: probe accuracy per axis, corner/border similarity ratio, anomaly relative norm",
+                "x_label": "layer index", "y_label": "value"}
 
 
-def render(configfiles=("params.yaml",), root: str | Path = ".") -> str:
-    doc = dvc_stages(configfiles, root)
-    plots = summary_plots(doc["stages"])
-    if plots:
-        doc["plots"] = plots
+def render() -> str:
+    doc = {"stages": {rule: stage(rule) for rule in STAGES}}
+    doc["plots"] = [{f"{R}/layer_summary": SUMMARY_PLOT}]
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -421,14 +421,22 @@ def per_layer_quantities(tables: Mapping[str, pd.DataFrame | None]) -> pd.DataFr
     """One row per layer with the plotted quantities of the paper's figure (the columns of
     ``paper_comparison.csv``): final-epoch per-axis accuracy per granularity (mean over seeds), corner and
     border ratio, and the anomaly relative norm (the authors' labels when present, else the mean over the
-    label sources). Written as ``layer_summary.csv`` for ``dvc plots``."""
+    label sources, named in ``rel_norm_source``), with each layer's ``spatial`` size. Written as
+    ``layer_summary/{model}.csv`` for ``dvc plots`` and the cross-model figure."""
     an = tables.get("anomaly_rel_norm")
-    has_paper = an is not None and not an.empty and (an["label_source"] == "paper").any()
+    has_an = an is not None and not an.empty
+    has_paper = has_an and (an["label_source"] == "paper").any()
+    columns = ["layer_index", "layer", "spatial", *_QUANTITY_ORDER, "rel_norm_source"]
     long = _long_quantities(tables, paper_labels_only=bool(has_paper))
     if long.empty:
-        return pd.DataFrame(columns=["layer_index", "layer", *_QUANTITY_ORDER])
+        return pd.DataFrame(columns=columns)
     wide = long.pivot_table(index=["layer_index", "layer"], columns="quantity", values="value").reset_index()
-    wide = wide.reindex(columns=["layer_index", "layer", *_QUANTITY_ORDER])  # every column, NaN if not computed
+    spatial = pd.concat([t[["layer", "spatial"]] for t in tables.values()
+                         if t is not None and not t.empty and "spatial" in t.columns], ignore_index=True)
+    wide["spatial"] = wide["layer"].map(spatial.groupby("layer")["spatial"].first())
+    wide["rel_norm_source"] = ("paper" if has_paper else
+                               "+".join(sorted(an["label_source"].astype(str).unique())) if has_an else "")
+    wide = wide.reindex(columns=columns)  # every column, NaN if not computed
     return wide.sort_values("layer_index", kind="stable").reset_index(drop=True)
 
 

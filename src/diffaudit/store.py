@@ -332,6 +332,15 @@ def shard_ranges(n_images: int, batch_size: int, n_shards: int) -> list[tuple[in
     return [(min(a * batch_size, n_images), min(b * batch_size, n_images)) for a, b in zip(cuts, cuts[1:])]
 
 
+def representation_parts(n_shards: int) -> list[str]:
+    """A model's representation directories, relative to its results folder: ``representations``, or with
+    ``extraction.shards`` = n > 1 one directory per shard inside it (``representations/shard1ofn``, ...), so
+    that the whole extraction of a model is one folder (one DVC output) either way."""
+    if n_shards == 1:
+        return ["representations"]
+    return [f"representations/shard{i + 1}of{n_shards}" for i in range(n_shards)]
+
+
 def open_model_stores(rep_dirs: str | Path | Sequence[str | Path]):
     """``(full, {token_size: crop store})`` of one model's representation directory (or its shard directories,
     read as one dataset)."""

@@ -3,13 +3,6 @@
 ANALYSIS_DIR = f"{RESULTS}/{{model}}"
 
 
-def label_files(wildcards):
-    """User label files (a change re-runs the analysis); the authors' labels are fetched by the rule."""
-    from diffaudit.pipeline.anomalies import label_sources
-
-    return [p for s, p in label_sources(config, wildcards.model).items() if s.startswith("user:")]
-
-
 rule position_probe:
     input:
         rep=repr_dirs,
@@ -29,9 +22,13 @@ rule position_probe:
             labels={"model": "{model}", "table": "position_probe_summary.csv (mean and sd over seeds)"},
         ),
     params:
-        probe=config["probe"],
+        **declare("probe", "extraction.device", "dataset.source", "dataset.imagenet.classes"),
+    log:
+        f"{LOGS}/position_probe/{{model}}.log",
     resources:
         gpu=1 if config["extraction"]["device"] != "cpu" else 0,
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"
 
@@ -48,7 +45,11 @@ rule token_group_similarity:
             labels={"model": "{model}", "table": "token_group_similarity.csv (corner/border/other similarity ratios)"},
         ),
     params:
-        similarity=config["similarity"],
+        **declare("similarity", "dataset.size"),
+    log:
+        f"{LOGS}/token_group_similarity/{{model}}.log",
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"
 
@@ -56,6 +57,7 @@ rule token_group_similarity:
 rule anomalies:
     input:
         rep=repr_dirs,
+        paper=PAPER_REF_DIR,
         labels=label_files,
     output:
         table=report(
@@ -67,7 +69,11 @@ rule anomalies:
         ),
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
     params:
-        anomalies=config["anomalies"],
+        **declare("anomalies"),
+    log:
+        f"{LOGS}/anomalies/{{model}}.log",
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"
 
@@ -84,6 +90,10 @@ rule channel_outliers:
             labels={"model": "{model}", "table": "channel_outliers.csv (channels with extreme magnitude)"},
         ),
     params:
-        channels=config["channels"],
+        **declare("channels"),
+    log:
+        f"{LOGS}/channel_outliers/{{model}}.log",
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"

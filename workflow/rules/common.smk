@@ -1,14 +1,19 @@
-# Shared definitions: config validation, model resolution, output paths.
+# Shared definitions: config validation, model resolution, output paths, input functions, and `declare`,
+# which gives a task the config values it reads as params (the task sees nothing else; see
+# diffaudit.pipeline.common.task_config).
 from pathlib import Path
 
 from diffaudit.config import validate
 from diffaudit.errors import DiffauditError
 from diffaudit.models import resolve_model
-from diffaudit.store import shard_ranges
+from diffaudit.store import representation_parts, shard_ranges
 
 try:
     validate(config)
     for _m in config["models"]:
+        if _m not in config["model_sources"]:
+            raise DiffauditError(f"models: {_m!r} is not a key of model_sources; register it there "
+                                 "(as a hub id with a revision, or a local diffusers directory)")
         resolve_model(_m, config["model_sources"])
     N_SHARDS = config["extraction"]["shards"]
     shard_ranges(config["dataset"]["n_images"], config["extraction"]["batch_size"], N_SHARDS)
@@ -19,14 +24,34 @@ RESULTS = config["results_dir"].rstrip("/")
 MODELS = list(config["models"])
 MINI_DIR = "resources/models/mini"
 DATASET_DIR = f"{RESULTS}/dataset"
-# Representation directories of a model: one, or one per shard (batch-aligned image ranges, separate jobs).
+# A model's extraction is one folder: the stores, or one sub-folder per shard (batch-aligned image ranges,
+# separate jobs), read back by the analyses as one dataset.
 REPR_DIR = f"{RESULTS}/{{model}}/{{part}}"
-REPR_PARTS = (["representations"] if N_SHARDS == 1
-              else [f"representations_shard{i + 1}of{N_SHARDS}" for i in range(N_SHARDS)])
+REPR_PARTS = representation_parts(N_SHARDS)
+# The authors' files for a model (sha256-checked) and status.json: whether they apply to this run.
+PAPER_REF_DIR = f"{RESULTS}/{{model}}/paper_reference"
+LOGS = f"{RESULTS}/logs"
 
 wildcard_constraints:
     model="|".join(map(str, MODELS)),
-    part="representations(_shard[0-9]+of[0-9]+)?",
+    part="representations(/shard[0-9]+of[0-9]+)?",
+
+
+def declare(*keys):
+    """The config values at ``keys`` (dotted, e.g. "extraction.device") as a rule's params, one per key, named
+    with "__" for "." (Snakemake re-runs a job when one changes; DVC's stages list the same keys)."""
+    out = {}
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        out[key.replace(".", "__")] = value
+    return out
+
+
+def model_source(wildcards):
+    """The model's registry entry (params model_source, in DVC model_sources.<model>)."""
+    return config["model_sources"][wildcards.model]
 
 
 def repr_dirs(wildcards):
@@ -43,3 +68,10 @@ def model_inputs(wildcards):
     """The locally built model directory, when the model is the embedded one."""
     spec = resolve_model(wildcards.model, config["model_sources"])
     return [MINI_DIR] if os.path.normpath(spec.source) == MINI_DIR else []
+
+
+def label_files(wildcards):
+    """User label files (a change re-runs the analysis); the authors' labels come from paper_reference."""
+    from diffaudit.pipeline.anomalies import user_label_files
+
+    return user_label_files(config["anomalies"])

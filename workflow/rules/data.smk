@@ -5,6 +5,10 @@ rule dataset:
     output:
         directory(DATASET_DIR),
     params:
-        dataset=config["dataset"],
+        **declare("dataset"),
+    log:
+        f"{LOGS}/dataset.log",
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"

@@ -9,11 +9,14 @@ rule extract:
     output:
         directory(REPR_DIR),
     params:
-        layers=config["layers"],
-        extraction=config["extraction"],
-        source=lambda wc: config["model_sources"].get(wc.model, wc.model),
+        **declare("layers", "extraction", "dataset"),
+        model_source=model_source,
         shard=lambda wc: shard_index(wc.part),
     resources:
         gpu=1,
+    log:
+        f"{LOGS}/extract/{{model}}/{{part}}.log",
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"

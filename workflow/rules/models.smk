@@ -6,6 +6,10 @@ rule build_mini:
     output:
         directory(MINI_DIR),
     params:
-        mini=config["mini"],
+        **declare("mini"),
+    log:
+        f"{LOGS}/build_mini.log",
+    conda:
+        "../envs/diffaudit.yaml"
     script:
         "../scripts/task.py"

@@ -567,6 +567,22 @@ def _native_accuracy(probe: pd.DataFrame) -> pd.Series:
     return pd.Series(out, dtype=float)
 
 
+def tables_from_summary(summary: pd.DataFrame) -> dict[str, pd.DataFrame | None]:
+    """The three tables :func:`cross_model_figure` draws, rebuilt from one model's ``layer_summary`` (final-epoch
+    per-axis accuracy per granularity, corner/border ratio, relative norm of one label source)."""
+    keys = ["layer_index", "layer", "spatial"]
+    acc = [c for c in summary.columns if c.startswith("acc_") and summary[c].notna().any()]
+    probe = summary.melt(id_vars=keys, value_vars=acc, var_name="granularity", value_name="accuracy").dropna(
+        subset=["accuracy"])
+    probe["granularity"] = probe["granularity"].map(lambda c: int(c[4:].split("x")[0]))
+    probe = probe.assign(epoch=1, metric="per_axis", seed=0)
+    sim = summary[keys + ["corner_ratio", "border_ratio"]].dropna(subset=["corner_ratio"])
+    an = summary[keys + ["rel_norm_mean"]].dropna(subset=["rel_norm_mean"]).assign(
+        label_source=summary["rel_norm_source"].fillna("").astype(str), rel_norm_std=np.nan)
+    return {"position_probe": probe if len(probe) else None, "token_group_similarity": sim if len(sim) else None,
+            "anomaly_rel_norm": an if len(an) else None}
+
+
 def plot_cross_model(tables_by_model: Mapping[str, Mapping[str, pd.DataFrame | None]], out_stem
                      ) -> tuple[Path, Path]:
     """:func:`cross_model_figure` written to ``<out_stem>.png`` and ``.svg``; returns both paths."""

@@ -4,52 +4,70 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from . import common
 
 
-def label_sources(cfg: dict, model: str) -> dict[str, str | None]:
-    """The anomaly label sources that apply to ``model``: name -> label file (None: computed here).
+def _sources(a: dict) -> list[str]:
+    spec = a["labels"]
+    return [spec] if isinstance(spec, str) else list(spec)
 
-    ``auto`` is the detector; ``paper`` the authors' hand labels, which exist for sd15, sd21 and sdturbo and
-    only mean something on the paper's image set (elsewhere they are skipped, so the table has no ``paper``
-    rows); any other entry is a user's label file, named ``user:<file name>``.
+
+def user_label_files(a: dict) -> list[str]:
+    """The user's label files named in ``anomalies.labels`` (every entry but ``paper`` and ``auto``)."""
+    return [s for s in _sources(a) if s not in ("paper", "auto")]
+
+
+def label_sources(a: dict, model: str, paper_dir: str | Path | None) -> tuple[dict[str, str | None], str | None]:
+    """The anomaly label sources for ``model``: name -> label file (None: computed here), and why the authors'
+    labels are left out (None when they are used or not asked for).
+
+    ``a`` is the ``anomalies`` config section. ``auto`` is the detector; ``paper`` the authors' hand labels, used
+    only when rule ``paper_reference`` found that they apply to this run (``paper_dir``/status.json: their own
+    extraction of sd15, sd21 or sdturbo, or ``paper_reference: force``); any other entry is a user's label file,
+    named ``user:<file name>``.
     """
-    from ..analyses.anomalies import PAPER_LABELS
+    from .paper_reference import paper_file, read_status
 
-    spec = cfg["anomalies"]["labels"]
     out: dict[str, str | None] = {}
-    for src in [spec] if isinstance(spec, str) else spec:
+    skipped = None
+    for src in _sources(a):
         if src == "auto":
             out["auto"] = None
         elif src == "paper":
-            if model in PAPER_LABELS and cfg["dataset"]["source"] == "imagenet_subset":
-                out["paper"] = str(common.PAPER_CACHE / f"high_norm_anomalies_{model}.npy")
+            status = read_status(paper_dir) if paper_dir is not None else {"applies": False,
+                                                                           "reason": "no paper_reference folder"}
+            if status["applies"]:
+                out["paper"] = str(paper_file(paper_dir, model, "labels"))
+            else:
+                skipped = status["reason"]
         else:
             out[f"user:{Path(src).name}"] = src
-    return out
+    return out, skipped
 
 
 def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
-        detector_json: str | Path | None = None) -> Path:
+        detector_json: str | Path | None = None, paper_dir: str | Path | None = None) -> Path:
     import json
+    import logging
 
     import pandas as pd
 
-    from ..analyses.anomalies import (detect_anomalies, fetch_paper_labels, load_label_file, precision_recall,
-                                      relative_norms)
+    from ..analyses.anomalies import detect_anomalies, load_label_file, precision_recall, relative_norms
     from ..store import open_model_stores
 
     a = cfg["anomalies"]
     full, _ = open_model_stores(rep_dirs)
     if a["ref_layer"] not in full.layers:
-        raise ValueError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers`")
+        raise UserError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers`")
     tables, labels = [], {}
-    for source, path in label_sources(cfg, model).items():
+    sources, skipped = label_sources(a, model, paper_dir)
+    if skipped is not None:
+        logging.getLogger(__name__).warning("%s: the authors' hand labels are not used: %s", model, skipped)
+    for source, path in sources.items():
         if path is None:
             labels[source] = detect_anomalies(full, layer=a["ref_layer"], threshold=a["threshold"])
         else:
-            if source == "paper":
-                path = fetch_paper_labels(model, common.PAPER_CACHE)
             labels[source] = load_label_file(path, n_images=full.n_images)
         tables.append(relative_norms(full, labels[source], ref_layer=a["ref_layer"], mode=a["mode"],
                                      label_source=source, model_name=model))
@@ -58,10 +76,13 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
         evals = {f"auto_vs_{s}": precision_recall(labels["auto"], lab)
                  for s, lab in labels.items() if s != "auto" and "auto" in labels}
         summary = {"threshold": a["threshold"], "ref_layer": a["ref_layer"],
-                   "n_labels": {s: int(len(v)) for s, v in labels.items()}, "detector_vs_hand_labels": evals}
+                   "n_labels": {s: int(len(v)) for s, v in labels.items()}, "detector_vs_hand_labels": evals,
+                   "paper_labels": ({"used": "paper" in labels} if skipped is None
+                                    else {"used": False, "reason": skipped})}
         Path(detector_json).write_text(json.dumps(summary, indent=1, default=float))
     return common.write_csv(df, out_csv)
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output.table, smk.output.detector)
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output.table,
+               smk.output.detector, paper_dir=smk.input.paper)

@@ -16,4 +16,4 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output[0])
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output[0])

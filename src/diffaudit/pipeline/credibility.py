@@ -21,4 +21,4 @@ def run(cfg: dict, model: str, table_dir: str | Path, out_csv: str | Path,
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, Path(smk.input[0]).parent, smk.output.table, smk.output.summary)
+    return run(common.task_config(smk), smk.wildcards.model, Path(smk.input[0]).parent, smk.output.table, smk.output.summary)

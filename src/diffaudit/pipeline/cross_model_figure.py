@@ -1,4 +1,5 @@
-"""Rule ``cross_model_figure``: every model's panels overlaid."""
+"""Rule ``cross_model_figure``: every model's panels overlaid, from the per-layer summaries
+(``layer_summary/{model}.csv``, written by rule ``credibility``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,12 +7,13 @@ from pathlib import Path
 from . import common
 
 
-def run(cfg: dict, table_dirs: dict[str, str | Path], out_stem: str | Path) -> None:
-    from ..figures.quantitative import plot_cross_model
+def run(summaries: dict[str, str | Path], out_stem: str | Path) -> None:
+    import pandas as pd
 
-    plot_cross_model({m: common.read_tables(d) for m, d in table_dirs.items()}, out_stem)
+    from ..figures.quantitative import plot_cross_model, tables_from_summary
+
+    plot_cross_model({m: tables_from_summary(pd.read_csv(p)) for m, p in summaries.items()}, out_stem)
 
 
 def from_snakemake(smk):
-    dirs = {Path(p).parent.name: Path(p).parent for p in smk.input}
-    return run(smk.config, dirs, common.stem(smk.output[0]))
+    return run({Path(p).stem: p for p in smk.input}, common.stem(smk.output[0]))

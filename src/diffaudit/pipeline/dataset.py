@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import common
+
 
 def run(cfg: dict, out_dir: str | Path) -> Path:
     from ..datasets import build_dataset
@@ -11,4 +13,4 @@ def run(cfg: dict, out_dir: str | Path) -> Path:
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.output[0])
+    return run(common.task_config(smk), smk.output[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..errors import UserError
 from . import common
 
 
@@ -14,14 +15,12 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
     With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
     (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
     """
-    from ..config import validate
     from ..datasets import load_images, load_index
     from ..extract import ExtractionSettings, run_extraction
     from ..layers import expand_layers
     from ..models import compute_dtype, load_pipeline, model_revision, resolve_model
     from ..store import shard_ranges
 
-    validate(cfg)
     ex = cfg["extraction"]
     settings = ExtractionSettings(mode=ex["mode"], timestep=ex["timestep"], seed=ex["seed"],
                                   batch_size=ex["batch_size"], prompt=ex["prompt"], precision=ex["precision"],
@@ -30,7 +29,7 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
     index = load_index(dataset_dir)
     n_req = int(cfg["dataset"]["n_images"])
     if len(index) < n_req:
-        raise ValueError(f"dataset {dataset_dir} has {len(index)} images but dataset.n_images={n_req}; "
+        raise UserError(f"dataset {dataset_dir} has {len(index)} images but dataset.n_images={n_req}; "
                          "rebuild the dataset or lower dataset.n_images")
     index = index.iloc[:n_req]
     first = 0
@@ -53,4 +52,4 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, smk.input.dataset, smk.output[0], shard=smk.params.shard)
+    return run(common.task_config(smk), smk.wildcards.model, smk.input.dataset, smk.output[0], shard=smk.params.shard)

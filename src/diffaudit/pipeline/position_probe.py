@@ -16,11 +16,13 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
     full, _ = open_model_stores(rep_dirs)
     df = run_probe(full, mode=p["mode"], epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
                    train_frac=p["train_frac"], seed=p["seed"], seeds=p["seeds"], granularities=p["granularities"],
-                   device=common.device(cfg), model_name=model, progress=True)
+                   device=common.device(cfg), model_name=model, progress=True,
+                   class_names=(cfg["dataset"]["imagenet"]["classes"]
+                                if cfg["dataset"]["source"] == "imagenet_subset" else None))
     if summary_csv is not None:
         common.write_csv(summarize_probe(df), summary_csv)
     return common.write_csv(df, out_csv)
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output.table, smk.output.summary)
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output.table, smk.output.summary)

@@ -14,4 +14,4 @@ def run(cfg: dict, model: str, table_dir: str | Path, out_stem: str | Path) -> N
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, Path(smk.input[0]).parent, common.stem(smk.output[0]))
+    return run(common.task_config(smk), smk.wildcards.model, Path(smk.input[0]).parent, common.stem(smk.output[0]))

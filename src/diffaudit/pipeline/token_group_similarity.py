@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from . import common
 
 
@@ -12,7 +13,7 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
 
     full, crops = open_model_stores(rep_dirs)
     if not crops:
-        raise ValueError(f"{full.path} has no cropped variants; set extraction.crops: true and re-extract")
+        raise UserError(f"{full.path} has no cropped variants; set extraction.crops: true and re-extract")
     layers = sorted(set().union(*(c.layers for c in crops.values())), key=full.layers.index)
     df = token_group_similarity(full, crops, layers=layers, mode=cfg["similarity"]["mode"],
                                 image_size=int(cfg["dataset"]["size"]),
@@ -21,4 +22,4 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
 
 
 def from_snakemake(smk):
-    return run(smk.config, smk.wildcards.model, list(smk.input.rep), smk.output[0])
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output[0])
