@@ -11,37 +11,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import copy_repo
 from diffaudit.config import load_config
-from diffaudit.dvcgen import render
 
 pytestmark = pytest.mark.slow
 
-# What a clone of the repository holds that the DVC stages depend on (copied without running git here).
-TRACKED = ["Snakefile", "params.yaml", "config", "workflow", "src", "profiles", ".gitignore", "pyproject.toml"]
 
+def tracked_outputs(root: Path) -> tuple[list[str], list[str]]:
+    """All outputs of the stages as DVC resolves dvc.yaml (outs, metrics, plots), and those kept out of the DVC
+    cache (cache: false)."""
+    from dvc.repo import Repo
 
-def copy_repo(dst: Path) -> Path:
-    for name in TRACKED:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-    return dst
-
-
-def tracked_outputs(dvc_yaml: Path) -> tuple[list[str], list[str]]:
-    """All outputs of dvc.yaml (outs, metrics, plots), and those kept out of the DVC cache (cache: false)."""
     every, uncached = [], []
-    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                path, opts = (next(iter(entry.items())) if isinstance(entry, dict) else (entry, {}))
-                every.append(path)
-                if opts and opts.get("cache") is False:
-                    uncached.append(path)
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            for out in stage.outs:
+                every.append(out.def_path)
+                if not out.use_cache:
+                    uncached.append(out.def_path)
     return every, uncached
 
 
@@ -63,7 +50,6 @@ def test_push_then_pull_into_a_fresh_clone(tmp_path):
     cfg["dataset"]["n_images"] = 6
     cfg["dataset"]["size"] = 256  # small images: this test is about moving results, not about the numbers
     (origin / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (origin / "dvc.yaml").write_text(render(["params.yaml"], root=origin))
     store = tmp_path / "dvc-store"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -75,13 +61,12 @@ def test_push_then_pull_into_a_fresh_clone(tmp_path):
         return proc.stdout + proc.stderr
 
     # --- compute and push -------------------------------------------------------------------
-    run(origin, "git", "init", "-q")
-    run(origin, "dvc", "init", "-q")
+    run(origin, "git", "init", "-q")  # the repository carries .dvc/: no `dvc init`
     run(origin, "git", "add", "-A")
     run(origin, "git", "commit", "-qm", "demo")
-    assert "Running stage 'extract-mini'" in run(origin, "dvc", "repro")
+    assert "Running stage 'extract@mini'" in run(origin, "dvc", "repro")
     run(origin, "dvc", "remote", "add", "-d", "store", str(store))
-    outputs, uncached = tracked_outputs(origin / "dvc.yaml")
+    outputs, uncached = tracked_outputs(origin)
     assert not uncached  # every output (metrics too) goes through the DVC cache: results/ is git-ignored
     run(origin, "git", "add", "-A")
     run(origin, "git", "commit", "-qm", "results")

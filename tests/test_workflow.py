@@ -1,4 +1,5 @@
 """End-to-end: the Snakemake workflow on a fresh copy of the repository, offline."""
+import json
 import os
 import subprocess
 import sys
@@ -104,7 +105,15 @@ def test_offline_demo(repo_copy, tmp_path):
                  "mini/qualitative_norms", "mini/qualitative_pca"]:
         for ext in (".png", ".svg"):
             assert (figures / (stem + ext)).stat().st_size > 1000, stem + ext
-    assert not (tables / "paper_comparison.csv").exists()  # no published numbers for the mini model
+    # no published numbers or hand labels for the mini model: the comparison is empty and every place says why
+    assert pd.read_csv(tables / "paper_comparison.csv").empty
+    status = json.loads((tables / "paper_reference" / "status.json").read_text())
+    assert not status["applies"] and "model 'mini' is not one of the authors' models" in status["reason"]
+    detector = json.loads((tables / "anomaly_detector.json").read_text())
+    assert detector["paper_labels"] == {"used": False, "reason": status["reason"]}
+    # every job has its log
+    logs = repo_copy / "results" / "demo" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"extract", "position_probe", "anomalies", "dataset.log"}
 
     # a user label file: only the anomaly analysis re-runs
     labels = tmp_path / "my_labels.npy"
@@ -153,7 +162,7 @@ def test_sharded_extraction_gives_the_same_tables(repo_copy, mini_dir, image_fol
     """extraction.shards splits the images into batch-aligned jobs; the analyses read them as one dataset."""
     imgs = image_folder(6, 256)
     base = {"models": ["mini"], "model_sources": {"mini": str(mini_dir)},
-            "dataset": {"source": "folder", "path": str(imgs), "n_images": 6, "size": 256},
+            "dataset": {"source": "folder", "path": str(imgs), "n_images": 6, "size": 256, "min_side": 0},
             "extraction": {"batch_size": 2}}
     tables = {}
     for shards in (1, 3):
@@ -162,8 +171,8 @@ def test_sharded_extraction_gives_the_same_tables(repo_copy, mini_dir, image_fol
         snakemake(repo_copy, "params.yaml", write_yaml(tmp_path / f"s{shards}.yaml", cfg))
         tables[shards] = {name: pd.read_csv(out / "mini" / f"{name}.csv") for name in
                           ["position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers"]}
-    assert sorted(p.name for p in (tmp_path / "out3" / "mini").glob("representations*")) == [
-        "representations_shard1of3", "representations_shard2of3", "representations_shard3of3"]
+    assert sorted(p.name for p in (tmp_path / "out3" / "mini" / "representations").iterdir()) == [
+        "shard1of3", "shard2of3", "shard3of3"]
     for name, df in tables[1].items():
         pd.testing.assert_frame_equal(df, tables[3][name], check_exact=True, obj=name)
     assert len(tables[1]["position_probe"]) > 0
@@ -174,7 +183,7 @@ def test_kill_9_during_snakemake_extraction_then_rerun(repo_copy, mini_dir, imag
     stores and give tables and stores identical to an uninterrupted run."""
     imgs = image_folder(8, 256)
     cfg = {"models": ["mini"], "model_sources": {"mini": str(mini_dir)},
-           "dataset": {"source": "folder", "path": str(imgs), "n_images": 8, "size": 256},
+           "dataset": {"source": "folder", "path": str(imgs), "n_images": 8, "size": 256, "min_side": 0},
            "extraction": {"batch_size": 2}}
     ref = write_yaml(tmp_path / "ref.yaml", {**cfg, "results_dir": str(tmp_path / "ref")})
     snakemake(repo_copy, "params.yaml", ref)

@@ -22,6 +22,10 @@ class UserError(DiffauditError, ValueError):
     """A bad value in the configuration or the arguments (also a ValueError, for callers that catch those)."""
 
 
+class MissingInputError(DiffauditError, FileNotFoundError):
+    """An input the user must produce first (a store, a variant) is not there; the message says how."""
+
+
 def run_task(fn, *args, log: str | Path | None = None, **kwargs):
     """Run a workflow task or command; a user error exits with status 1 and one line naming the file or key.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .errors import DiffauditError
+from .errors import DiffauditError, MissingInputError, UserError
 from .layers import group_name
 
 STORE_FORMAT = "diffaudit-repr/1"
@@ -167,7 +167,7 @@ class ReprStore:
     def __init__(self, path: str | Path, *, require_complete: bool = True):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"representation store {self.path} does not exist")
+            raise MissingInputError(f"representation store {self.path} does not exist; run the extraction first")
         self.root = zarr.open_group(str(self.path), mode="r")
         self.attrs = dict(self.root.attrs)
         if self.attrs.get("format") != STORE_FORMAT:
@@ -327,7 +327,7 @@ def shard_ranges(n_images: int, batch_size: int, n_shards: int) -> list[tuple[in
     """Image ranges of ``n_shards`` shards, cut at batch boundaries (so paper-mode noise is unchanged)."""
     n_batches = -(-n_images // batch_size)
     if not 1 <= n_shards <= n_batches:
-        raise ValueError(f"extraction.shards={n_shards} must be between 1 and the number of batches ({n_batches})")
+        raise UserError(f"extraction.shards={n_shards} must be between 1 and the number of batches ({n_batches})")
     cuts = [k * n_batches // n_shards for k in range(n_shards + 1)]
     return [(min(a * batch_size, n_images), min(b * batch_size, n_images)) for a, b in zip(cuts, cuts[1:])]
 

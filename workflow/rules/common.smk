@@ -11,10 +11,10 @@ from diffaudit.store import representation_parts, shard_ranges
 try:
     validate(config)
     for _m in config["models"]:
-        if _m not in config["model_sources"]:
+        resolve_model(_m, config["model_sources"])
+        if _m not in config["model_sources"]:  # DVC's stages track each model's registry entry
             raise DiffauditError(f"models: {_m!r} is not a key of model_sources; register it there "
                                  "(as a hub id with a revision, or a local diffusers directory)")
-        resolve_model(_m, config["model_sources"])
     N_SHARDS = config["extraction"]["shards"]
     shard_ranges(config["dataset"]["n_images"], config["extraction"]["batch_size"], N_SHARDS)
 except (DiffauditError, ValueError) as _e:

@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import reference as _ref
-from ..errors import DiffauditError
+from ..errors import DiffauditError, UserError
 from ..store import ReprStore
 
 REF_LAYER = "up_blocks[1].upsamplers[0]"
@@ -40,23 +39,9 @@ PREVALENCE_COLUMNS = ["n_images", "n_images_with_anomalies"]
 ANOMALY_TABLE_COLUMNS = RELNORM_COLUMNS + PREVALENCE_COLUMNS
 MODES = ("paper", "corrected")
 
-_LABEL_COMMIT = "1230d5395ce8f321eac557da56f0934dfd7cfc63"
-# model -> (URL, sha256) of the authors' hand labels; derived from the one registry in reference.py.
-PAPER_LABELS: dict[str, tuple[str, str]] = {
-    m: (f"{_ref.URL_BASE}/{path}", sha) for (m, kind), (path, sha) in _ref.PAPER_FILES.items() if kind == "labels"
-}
-
 
 class LabelFileError(DiffauditError, ValueError):
     """A label file (or label array) is malformed."""
-
-
-class LabelFetchError(DiffauditError, RuntimeError):
-    """The authors' label file could not be obtained."""
-
-
-class LabelChecksumError(LabelFetchError):
-    """A downloaded or cached label file does not have the expected sha256."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,20 +94,6 @@ def load_label_file(path, n_images: int | None = None, grid: int = DEFAULT_REF_G
         raise LabelFileError(f"{path}: cannot read as .npy ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
     return validate_labels(arr, n_images=n_images, grid=grid, source=str(path))
-
-
-def fetch_paper_labels(model: str, cache_dir, timeout: float = 60.0) -> Path:
-    """The authors' label file for ``model`` (sd15, sd21, sdturbo) in ``cache_dir``, downloaded if needed.
-
-    See :func:`diffaudit.reference.download_verified`: a cached file whose sha256 matches is used as is; otherwise
-    the download is verified (:class:`LabelChecksumError` on mismatch) and moved into place atomically.
-    """
-    if model not in PAPER_LABELS:
-        raise LabelFetchError(f"no paper labels for model {model!r}; the authors labelled {sorted(PAPER_LABELS)}")
-    url, sha = PAPER_LABELS[model]
-    return _ref.download_verified(url, Path(cache_dir) / f"high_norm_anomalies_{model}.npy", sha, timeout=timeout,
-                                  what="labels for the `paper` label source", fetch_error=LabelFetchError,
-                                  checksum_error=LabelChecksumError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +210,7 @@ def detect_anomalies(store: ReprStore, layer: str = REF_LAYER, threshold: float 
         raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
     _, _, h, w = store.shape(layer)
     if h % 2 or w % 2:
-        raise ValueError(f"detect_anomalies needs an even-sized map for 2x2 blocks, {layer!r} is {h}x{w}")
+        raise UserError(f"detect_anomalies needs an even-sized map for 2x2 blocks, {layer!r} is {h}x{w}; choose another anomalies.ref_layer")
     it = store.iter_chunks(layer, chunk_images=chunk_images, dtype=np.float32)
     if progress:
         from tqdm.auto import tqdm

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..store import ReprStore
 
 PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
@@ -127,7 +128,7 @@ def _layer_geometry(store: ReprStore, layer: str) -> tuple[int, int, int]:
         raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
     n_img, c, h, w = store.shape(layer)
     if h != w:
-        raise ValueError(f"probe needs square maps, but layer {layer!r} is {h}x{w} (H x W) in {store.path}")
+        raise UserError(f"probe needs square maps, but layer {layer!r} is {h}x{w} (H x W) in {store.path}")
     return n_img, c, h
 
 
@@ -265,7 +266,7 @@ def probe_splits(store: ReprStore, mode: str = "paper", train_frac: float = 0.8,
     n_img = store.n_images
     n_train_img = int(train_frac * n_img)
     if not 0 < n_train_img < n_img:
-        raise ValueError(f"train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
+        raise UserError(f"probe.train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
                          f"{n_img - n_train_img} test images; both must be >= 1")
     return _describe_splits(_store_labels(store), _image_splits(n_img, n_train_img, mode, seed, seeds), mode,
                             class_names, model_name, train_frac)
@@ -312,7 +313,7 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
     n_img = store.n_images
     n_train_img = int(train_frac * n_img)
     if not 0 < n_train_img < n_img:
-        raise ValueError(f"train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
+        raise UserError(f"probe.train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
                          f"{n_img - n_train_img} test images; both must be >= 1")
     dev = _resolve_device(device)
     splits = _image_splits(n_img, n_train_img, mode, seed, seeds)

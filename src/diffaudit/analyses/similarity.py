@@ -55,6 +55,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import MissingInputError, UserError
+
 GROUPS: tuple[str, ...] = ("corner", "border", "other")
 MAP_SETS: tuple[str, ...] = ("cropped_image", "full_image_ring_removed")
 EPS = 1e-12  # as torch.nn.functional.normalize
@@ -329,9 +331,9 @@ def _resolve_crop(crops, token_size: int, layer: str, n: int):
         try:
             store = crops(token_size)
         except (FileNotFoundError, KeyError) as e:
-            raise FileNotFoundError(f"crop store variant {variant!r} needed by {where} is missing: {e}") from e
+            raise MissingInputError(f"crop store variant {variant!r} needed by {where} is missing ({e}); set extraction.crops: true and re-extract") from e
         if store is None:
-            raise FileNotFoundError(f"crop store variant {variant!r} needed by {where} is missing")
+            raise MissingInputError(f"crop store variant {variant!r} needed by {where} is missing; set extraction.crops: true and re-extract")
         return store
     if token_size not in crops:
         raise KeyError(f"no crop store variant {variant!r} for {where}; available: "
@@ -360,7 +362,7 @@ def group_similarity_matrix(full, crop, layer: str, count_quirk: bool = True,
         raise KeyError(f"layer {layer!r} not in the full store {full.path}")
     nimg, c, n, w = full.shape(layer)
     if n != w:
-        raise ValueError(f"{layer}: non-square map {n}x{w}")
+        raise UserError(f"{layer}: non-square map {n}x{w}; the corner analysis needs square maps (remove the layer from `layers`)")
     variant = getattr(crop, "path", "crop store")
     if layer not in crop.layers:
         raise KeyError(f"layer {layer!r} missing from crop store {variant}")

@@ -41,7 +41,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from ..analyses.anomalies import REF_LAYER, detect_anomalies, reference_grid, validate_labels
 from ..datasets import load_images, load_index
-from ..errors import DiffauditError
+from ..errors import DiffauditError, UserError
 from ..store import ReprStore
 
 DPI = 150
@@ -466,7 +466,7 @@ def plot_norm_maps(store: ReprStore, dataset_dir, out_stem, layer: str = REF_LAY
         color = LABEL_COLOR
     else:
         if h % 2 or w % 2:
-            raise ValueError(f"automatic detection needs an even-sized map, {layer} is {h}x{w}; pass labels")
+            raise UserError(f"automatic detection needs an even-sized map, {layer} is {h}x{w}; choose another anomalies.ref_layer")
         det = detect_anomalies(store, layer, threshold=threshold)
         boxes = anomaly_boxes(det, h, h)
         source = (f"automatic detector (2x2 block mean norm > {threshold:g} x image median norm): "
