@@ -43,6 +43,14 @@ def test_the_paper_run_is_recognised_and_every_other_setting_is_named():
     assert not verdict(merge(PAPER, {"paper_reference": "force"}), "mini")["applies"]  # nothing to force
 
 
+def test_the_extraction_must_have_run_like_the_authors():
+    """Paper-mode noise comes from the device's generator: a CPU extraction draws other noise for seed 42."""
+    assert verdict(PAPER, "sd15", extraction={"device": "cuda:0", "compute_dtype": "float16"})["applies"]
+    v = verdict(PAPER, "sd15", extraction={"device": "cpu", "compute_dtype": "float32"})
+    assert not v["applies"] and len(v["differences"]) == 2
+    assert "ran on cpu" in v["reason"] and "computed in float32" in v["reason"]
+
+
 def test_label_sources_follow_the_verdict(tmp_path):
     a = PAPER["anomalies"]
     ok = write_status(tmp_path / "ok", PAPER, "sd15")

@@ -5,8 +5,9 @@ on one extraction: their model, ``paper`` mode (sdhelper 1.0.0's recipe), seed 4
 prompt, and their 500 ImageNet images (5 classes x 100, short side >= 350 px, hub-stream order) at 512 px.
 On any other extraction the labels point at other images or other noise, and a "relative norm of the labelled
 patches" or a "difference to the paper" is meaningless. :func:`differences` lists, one phrase per setting, how
-a configuration differs from that run; the ``paper_reference`` rule records the verdict in ``status.json`` and
-every consumer reads it from there (see docs/method.md §6).
+a configuration (and the extraction's recorded device and precision) differs from that run; the
+``paper_reference`` rule records the verdict in ``status.json`` and every consumer reads it from there (see
+docs/method.md §6).
 
 ``paper_reference: force`` in the configuration uses the authors' files anyway (the differences are still
 recorded, as a warning).
@@ -61,10 +62,16 @@ def model_id(entry) -> str | None:
     return entry
 
 
-def differences(cfg: dict, model: str, source=None) -> list[str]:
+#: What the authors' extraction ran on, as the stores record it (``device``, ``compute_dtype``): paper-mode noise
+#: comes from the device's generator (a CPU draws other numbers for the same seed), in float16.
+PAPER_COMPUTE = {"device": "cuda", "compute_dtype": "float16"}
+
+
+def differences(cfg: dict, model: str, source=None, extraction: dict | None = None) -> list[str]:
     """How this run differs from the authors' extraction of ``model`` (empty: it is that run).
 
-    ``source`` is the model's ``model_sources`` entry (default: looked up in ``cfg``).
+    ``source`` is the model's ``model_sources`` entry (default: looked up in ``cfg``); ``extraction`` the
+    provenance a store recorded (its attributes): then the device and precision it really ran with count too.
     """
     if model not in PAPER_MODEL_IDS:
         return [f"model {model!r} is not one of the authors' models ({', '.join(PAPER_MODEL_IDS)})"]
@@ -84,12 +91,21 @@ def differences(cfg: dict, model: str, source=None) -> list[str]:
             same = got == want and type(got) is type(want)
         if not same:
             out.append(f"{key} is {got!r} (the authors' run: {want!r})")
+    if extraction is not None:
+        device = str(extraction.get("device", "?"))
+        if not device.startswith(PAPER_COMPUTE["device"]):
+            out.append(f"the extraction ran on {device} (the authors' run: a CUDA GPU, whose generator draws "
+                       "the paper-mode noise)")
+        dtype = str(extraction.get("compute_dtype", "?"))
+        if dtype != PAPER_COMPUTE["compute_dtype"]:
+            out.append(f"the extraction computed in {dtype} (the authors' run: {PAPER_COMPUTE['compute_dtype']})")
     return out
 
 
-def verdict(cfg: dict, model: str, source=None) -> dict:
-    """``{"applies", "forced", "differences", "reason"}`` for ``model`` under ``cfg`` (see module docstring)."""
-    diffs = differences(cfg, model, source)
+def verdict(cfg: dict, model: str, source=None, extraction: dict | None = None) -> dict:
+    """``{"applies", "forced", "differences", "reason"}`` for ``model`` under ``cfg`` (see module docstring;
+    ``extraction``: the stores' recorded provenance, see :func:`differences`)."""
+    diffs = differences(cfg, model, source, extraction)
     known = model in PAPER_MODEL_IDS
     forced = cfg.get("paper_reference") == "force" and known and bool(diffs)
     applies = known and (not diffs or forced)

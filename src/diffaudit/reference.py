@@ -243,7 +243,7 @@ _SEG = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
 
 
 def paper_layer_shape(name: str, image_size: int = 512) -> tuple[int, int] | None:
-    """(channels, spatial) of a U-Net layer output of the SD-1.5 / SD-2.x U-Net (METHOD.md table 1.3).
+    """(channels, spatial) of a U-Net layer output of the SD-1.5 / SD-2.x U-Net (docs/method.md §1.3).
 
     Handles conv_in / conv_out, ``{down,up}_blocks[i].{resnets,attentions,downsamplers,upsamplers}[j]``,
     ``mid_block.*`` and the block outputs ``down_blocks[i]``, ``mid_block``, ``up_blocks[i]``; spatial scales

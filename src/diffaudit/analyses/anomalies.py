@@ -1,6 +1,6 @@
 """High-norm anomalies: relative token norm of labelled 2x2 patches across layers, label files, a detector.
 
-Labels (paper spec, METHOD.md 3.3) are int arrays of shape (K, 3) with rows ``(image_index, x, y)``, x = column
+Labels (docs/method.md §3.3.1) are int arrays of shape (K, 3) with rows ``(image_index, x, y)``, x = column
 and y = row on the 32 x 32 grid of ``up_blocks[1].upsamplers[0]`` (the reference layer), each the upper-left token
 of an even-aligned 2 x 2 patch, as in the authors' ``high_norm_anomalies_{model}.npy`` files.
 
@@ -199,7 +199,7 @@ def detect_anomalies(store: ReprStore, layer: str = REF_LAYER, threshold: float 
     sorted by (image, x, y).
 
     Default threshold 2.0: the anomalies the authors labelled at this layer have mean relative norms of 3.8
-    (SD-1.5) and 2.6 (SD-Turbo) times the image's MEAN token norm (METHOD.md 3.3), and the median of the
+    (SD-1.5) and 2.6 (SD-Turbo) times the image's MEAN token norm (docs/method.md §3.3.3), and the median of the
     right-skewed norm map is at most about its mean, so 2x the median catches the typical labelled anomaly while a
     smooth norm map (spread well below 2x) yields no block. The median makes the reference robust to the
     anomalies themselves. Weak anomalies (SD-2.1's labels are only 1.5x the mean) need a lower threshold.

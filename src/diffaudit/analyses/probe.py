@@ -1,6 +1,6 @@
 """Positional linear probe: can a token's (row, column) be read out linearly from its feature vector?
 
-Method (paper spec, METHOD.md 3.1). For every layer with an n x n map of C channels, one sample is one token
+Method (docs/method.md §3.1). For every layer with an n x n map of C channels, one sample is one token
 (its C-dim feature vector, stored as float16, cast to float32, **no normalisation**), flattened in the order
 (image, row, column); its label is (row, column). The probe is a single ``nn.Linear(C, 2n)`` whose logits are
 viewed as ``(batch, n, 2)``: logit ``2i + a`` scores class i on axis a (a = 0 row, a = 1 column). The loss is

@@ -1,6 +1,6 @@
 """Token-group (corner / border / other) cosine similarity: cropped image vs full image ring removed.
 
-Method (paper spec, METHOD.md 3.2). For a layer with an n x n map (token size t = image_size // n) there are two
+Method (docs/method.md §3.2). For a layer with an n x n map (token size t = image_size // n) there are two
 representation stores: ``full`` (n x n maps) and ``crop<t>`` (the image cropped by one token ring, m x m maps,
 m = n - 2). Both are compared on the m-grid:
 

@@ -1,7 +1,7 @@
-"""Qualitative figures (METHOD.md 4.2): token similarity, corner artifacts, high-norm anomalies, PCA maps.
+"""Qualitative figures (docs/method.md §4.2): token similarity, corner artifacts, high-norm anomalies, PCA maps.
 
 The authors' qualitative panels come from their interactive Representation Similarity Explorer, not from code in
-their repository (METHOD.md 6.1). These functions draw static equivalents from a representation store and its
+their repository (docs/method.md §6.1). These functions draw static equivalents from a representation store and its
 dataset:
 
 * :func:`plot_token_similarity` -- cosine similarity of one reference token to every token of several images

@@ -1,4 +1,4 @@
-"""The paper's quantitative figure (METHOD.md 4.1): probe accuracy, corner/border similarity, anomaly norm per layer.
+"""The paper's quantitative figure (docs/method.md §4.1): probe accuracy, corner/border similarity, anomaly norm per layer.
 
 :func:`plot_quantitative` draws one model: three panels over the layers (x = ``layer_index``), sharing the x axis:
 

@@ -30,7 +30,7 @@ def run(model: str, table_dir: str | Path, paper_dir: str | Path, out_csv: str |
                                             status["reason"])
         paper = None
         common.write_csv(pd.DataFrame(columns=COMPARISON_COLUMNS), out_csv)
-        title = f"{model}: no published numbers apply ({status['reason']})"
+        title = f"{model}: no published numbers apply\n({status['reason']})"
     plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], out_stem,
                       model=title, reference=paper)
 

@@ -1,8 +1,8 @@
 """Rule ``paper_reference``: the authors' published files for one model, and whether they apply to this run.
 
 Writes ``{results_dir}/{model}/paper_reference/``: ``status.json`` (the verdict of
-:func:`diffaudit.paper_run.verdict`: ``applies``, ``forced``, ``differences``, ``reason``, and the sha256 of each
-file) and, when the files apply, copies of the authors' files (per-layer numbers and hand labels), each
+:func:`diffaudit.paper_run.verdict` on the configuration and on the device and precision the extraction
+recorded: ``applies``, ``forced``, ``differences``, ``reason``, and the sha256 of each file) and, when the files apply, copies of the authors' files (per-layer numbers and hand labels), each
 sha256-checked. They are downloaded once into ``resources/paper`` (or put there beforehand by
 ``diffaudit prefetch``); offline with that cache empty the rule stops with one line naming ``diffaudit prefetch``.
 """
@@ -31,12 +31,19 @@ def paper_file(paper_dir: str | Path, model: str, kind: str) -> Path:
     return Path(paper_dir) / cache_name(model, kind)
 
 
-def run(cfg: dict, model: str, out_dir: str | Path, cache_dir: str | Path = common.PAPER_CACHE,
-        url_base: str | None = None) -> Path:
+def run(cfg: dict, model: str, out_dir: str | Path, rep_dirs: list | None = None,
+        cache_dir: str | Path = common.PAPER_CACHE, url_base: str | None = None) -> Path:
+    """The verdict for ``model`` (with ``rep_dirs``: on the extraction as its stores recorded it) and, where the
+    authors' files apply, those files, into ``out_dir``."""
     from ..paper_run import verdict
     from ..reference import KINDS, PAPER_FILES, ReferenceFetchError, fetch
 
-    status = verdict(cfg, model, cfg["model_sources"][model])
+    extraction = None
+    if rep_dirs:
+        from ..store import open_model_stores
+
+        extraction = dict(open_model_stores(rep_dirs)[0].attrs)
+    status = verdict(cfg, model, cfg["model_sources"][model], extraction)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -65,4 +72,4 @@ def run(cfg: dict, model: str, out_dir: str | Path, cache_dir: str | Path = comm
 
 
 def from_snakemake(smk):
-    return run(common.task_config(smk), smk.wildcards.model, smk.output[0])
+    return run(common.task_config(smk), smk.wildcards.model, smk.output[0], rep_dirs=list(smk.input.rep))
