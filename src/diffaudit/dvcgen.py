@@ -154,7 +154,7 @@ EXTRA_RULES = {"extract": ["build_mini"]}
 STAGES: dict[str, tuple[bool, list[str], list[str], list[str]]] = {
     "dataset": (False, [], ["dataset"], [f"{R}/dataset"]),
     "extract": (True, [f"{R}/dataset"], ["layers", "extraction", "dataset", "mini", "model_source"], [REPR]),
-    "paper_reference": (True, [], ["paper_reference", "extraction", "dataset", "model_source"], [PAPER_REF]),
+    "paper_reference": (True, [REPR], ["paper_reference", "extraction", "dataset", "model_source"], [PAPER_REF]),
     "position_probe": (True, [REPR], ["probe", "extraction.device", "dataset.source", "dataset.imagenet.classes"],
                        [f"{R}/{M}/position_probe.csv", f"{R}/{M}/position_probe_summary.csv"]),
     "token_group_similarity": (True, [REPR], ["similarity", "dataset.size"], [f"{R}/{M}/token_group_similarity.csv"]),
