@@ -1,4 +1,7 @@
-"""Token-group similarity: group-sum algorithm vs brute force, count quirk vs published numbers, store API."""
+"""Token-group similarity: group-sum algorithm vs brute force, count quirk vs published numbers, store API.
+
+The brute-force reference is written here, independently of the module under test: plain numpy token x token
+cosine matrices per image, the groups as explicit token lists, the counts from the method's definition."""
 from __future__ import annotations
 
 
@@ -10,8 +13,6 @@ from diffaudit.analyses.similarity import (
     COLUMNS,
     GROUPS,
     GroupSimilarityAccumulator,
-    brute_force_group_similarity,
-    brute_force_token_group_similarity,
     group_similarity_matrix,
     group_sums,
     pair_counts,
@@ -22,6 +23,90 @@ from conftest import shared_reference
 from diffaudit.store import ReprStore, StoreWriter
 
 REFERENCE = shared_reference()
+
+
+# ---------------------------------------------------------------------------------------------
+# brute-force reference (plain numpy; shares nothing with diffaudit.analyses.similarity)
+# ---------------------------------------------------------------------------------------------
+
+def _ref_groups(m: int) -> list[np.ndarray]:
+    """Flat token indices on an m x m grid: the 4 corners, the 4 edge strips without corners, the interior."""
+    corner, border, other = [], [], []
+    for r in range(m):
+        for c in range(m):
+            edges = (r in (0, m - 1)) + (c in (0, m - 1))
+            (corner if edges == 2 else border if edges == 1 else other).append(r * m + c)
+    return [np.array(g) for g in (corner, border, other)]
+
+
+def _ref_cosines(maps) -> np.ndarray:
+    """(N, C, s, s) -> (N, s*s, s*s) float64 token x token cosine matrices; a zero token has cosine 0 with all."""
+    x = np.asarray(maps, dtype=np.float64)
+    tokens = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)  # (N, T, C)
+    norm = np.sqrt((tokens ** 2).sum(-1, keepdims=True))
+    unit = tokens / np.maximum(norm, 1e-12)
+    return unit @ unit.transpose(0, 2, 1)
+
+
+def brute_force_group_similarity(maps, count_quirk: bool = True, n: int | None = None) -> np.ndarray:
+    """3x3 R[i, j] = (sum of cos over ordered token pairs of groups i x j, all images - self) / (pairs - self).
+
+    Corrected counts (``count_quirk=False``): exactly the off-diagonal pairs of the m-grid, the self pairs' actual
+    cosines removed. The authors' counts (``count_quirk=True``): pair and self counts of the groups on the full
+    n-grid (n = m + 2 unless given), self cosines taken as 1.
+    """
+    sim = _ref_cosines(maps)
+    nimg, m = sim.shape[0], int(round(np.sqrt(sim.shape[1])))
+    groups = _ref_groups(m)
+    size = (m + 2 if n is None else int(n)) if count_quirk else m
+    k = [len(g) for g in _ref_groups(size)] if count_quirk else [len(g) for g in groups]
+    r = np.full((3, 3), np.nan)
+    for i, gi in enumerate(groups):
+        for j, gj in enumerate(groups):
+            total = sim[:, gi][:, :, gj].sum()
+            count = k[i] * k[j] * nimg
+            if i != j:
+                self_count, subtract = 0, 0.0
+            elif count_quirk:
+                self_count = subtract = k[i] * nimg
+            else:
+                self_count, subtract = k[i] * nimg, sim[:, gi, gi].sum()
+            if count != self_count:
+                r[i, j] = (total - subtract) / (count - self_count)
+    return r
+
+
+def brute_force_token_group_similarity(full_maps, crop_maps, count_quirk: bool = True) -> dict[str, np.ndarray]:
+    """R of the cropped image's maps and of the full image's maps with the outer token ring removed."""
+    n = np.asarray(full_maps).shape[-1]
+    assert np.asarray(crop_maps).shape[-1] == n - 2
+    return {"cropped_image": brute_force_group_similarity(crop_maps, count_quirk, n),
+            "full_image_ring_removed": brute_force_group_similarity(np.asarray(full_maps)[..., 1:-1, 1:-1],
+                                                                    count_quirk, n)}
+
+
+def test_reference_groups_and_counts():
+    assert [len(g) for g in _ref_groups(6)] == [4, 16, 16]
+    assert list(_ref_groups(3)[0]) == [0, 2, 6, 8] and list(_ref_groups(3)[2]) == [4]
+    # one image of identical tokens: every cosine is 1, so R = 1 wherever pairs exist (corrected counts)
+    x = np.ones((1, 3, 5, 5))
+    np.testing.assert_allclose(brute_force_group_similarity(x, count_quirk=False), 1.0)
+
+
+@pytest.mark.parametrize("count_quirk", [True, False])
+def test_module_brute_force_matches_the_reference(count_quirk):
+    """The module's own brute force (used by its benchmarks) agrees with the independent reference."""
+    from diffaudit.analyses import similarity as sim
+
+    rng = np.random.default_rng(21)
+    full = (rng.normal(size=(3, 6, 8, 8)) + 0.3).astype(np.float32)
+    crop = (rng.normal(size=(3, 6, 6, 6)) + 0.3).astype(np.float32)
+    np.testing.assert_allclose(sim.brute_force_group_similarity(crop, count_quirk),
+                               brute_force_group_similarity(crop, count_quirk), atol=1e-6)
+    ours, ref = (sim.brute_force_token_group_similarity(full, crop, count_quirk),
+                 brute_force_token_group_similarity(full, crop, count_quirk))
+    for k in ref:
+        np.testing.assert_allclose(ours[k], ref[k], atol=1e-6)
 
 
 def _fast_matrix(x, count_quirk, n=None):

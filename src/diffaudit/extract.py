@@ -16,22 +16,31 @@ Two fidelity modes (see ``DESIGN.md``):
 Variants: ``full`` (all layers on the full images) and one ``crop<t>`` per token size ``t`` present in
 the chosen layers (images cropped by one token ring, keeping only the layers of that resolution), as the
 corner/border control needs.
+
+Footprint: before the first batch, :func:`run_extraction` computes the bytes its stores will hold (layer
+channels x height x width x images x itemsize per variant, the shapes from one batch-1 U-Net pass per variant on
+a zero latent, plus the stores' shard indexes and metadata; a resumed run counts only what is left), logs it and
+stops with :class:`InsufficientDiskSpaceError` when the target file system lacks the space.
+``python -m diffaudit.extract`` prints the paper run's footprint per model (docs/footprint.md).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import DiffauditError
 from .layers import resolve_layers
-from .store import StoreWriter, store_path
+from .store import STORE_FORMAT, StoreWriter, fingerprint, store_path
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,22 @@ class ExtractionSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+class InsufficientDiskSpaceError(DiffauditError, OSError):
+    """The extraction's stores would not fit on the target file system; the message says what to do."""
+
+
+@contextmanager
+def deterministic_cudnn():
+    """cuDNN deterministic and without benchmark autotuning for the duration; the previous flags are restored
+    afterwards (as the probe does). The flags only act on CUDA; elsewhere this is a no-op in effect."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def crop_image(img, token_px: int):
     """Remove exactly one token ring: ``img.crop((t, t, S - t, S - t))``."""
     w, h = img.size
@@ -78,10 +103,12 @@ class Extractor:
         self.dtype = pipe.unet.dtype
         # sdhelper noises with a DDIM scheduler rebuilt from the model's scheduler config, for every model.
         self.ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+        # ``scale_model_input`` of the pipeline's scheduler, on a private copy: Euler keeps the step index of the
+        # first timestep it is called with, so a shared scheduler would carry it over between extractors.
+        self.scheduler = copy.deepcopy(pipe.scheduler)
         self._prompt_cache: dict[int, torch.Tensor] = {}
-        if self.device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        vae_factor = getattr(pipe, "vae_scale_factor", None)
+        self.vae_factor = int(vae_factor or 2 ** (len(pipe.vae.config.block_out_channels) - 1))
 
     # -- pieces ----------------------------------------------------------------------------------
     def prompt_embeds(self, batch: int) -> torch.Tensor:
@@ -126,7 +153,7 @@ class Extractor:
             lat = vae.encode(x.to(dtype=vae.dtype)).latent_dist.sample().to(dtype=self.dtype) * sf
             noise = torch.randn_like(lat[None, 0]).expand(lat.shape)
             lat = self.ddim.add_noise(lat, noise, t)
-            lat = self.pipe.scheduler.scale_model_input(lat, t)
+            lat = self.scheduler.scale_model_input(lat, t)
         else:
             lat = vae.encode(x.to(dtype=vae.dtype)).latent_dist.mean.to(dtype=self.dtype) * sf
             factor = x.shape[-1] // lat.shape[-1]
@@ -150,15 +177,48 @@ class Extractor:
                 captured[name] = out.detach().to("cpu", dtype=out_dtype or out.dtype)
             return hook
 
-        lat, t = self.latents(images, image_indices, crop_px=crop_px, full_size=full_size)
-        emb = self.prompt_embeds(len(images))
-        handles = [self.modules[name].register_forward_hook(make_hook(name)) for name in layers]
-        try:
-            self.pipe.unet(lat, t, encoder_hidden_states=emb)
-        finally:
-            for h in handles:
-                h.remove()
+        with deterministic_cudnn():
+            lat, t = self.latents(images, image_indices, crop_px=crop_px, full_size=full_size)
+            emb = self.prompt_embeds(len(images))
+            handles = [self.modules[name].register_forward_hook(make_hook(name)) for name in layers]
+            try:
+                self.pipe.unet(lat, t, encoder_hidden_states=emb)
+            finally:
+                for h in handles:
+                    h.remove()
         return {name: captured[name] for name in layers}
+
+    @torch.no_grad()
+    def layer_shapes(self, image_px: int, layers: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
+        """``{layer: (C, H, W)}`` for square images of ``image_px`` pixels (exact: one U-Net pass of batch 1)."""
+        layers = self.layers if layers is None else list(layers)
+        h = int(image_px) // self.vae_factor
+        lat = torch.zeros((1, self.pipe.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
+        t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
+        with deterministic_cudnn():
+            return probe_shapes(self.pipe.unet, {name: self.modules[name] for name in layers}, lat, t,
+                                self.prompt_embeds(1))
+
+
+def probe_shapes(unet, modules: dict, latent: torch.Tensor, timestep, encoder_hidden_states):
+    """``{name: (C, H, W)}`` of the outputs of ``modules`` in one U-Net pass on ``latent`` (any device, also
+    ``meta``); nothing is copied."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+
+    def make_hook(name):
+        def hook(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            shapes[name] = tuple(int(d) for d in out.shape[1:])
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            unet(latent, timestep, encoder_hidden_states=encoder_hidden_states)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: shapes[name] for name in modules}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +317,153 @@ def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[in
     return writer
 
 
+# ---------------------------------------------------------------------------------------------
+# Footprint: what the stores will hold, checked against the free space before the first batch
+# ---------------------------------------------------------------------------------------------
+
+# Bytes of a store besides the representation data, as zarr 3.1 writes it (slight upper bounds of what
+# tests/test_extract_footprint.py measures: ~2.6 kB per store, ~2.8 kB per layer group, ~2 bytes per image for the
+# zstd-compressed ``image``/``label`` coordinates, stored at the root and again in every layer group). Every shard of
+# a layer array ends in an index of 16 bytes per chunk (1 chunk = 1 image) plus a 4-byte checksum.
+# For the paper run all of this is < 0.01 % of the data.
+STORE_META_BYTES = 3072
+LAYER_META_BYTES = 3072
+COORD_BYTES_PER_IMAGE = 4
+SHARD_INDEX_BYTES_PER_IMAGE = 16
+SHARD_INDEX_BYTES = 4
+# Free space kept beyond the estimate: 2 % of it plus 64 MiB (logs, DVC/Snakemake bookkeeping, other writers).
+DISK_MARGIN_FRACTION = 0.02
+DISK_MARGIN_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """One store of an extraction: its layers, their indices in the layer list, the crop and the map shapes."""
+
+    name: str
+    layers: list[str]
+    layer_indices: list[int]
+    crop_px: int
+    shapes: dict[str, tuple[int, int, int]]
+
+
+def plan_variants(shape_fn: Callable[[int, Sequence[str]], dict], layers: Sequence[str], image_size: int,
+                  crops: bool = True) -> list[VariantPlan]:
+    """``full`` and, with ``crops``, one ``crop<t>`` per token size; ``shape_fn(image_px, layers)`` gives the
+    ``(C, H, W)`` of the layers for square images of ``image_px`` pixels (e.g. :meth:`Extractor.layer_shapes`)."""
+    layers = list(layers)
+    full = shape_fn(image_size, layers)
+    plan = [VariantPlan("full", layers, list(range(len(layers))), 0, full)]
+    if crops:
+        for tpx, group in token_sizes(full, image_size).items():
+            plan.append(VariantPlan(f"crop{tpx}", group, [layers.index(layer) for layer in group], tpx,
+                                    shape_fn(image_size - 2 * tpx, group)))
+    return plan
+
+
+def store_nbytes(shapes: dict[str, tuple[int, int, int]], n_images: int, dtype: str = "float16",
+                 shard_images: int = 20, done: int = 0) -> int:
+    """Bytes a representation store of these layer shapes holds on disk when complete (data, shard indexes,
+    metadata), or, with ``done`` images already written, the bytes still to be written."""
+    n_images, done = int(n_images), int(done)
+    if n_images <= 0 or done >= n_images:
+        return 0
+    shard = max(1, min(int(shard_images), n_images))
+    per_image = np.dtype(dtype).itemsize * sum(int(np.prod(s)) for s in shapes.values())
+    n_shards = -(-n_images // shard)
+    index = len(shapes) * (n_shards - done // shard) * (SHARD_INDEX_BYTES_PER_IMAGE * shard + SHARD_INDEX_BYTES)
+    meta = 0 if done else (STORE_META_BYTES + len(shapes) * LAYER_META_BYTES
+                           + (len(shapes) + 1) * n_images * COORD_BYTES_PER_IMAGE)
+    return per_image * (n_images - done) + index + meta
+
+
+def _images_done(path: Path, expected_fingerprint: str, n_images: int) -> int:
+    """Images an existing store at ``path`` already holds for this configuration (0 if none or another one)."""
+    if not path.exists():
+        return 0
+    try:
+        import zarr
+
+        a = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - unreadable leftovers are restarted by StoreWriter
+        return 0
+    if a.get("format") != STORE_FORMAT or a.get("fingerprint") != expected_fingerprint:
+        return 0
+    return n_images if a.get("complete") else int(a.get("n_complete", 0))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes of an extraction's stores: ``total`` per complete variant, ``remaining`` still to be written."""
+
+    path: Path
+    n_images: int
+    n_layers: int
+    dtype: str
+    total: dict[str, int]
+    remaining: dict[str, int]
+    done: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def needed(self) -> int:
+        return sum(self.remaining.values())
+
+    @property
+    def crop_bytes(self) -> int:
+        return sum(b for v, b in self.remaining.items() if v.startswith("crop"))
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{v} {_gb(b)}" for v, b in self.remaining.items())
+        resumed = sum(self.done.values())
+        return (f"{_gb(self.needed)} to write to {self.path} ({parts}; {self.n_images} images x {self.n_layers} "
+                f"layers, {self.dtype}" + (f"; resuming, {_gb(sum(self.total.values()) - self.needed)} "
+                                            "already written" if resumed else "") + ")")
+
+
+def _gb(n: int | float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e7 else f"{n / 1e6:.3g} MB"
+
+
+def extraction_footprint(plan: Sequence[VariantPlan], work: str | Path, image_ids: Sequence[str],
+                         configs: dict[str, dict], settings: ExtractionSettings) -> Footprint:
+    """The bytes :func:`run_extraction` will write into ``work`` for ``plan``; stores already there with the same
+    configuration (a resumed run) count only with their remaining images."""
+    work = Path(work)
+    ids = [str(i) for i in image_ids]
+    n = len(ids)
+    dtype = str(np.dtype(settings.store_dtype))
+    total, remaining, done = {}, {}, {}
+    for v in plan:
+        fp = fingerprint({**configs[v.name], "layers": list(v.layers), "images": ids, "dtype": dtype})
+        done[v.name] = _images_done(store_path(work, v.name), fp, n)
+        total[v.name] = store_nbytes(v.shapes, n, dtype, settings.batch_size)
+        remaining[v.name] = store_nbytes(v.shapes, n, dtype, settings.batch_size, done=done[v.name])
+    return Footprint(work, n, len(plan[0].layers) if plan else 0, dtype, total, remaining, done)
+
+
+def disk_margin(needed: int) -> int:
+    return int(DISK_MARGIN_FRACTION * needed) + DISK_MARGIN_BYTES
+
+
+def check_disk_space(fp: Footprint) -> int:
+    """Log the footprint (one line) and raise :class:`InsufficientDiskSpaceError` if the file system of
+    ``fp.path`` has less free space than the bytes still to write plus :func:`disk_margin`. Returns the free bytes."""
+    probe = Path(fp.path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = int(shutil.disk_usage(probe).free)
+    log.info("extraction footprint: %s; %s free there", fp.describe(), _gb(free))
+    if fp.needed and fp.needed + disk_margin(fp.needed) > free:
+        crops = (f", `extraction.crops: false` (saves {_gb(fp.crop_bytes)})" if fp.crop_bytes else "")
+        raise InsufficientDiskSpaceError(
+            f"not enough disk space for the extraction: it needs {_gb(fp.needed)} (+ {_gb(disk_margin(fp.needed))} "
+            f"margin) in {fp.path} but that file system ({probe}) has {_gb(free)} free. To fix: free space there, "
+            f"extract fewer layers (`layers`) or images (`dataset.n_images`){crops}, or choose another results_dir "
+            "on a larger disk."
+        )
+    return free
+
+
 def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_ids: Sequence[str],
                    labels: Sequence[int] | None, layers: Sequence[str], settings: ExtractionSettings,
                    out_dir: str | Path, provenance: dict, image_size: int = 512, progress: bool = True,
@@ -265,43 +472,36 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
 
     Work happens in ``<out_dir>.partial``; it is renamed to ``out_dir`` only when every store is complete,
     so a directory at ``out_dir`` is always complete. Re-running after an interruption resumes.
+    Before anything is written, the bytes still to write are estimated, logged and checked against the free space
+    (:class:`InsufficientDiskSpaceError`). cuDNN runs deterministic; its flags are restored afterwards.
     """
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    extractor = Extractor(pipe, layers, settings)
-    base_config = {**provenance, **asdict(settings), "device": extractor.device.type,
-                   "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
-    paper = settings.mode == "paper"
-    attrs = {**base_config, "library_versions": library_versions(),
-             "pixel_range": "[0, 1] (x/255)" if paper else "[-1, 1]",
-             "latent": "VAE posterior sample" if paper else "VAE posterior mean",
-             "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper
-                       else "independent per image, CPU generator seeded by seed*1000003+image_index"),
-             "scale_model_input": paper}
-    layer_indices = list(range(len(layers)))
-    name = provenance.get("model", "")
-    full = extract_variant(extractor, store_path(work, "full"), images_fn=dataset_images, image_ids=image_ids,
-                           labels=labels, layers=layers, layer_indices=layer_indices,
-                           config={**base_config, "variant": "full"}, attrs={**attrs, "variant": "full"},
-                           progress=progress, desc=f"{name} full", stop_after=stop_after,
-                           index_offset=index_offset)
-    if not full.complete:
-        return work
-    if settings.crops:
-        from .store import ReprStore
-
-        store = ReprStore(full.path)
-        shapes = {layer: store.shape(layer)[1:] for layer in layers}
-        for tpx, group in token_sizes(shapes, image_size).items():
-            variant = f"crop{tpx}"
-            idx = [layers.index(layer) for layer in group]
-            w = extract_variant(extractor, store_path(work, variant), images_fn=dataset_images,
-                                image_ids=image_ids, labels=labels, layers=group, layer_indices=idx,
-                                config={**base_config, "variant": variant, "crop_px": tpx},
-                                attrs={**attrs, "variant": variant, "crop_px": tpx}, crop_px=tpx,
-                                full_size=image_size, progress=progress, desc=f"{name} {variant}",
-                                stop_after=stop_after, index_offset=index_offset)
+    layers = list(layers)
+    with deterministic_cudnn():
+        extractor = Extractor(pipe, layers, settings)
+        base_config = {**provenance, **asdict(settings), "device": extractor.device.type,
+                       "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
+        paper = settings.mode == "paper"
+        attrs = {**base_config, "library_versions": library_versions(),
+                 "pixel_range": "[0, 1] (x/255)" if paper else "[-1, 1]",
+                 "latent": "VAE posterior sample" if paper else "VAE posterior mean",
+                 "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper
+                           else "independent per image, CPU generator seeded by seed*1000003+image_index"),
+                 "scale_model_input": paper}
+        name = provenance.get("model", "")
+        plan = plan_variants(extractor.layer_shapes, layers, image_size, settings.crops)
+        extra = {v.name: ({"variant": v.name, "crop_px": v.crop_px} if v.crop_px else {"variant": v.name})
+                 for v in plan}
+        configs = {v: {**base_config, **e} for v, e in extra.items()}
+        check_disk_space(extraction_footprint(plan, work, image_ids, configs, settings))
+        work.mkdir(parents=True, exist_ok=True)
+        for v in plan:
+            w = extract_variant(extractor, store_path(work, v.name), images_fn=dataset_images, image_ids=image_ids,
+                                labels=labels, layers=v.layers, layer_indices=v.layer_indices,
+                                config=configs[v.name], attrs={**attrs, **extra[v.name]}, crop_px=v.crop_px,
+                                full_size=image_size if v.crop_px else None, progress=progress,
+                                desc=f"{name} {v.name}", stop_after=stop_after, index_offset=index_offset)
             if not w.complete:
                 return work
     if out_dir.exists():
@@ -320,3 +520,225 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper run's footprint per model, computed on the meta device (no weights, no download, no GPU)
+# ---------------------------------------------------------------------------------------------
+
+#: Architecture of each registered model (sd-turbo has SD-2.1's U-Net, VAE and text encoder).
+MODEL_ARCHITECTURES = {"sd14": "sd15", "sd15": "sd15", "sd21": "sd21", "sdturbo": "sd21", "mini": "mini"}
+#: Assumptions of the time estimate (see docs/footprint.md): sustained fp16 throughput of the U-Net/VAE
+#: kernels in eager PyTorch on an H100/H200-class GPU, pageable device-to-host copies (the hooks' ``.to("cpu")``
+#: is synchronous), sequential write speed of the results disk, and loading the pipeline from the local HF cache.
+ASSUMED_TFLOPS = 200.0
+ASSUMED_D2H_GBPS = 10.0
+ASSUMED_DISK_GBPS = 1.0
+ASSUMED_LOAD_S = 30.0
+#: Resident memory of the extraction process before the model is loaded (python, torch, diffusers,
+#: transformers, zarr: 0.53 GB measured with the CPU build) plus the CUDA runtime, cuBLAS and cuDNN (~1.5 GB).
+ASSUMED_HOST_BASE_BYTES = int(2.0e9)
+#: CUDA context and allocator slack on the GPU beyond weights and live tensors.
+ASSUMED_GPU_OVERHEAD_BYTES = int(1.0e9)
+#: Largest head dimension of the fused (flash / memory-efficient) attention kernels; wider heads (the VAE's
+#: single 512-wide head) are counted as the math path that materialises the attention matrix.
+FUSED_ATTENTION_MAX_HEAD_DIM = 256
+
+
+class _LiveBytes:
+    """Peak bytes of live tensor storages created inside the context (a dispatch mode; works on ``meta``)."""
+
+    def __new__(cls):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.live = self.peak = 0
+                self.keys: set[int] = set()
+
+            def _free(self, key, n):
+                self.keys.discard(key)
+                self.live -= n
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
+                        key = st._cdata
+                        if key not in self.keys:
+                            n = int(st.nbytes())
+                            self.keys.add(key)
+                            self.live += n
+                            self.peak = max(self.peak, self.live)
+                            weakref.finalize(st, self._free, key, n)
+                return out
+
+        return Mode()
+
+
+@contextmanager
+def _fused_attention_model():
+    """``scaled_dot_product_attention`` as a fused kernel allocates it: the output only (O(tokens) memory)."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(q, k, v, *args, **kwargs):
+        if q.shape[-1] > FUSED_ATTENTION_MAX_HEAD_DIM:
+            return sdpa(q, k, v, *args, **kwargs)
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def _meta_models(arch: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .models import ARCHITECTURES, CLIP_VOCAB_SIZE
+
+    from diffusers.utils import logging as dlogging
+
+    unet_cfg, vae_cfg, text_cfg = ARCHITECTURES[arch]
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # .to(float16) warns about modules kept in float32 (there are none)
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**unet_cfg).to(dtype).eval()
+            vae = AutoencoderKL(**vae_cfg).to(dtype).eval()
+            text = CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **text_cfg)).to(dtype).eval()
+    finally:
+        dlogging.set_verbosity(verbosity)
+    return unet, vae, text
+
+
+def model_footprint(model: str = "sd15", *, n_images: int = 500, image_size: int = 512,
+                    layers: Sequence[str] | None = None, batch_size: int = 20, store_dtype: str = "float16",
+                    crops: bool = True, timestep: int = 50) -> dict:
+    """Disk, GPU memory, host memory and estimated GPU time of extracting ``model`` (a key of
+    :data:`MODEL_ARCHITECTURES`) as the workflow does, from the architecture on the ``meta`` device.
+
+    Exact: layer shapes, store bytes, parameter counts, FLOPs. Modelled: live activation bytes (fused attention
+    kernels allocate only their output), host memory and time (the ``ASSUMED_*`` constants above).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .layers import PAPER_LAYERS
+
+    layers = list(PAPER_LAYERS if layers is None else layers)
+    dtype = torch.float16
+    unet, vae, text = _meta_models(MODEL_ARCHITECTURES[model], dtype)
+    modules = resolve_layers(unet, layers)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    t = torch.tensor(int(timestep), dtype=torch.long)
+    ctx = unet.config.cross_attention_dim
+
+    def emb(b):
+        return torch.zeros((b, 77, ctx), device="meta", dtype=dtype)
+
+    def latent(b, px):
+        return torch.zeros((b, unet.config.in_channels, px // factor, px // factor), device="meta", dtype=dtype)
+
+    def shape_fn(px, names):
+        return probe_shapes(unet, {n: modules[n] for n in names}, latent(1, px), t, emb(1))
+
+    plan = plan_variants(shape_fn, layers, image_size, crops)
+    disk = {v.name: store_nbytes(v.shapes, n_images, store_dtype, batch_size) for v in plan}
+    data = {v.name: n_images * np.dtype(store_dtype).itemsize * sum(int(np.prod(s)) for s in v.shapes.values())
+            for v in plan}
+
+    def nparams(m):
+        return sum(p.numel() for p in m.parameters())
+
+    params = {"unet": nparams(unet), "vae": nparams(vae), "text_encoder": nparams(text)}
+    weights = sum(params.values()) * torch.finfo(dtype).bits // 8
+
+    # live activations of one full-size batch: VAE encode (+ posterior sample), then the hooked U-Net pass
+    b = min(int(batch_size), int(n_images))
+    with torch.no_grad(), _fused_attention_model():
+        x = torch.zeros((b, 3, image_size, image_size), device="meta", dtype=dtype)
+        with _LiveBytes() as vae_mem:
+            vae.encode(x).latent_dist.sample()
+        with _LiveBytes() as unet_mem:
+            probe_shapes(unet, modules, latent(b, image_size), t, emb(b))
+    act = max(vae_mem.peak, unet_mem.peak) + x.numel() * 2 + latent(b, image_size).numel() * 2
+
+    # FLOPs of every image pass: VAE encode and U-Net, per variant (crops run on the smaller cropped images)
+    flops = 0
+    with torch.no_grad():
+        for v in plan:
+            px = image_size - 2 * v.crop_px
+            with FlopCounterMode(display=False) as fc:
+                vae.encode(torch.zeros((1, 3, px, px), device="meta", dtype=dtype)).latent_dist.sample()
+                unet(latent(1, px), t, encoder_hidden_states=emb(1))
+            flops += n_images * fc.get_total_flops()
+    batch_host = b * data["full"] // n_images
+    compute_s = flops / (ASSUMED_TFLOPS * 1e12)
+    d2h_s = sum(data.values()) / (ASSUMED_D2H_GBPS * 1e9)
+    disk_s = sum(disk.values()) / (ASSUMED_DISK_GBPS * 1e9)
+    return {
+        "model": model, "architecture": MODEL_ARCHITECTURES[model], "n_images": n_images, "n_layers": len(layers),
+        "image_size": image_size, "store_dtype": store_dtype, "batch_size": b,
+        "disk_bytes": disk, "disk_total_bytes": sum(disk.values()),
+        "params": params, "gpu_weights_bytes": weights, "gpu_activation_bytes": act,
+        "gpu_activation_vae_bytes": vae_mem.peak, "gpu_activation_unet_bytes": unet_mem.peak,
+        "gpu_total_bytes": weights + act + ASSUMED_GPU_OVERHEAD_BYTES,
+        # loading: the fp16 weights on the host before .to(cuda); then up to 3 batches of representations
+        # (captured by the hooks, queued, being written) plus zarr's encode buffer of one shard
+        "host_batch_bytes": batch_host,
+        "host_peak_bytes": ASSUMED_HOST_BASE_BYTES + max(weights, 4 * batch_host),
+        "flops": flops, "gpu_compute_s": compute_s, "d2h_s": d2h_s, "disk_write_s": disk_s,
+        # the U-Net waits for the hooks' copies; the writer thread overlaps the disk with the next batches
+        "wall_s": ASSUMED_LOAD_S + max(compute_s + d2h_s, disk_s),
+    }
+
+
+def footprint_table(models: Sequence[str] = ("sd15", "sd21", "sdturbo"), **kwargs) -> str:
+    """The paper run's footprint per model as a Markdown table (``python -m diffaudit.extract``)."""
+    rows = [model_footprint(m, **kwargs) for m in models]
+    r0 = rows[0]
+    variants = list(r0["disk_bytes"])
+    head = (["model", *[f"disk {v}" for v in variants], "disk total", "GPU weights fp16", "GPU activations",
+             "GPU total", "host RAM peak", "TFLOP", "GPU compute", "est. wall"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], *[_gb(r["disk_bytes"][v]) for v in variants], _gb(r["disk_total_bytes"]),
+                 _gb(r["gpu_weights_bytes"]), _gb(r["gpu_activation_bytes"]), _gb(r["gpu_total_bytes"]),
+                 _gb(r["host_peak_bytes"]), f"{r['flops'] / 1e12:,.0f}", f"{r['gpu_compute_s']:.0f} s",
+                 f"{r['wall_s'] / 60:.1f} min"]
+        lines.append("| " + " | ".join(cells) + " |")
+    params = "; ".join(f"{r['model']}: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in r["params"].items())
+                       for r in rows)
+    notes = [
+        "",
+        f"{r0['n_images']} images at {r0['image_size']} px, {r0['n_layers']} layers, {r0['store_dtype']} stores, "
+        f"batch {r0['batch_size']}; disk in GB = 1e9 bytes.",
+        f"Parameters: {params}.",
+        f"Assumptions: {ASSUMED_TFLOPS:.0f} TFLOP/s sustained fp16, {ASSUMED_D2H_GBPS:.0f} GB/s device-to-host, "
+        f"{ASSUMED_DISK_GBPS:.0f} GB/s disk, {ASSUMED_LOAD_S:.0f} s model load, "
+        f"{ASSUMED_HOST_BASE_BYTES / 1e9:.1f} GB host base, {ASSUMED_GPU_OVERHEAD_BYTES / 1e9:.1f} GB CUDA overhead.",
+    ]
+    return "\n".join(lines + notes)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Footprint of the paper run's extraction per model (docs/footprint.md).")
+    ap.add_argument("--models", nargs="+", default=["sd15", "sd21", "sdturbo"], choices=sorted(MODEL_ARCHITECTURES))
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--no-crops", action="store_true")
+    a = ap.parse_args()
+    print(footprint_table(a.models, n_images=a.images, image_size=a.size, batch_size=a.batch_size,
+                          crops=not a.no_crops))

@@ -186,12 +186,46 @@ SD15_UNET = dict(MINI_UNET, block_out_channels=(320, 640, 1280, 1280), cross_att
 SD15_VAE = dict(MINI_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-ARCHITECTURES = {"mini": (MINI_UNET, MINI_VAE, MINI_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT)}
+# SD-2.1 / SD-Turbo (same U-Net; sd21 is the 768-px v-model, sd-turbo the 512-px distilled one): SD-1.5's channel
+# layout with per-level head counts, linear attention projections and the OpenCLIP ViT-H/14 text tower (1024 wide).
+SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+ARCHITECTURES = {"mini": (MINI_UNET, MINI_VAE, MINI_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT),
+                 "sd21": (SD21_UNET, SD15_VAE, SD21_TEXT)}
+# Token vocabulary of the real CLIP / OpenCLIP tokenizers (the mini tokenizer is smaller).
+CLIP_VOCAB_SIZE = 49408
 
 # SD-1.5's scheduler configuration (PNDM, scaled-linear betas).
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
                       set_alpha_to_one=False, prediction_type="epsilon")
+# stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json: DDIM, v-prediction, default (leading) spacing.
+SD21_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                      prediction_type="v_prediction", timestep_spacing="leading")
+# stabilityai/sd-turbo scheduler/scheduler_config.json: Euler, trailing spacing, epsilon prediction.
+# (prediction_type does not enter the extraction: only the betas (DDIM add_noise) and Euler's sigma table do.)
+SDTURBO_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon",
+                         interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="trailing")
+# The scheduler classes of the registered models, by short name: (diffusers class, config).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "pndm": ("PNDMScheduler", SD15_SCHEDULER),           # sd14, sd15
+    "ddim": ("DDIMScheduler", SD21_SCHEDULER),           # sd21
+    "euler": ("EulerDiscreteScheduler", SDTURBO_SCHEDULER),  # sdturbo
+}
+MODEL_SCHEDULERS: dict[str, str] = {"sd14": "pndm", "sd15": "pndm", "sd21": "ddim", "sdturbo": "euler"}
+
+
+def make_scheduler(name: str = "pndm"):
+    """A fresh scheduler of one of :data:`SCHEDULERS` (``pndm``, ``ddim``, ``euler``)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+    cls, cfg = SCHEDULERS[name]
+    return getattr(diffusers, cls)(**cfg)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -226,15 +260,17 @@ def write_mini_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = None, arch: str = "mini"):
+def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = None, arch: str = "mini",
+                        scheduler: str = "pndm"):
     """Build the ``mini`` SD-1.5-shaped pipeline with seeded weights (in memory, float32).
 
     ``arch="sd15"`` builds the full-width SD-1.5 architecture instead (seeded weights, for benchmarks).
+    ``scheduler`` picks one of :data:`SCHEDULERS` (``ddim``: SD-2.1's, ``euler``: SD-Turbo's).
     """
     unet_cfg, vae_cfg, text_cfg = ARCHITECTURES[arch]
     import tempfile
 
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,18 +290,18 @@ def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = Non
         text_encoder = CLIPTextModel(text_config)
     finally:
         torch.random.set_rng_state(gen_state)
-    scheduler = PNDMScheduler(**SD15_SCHEDULER)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=make_scheduler(scheduler), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
-def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: dict | None = None) -> Path:
+def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: dict | None = None,
+                    scheduler: str = "pndm") -> Path:
     """Build ``mini`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
     out_dir = Path(out_dir)
     from diffusers.utils import logging as dlogging
 
-    pipe = build_mini_pipeline(seed=seed, unet_overrides=unet_overrides)
+    pipe = build_mini_pipeline(seed=seed, unet_overrides=unet_overrides, scheduler=scheduler)
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # .to(float16) warns about modules kept in float32 (there are none)
     try:
@@ -278,8 +314,10 @@ def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: 
 
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "MINI_MODEL.json").write_text(json.dumps({"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})},
-                                                     "vae": MINI_VAE, "text": MINI_TEXT}, indent=1))
+    info = {"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})}, "vae": MINI_VAE, "text": MINI_TEXT}
+    if scheduler != "pndm":  # the default model's file stays as it was
+        info["scheduler"] = scheduler
+    (tmp / "MINI_MODEL.json").write_text(json.dumps(info, indent=1))
     if out_dir.exists():
         import shutil
 
