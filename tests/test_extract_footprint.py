@@ -179,7 +179,7 @@ def test_paper_footprint_from_the_real_architectures():
 
     r15 = model_footprint("sd15", crops=False)
     rt = model_footprint("sdturbo", crops=False)
-    # 45 layers, 500 images, float16: 29,671,424 values per image (METHOD.md 1.3 shapes)
+    # 45 layers, 500 images, float16: 29,671,424 values per image (docs/method.md §1.3 shapes)
     per_image = 29_671_424
     assert r15["disk_bytes"]["full"] == rt["disk_bytes"]["full"]
     assert 500 * 2 * per_image < r15["disk_bytes"]["full"] < 500 * 2 * per_image * 1.001

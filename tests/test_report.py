@@ -38,6 +38,8 @@ FIGURES = {
     f"{FIG}/quantitative_mini.png": ("Paper figure", ["Top panel", "1/min(g, n)", "log2", "above 1",
                                                       "+-1 standard deviation", "model mini"]),
     f"{FIG}/cross_model.png": ("Cross-model", ["one colour per model", "native resolution", "corner"]),
+    f"{FIG}/paper_comparison_mini.png": ("Paper comparison", ["authors'", "status.json", "is empty",
+                                                              "paper_reference: force"]),
     f"{FIG}/mini/qualitative_token_similarity.png": ("Qualitative", ["Positional embedding", "cosine similarity",
                                                                      "orange", "model mini"]),
     f"{FIG}/mini/qualitative_corner.png": ("Qualitative", ["Corner artifact", "corner token", "model mini"]),

@@ -1,6 +1,6 @@
 """Extraction of U-Net representations: one U-Net pass per batch, forward hooks on all layers.
 
-Two fidelity modes (see ``DESIGN.md``):
+Two fidelity modes (docs/method.md §1.2 and §1.5):
 
 ``paper``
     Exactly what ``sdhelper==1.0.0``'s ``img2repr(images, layers, step=50, seed=42)`` does: pixels /255

@@ -8,6 +8,7 @@ through exactly the same code path as a hub model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,25 @@ import torch
 
 from .devices import default_device
 from .errors import DiffauditError
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers announces at every import that its image processors fall back to PIL without torchvision;
+    the Stable Diffusion pipelines never use those processors, so the three lines are noise in every job."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """No import-time warnings about torchvision and no loading/saving progress bars from diffusers and
+    transformers (the extraction shows its own progress)."""
+    import diffusers
+    import transformers
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 class ModelLoadError(DiffauditError, RuntimeError):
@@ -81,6 +101,7 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
     The weights are loaded as float16 (as the authors did) and then moved to ``device`` in ``dtype``.
     Any failure (gated, missing, no network, not a diffusers directory) becomes one ``ModelLoadError``.
     """
+    quiet_libraries()
     from diffusers import AutoPipelineForText2Image
     from diffusers.utils import logging as dlogging
 
@@ -298,6 +319,7 @@ def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = Non
 def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: dict | None = None,
                     scheduler: str = "pndm") -> Path:
     """Build ``mini`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
+    quiet_libraries()
     out_dir = Path(out_dir)
     from diffusers.utils import logging as dlogging
 
