@@ -58,6 +58,13 @@ def _cmd_prefetch(args):
         print("the images: run `snakemake --cores 1 --until dataset` here as well (it streams them from the hub)")
 
 
+def _cmd_footprint(args):
+    from .extract import footprint_table
+
+    print(footprint_table(args.models, n_images=args.images, image_size=args.size, batch_size=args.batch_size,
+                          crops=not args.no_crops))
+
+
 def _cmd_dvc_yaml(args):
     from .dvcgen import render
 
@@ -113,6 +120,16 @@ def main(argv: list[str] | None = None) -> None:
                                         "files (resources/paper) now, for runs on machines without internet")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_prefetch)
+
+    s = sub.add_parser("footprint", help="disk, memory and GPU time of an extraction per model, before running it "
+                                         "(docs/footprint.md)")
+    s.add_argument("--models", nargs="+", default=["sd15", "sd21", "sdturbo"],
+                   choices=["sd14", "sd15", "sd21", "sdturbo", "mini"])
+    s.add_argument("--images", type=int, default=500)
+    s.add_argument("--size", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=20)
+    s.add_argument("--no-crops", action="store_true")
+    s.set_defaults(fn=_cmd_footprint)
 
     s = sub.add_parser("dvc-yaml", help="print dvc.yaml (templated stages, one per Snakemake rule)")
     s.set_defaults(fn=_cmd_dvc_yaml)

@@ -21,7 +21,7 @@ Footprint: before the first batch, :func:`run_extraction` computes the bytes its
 channels x height x width x images x itemsize per variant, the shapes from one batch-1 U-Net pass per variant on
 a zero latent, plus the stores' shard indexes and metadata; a resumed run counts only what is left), logs it and
 stops with :class:`InsufficientDiskSpaceError` when the target file system lacks the space.
-``python -m diffaudit.extract`` prints the paper run's footprint per model (docs/footprint.md).
+``diffaudit footprint`` prints the paper run's footprint per model (docs/footprint.md).
 """
 from __future__ import annotations
 
@@ -703,7 +703,7 @@ def model_footprint(model: str = "sd15", *, n_images: int = 500, image_size: int
 
 
 def footprint_table(models: Sequence[str] = ("sd15", "sd21", "sdturbo"), **kwargs) -> str:
-    """The paper run's footprint per model as a Markdown table (``python -m diffaudit.extract``)."""
+    """The paper run's footprint per model as a Markdown table (``diffaudit footprint``)."""
     rows = [model_footprint(m, **kwargs) for m in models]
     r0 = rows[0]
     variants = list(r0["disk_bytes"])
@@ -729,16 +729,3 @@ def footprint_table(models: Sequence[str] = ("sd15", "sd21", "sdturbo"), **kwarg
     ]
     return "\n".join(lines + notes)
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Footprint of the paper run's extraction per model (docs/footprint.md).")
-    ap.add_argument("--models", nargs="+", default=["sd15", "sd21", "sdturbo"], choices=sorted(MODEL_ARCHITECTURES))
-    ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=20)
-    ap.add_argument("--no-crops", action="store_true")
-    a = ap.parse_args()
-    print(footprint_table(a.models, n_images=a.images, image_size=a.size, batch_size=a.batch_size,
-                          crops=not a.no_crops))
