@@ -50,6 +50,18 @@ def image_folder(tmp_path):
     return make
 
 
+def extract_batched(extractor, images, batch_size: int) -> dict:
+    """``extractor.run_batch`` over ``images`` in batches of ``batch_size``: layer -> (image, C, h, w) tensor."""
+    import torch
+
+    out = {}
+    for s in range(0, len(images), batch_size):
+        reps = extractor.run_batch(images[s:s + batch_size], range(s, min(s + batch_size, len(images))))
+        for k, v in reps.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 def shared_reference() -> Path:
     """The read-only published reference files beside the checkout (``../shared/reference``), if present."""
     return Path(os.environ.get("DIFFAUDIT_SHARED_REFERENCE", REPO.parent / "shared" / "reference"))

@@ -3,21 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_images
+from conftest import extract_batched, random_images
 from diffaudit.extract import ExtractionSettings, Extractor, crop_image, token_sizes
 from diffaudit.layers import PAPER_LAYERS
 
 # SD-1.5 shapes at 512x512 (docs/method.md §1.3): spatial size per paper layer index.
 SD15_SPATIAL = [64] * 5 + [32] * 5 + [16] * 5 + [8] * 8 + [16] * 7 + [32] * 7 + [64] * 7 + [64]
-
-
-def _batched(extractor, images, batch_size):
-    out = {}
-    for s in range(0, len(images), batch_size):
-        reps = extractor.run_batch(images[s:s + batch_size], range(s, min(s + batch_size, len(images))))
-        for k, v in reps.items():
-            out.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def test_mini_has_sd15_layer_names_and_resolutions(mini_pipe):
@@ -35,7 +26,7 @@ def test_paper_mode_equals_sdhelper_img2repr(mini_dir, mini_pipe):
     """Acceptance: all 45 layers, 25 images (two batches of 20), fp32 on CPU, <= 1e-5 x max|value|."""
     sdhelper = pytest.importorskip("sdhelper")
     images = random_images(25, 512, seed=1)
-    ours = _batched(Extractor(mini_pipe, list(PAPER_LAYERS), ExtractionSettings(mode="paper")), images, 20)
+    ours = extract_batched(Extractor(mini_pipe, list(PAPER_LAYERS), ExtractionSettings(mode="paper")), images, 20)
     sd = sdhelper.SD(str(mini_dir), disable_progress_bar=True)
     assert sd.device == "cpu" and sd.dtype == torch.float32
     ref = sd.img2repr(images, list(PAPER_LAYERS), 50, seed=42)
@@ -63,8 +54,8 @@ def test_corrected_mode_is_batch_size_independent(mini_pipe):
     images = random_images(5, 256, seed=2)
     layers = ["down_blocks[1].resnets[0]", "up_blocks[1].upsamplers[0]"]
     ex = Extractor(mini_pipe, layers, ExtractionSettings(mode="corrected", seed=7))
-    a = _batched(ex, images, 5)
-    b = _batched(ex, images, 2)
+    a = extract_batched(ex, images, 5)
+    b = extract_batched(ex, images, 2)
     for layer in layers:
         assert torch.allclose(a[layer], b[layer], atol=1e-4 * float(a[layer].abs().max()))
     # independent noise per image: the same image at two indices gets different maps

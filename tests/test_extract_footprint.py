@@ -19,7 +19,6 @@ from diffaudit.extract import (
     model_footprint,
     plan_variants,
     run_extraction,
-    store_nbytes,
 )
 from diffaudit.store import ReprStore
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import random_images
+from conftest import extract_batched, random_images
 from diffaudit.extract import ExtractionSettings, Extractor
 from diffaudit.layers import PAPER_LAYERS
 from diffaudit.models import MODEL_SCHEDULERS, SCHEDULERS, ModelSpec, load_pipeline, save_mini_model
@@ -39,13 +39,8 @@ def test_saved_scheduler_config(scheduler_models, name, cls, expected):
 
 
 def _ours(pipe, images, batch_size, layers):
-    ex = Extractor(pipe, layers, ExtractionSettings(mode="paper", batch_size=batch_size))
-    out = {}
-    for s in range(0, len(images), batch_size):
-        reps = ex.run_batch(images[s:s + batch_size], range(s, min(s + batch_size, len(images))))
-        for k, v in reps.items():
-            out.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
+    return extract_batched(Extractor(pipe, layers, ExtractionSettings(mode="paper", batch_size=batch_size)), images,
+                           batch_size)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))

@@ -364,16 +364,20 @@ def _list_images(root: Path, exclude: Sequence[Path]) -> list[Path]:
     return sorted(found, key=lambda p: p.parts)
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header; an unreadable file is one :class:`DatasetError` naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:
+        raise DatasetError(f"cannot read image {path} ({_one_line(exc)})") from exc
+
+
 def _check_min_side(src: Path, files: Sequence[Path], min_side: int, size: int) -> None:
     """Raise one :class:`DatasetError` naming the files whose shorter side is below ``min_side``."""
     small: list[str] = []
     for rel in files:
-        path = src / rel
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except Exception as exc:
-            raise DatasetError(f"cannot read image {path} ({_one_line(exc)})") from exc
+        w, h = _image_size(src / rel)
         if min(w, h) < min_side:
             small.append(f"{rel.as_posix()} ({w}x{h})")
     if small:
@@ -532,11 +536,7 @@ def _select_local(root: Path, classes: Sequence[int], per_class: int, min_side: 
                         if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") and f.is_file()),
                        key=lambda f: f.name)
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    w, h = im.size
-            except Exception as exc:
-                raise DatasetError(f"cannot read image {f} ({_one_line(exc)})") from exc
+            w, h = _image_size(f)
             if min(w, h) < min_side:
                 continue
             img = _open_loaded(f)
