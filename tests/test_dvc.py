@@ -174,7 +174,8 @@ def test_dvc_repro_on_the_demo(tmp_path):
     cfg["probe"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ran = set(re.findall(r"Running stage '([^']+)'", run("dvc", "repro")))
-    assert ran == {"position_probe@mini", "credibility@mini", "quantitative_figure@mini", "cross_model_figure"}
+    assert ran == {"position_probe@mini", "credibility@mini", "quantitative_figure@mini", "paper_comparison@mini",
+                   "cross_model_figure"}
     # browsing versions: the committed revision and the workspace side by side
     diff = json.loads(subprocess.run(["dvc", "plots", "diff", "HEAD", "--json"], cwd=repo, env=ENV, check=True,
                                      capture_output=True, text=True).stdout)
