@@ -122,8 +122,8 @@ def test_offline_demo(repo_copy, tmp_path):
     proc = snakemake(repo_copy, "config/demo.yaml", short, user)
     ran = {ln.split()[-1].rstrip(":") for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
            if ln.strip().startswith(("rule ", "localrule "))}
-    assert ran - {"all"} == {"anomalies", "credibility", "quantitative_figure", "cross_model_figure",
-                              "qualitative_figures"}, ran
+    assert ran - {"all"} == {"anomalies", "credibility", "quantitative_figure", "paper_comparison",
+                              "cross_model_figure", "qualitative_figures"}, ran
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
     mine = anom[anom["label_source"] == "user:my_labels.npy"]
     assert len(mine) == 45 and (mine["n_anomalies"] == 2).all()
