@@ -62,6 +62,19 @@ def extract_batched(extractor, images, batch_size: int) -> dict:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def assert_equals_sdhelper(ours: dict, ref: list, layers, what: str = "") -> None:
+    """Our extraction (layer -> (image, C, h, w)) equals sdhelper's img2repr output (one dict per image) within
+    1e-5 x max|value| per layer."""
+    import torch
+
+    for layer in layers:
+        r = torch.stack([x[layer].squeeze(0) for x in ref]).float()
+        o = ours[layer].float()
+        assert o.shape == r.shape, (what, layer)
+        tol = 1e-5 * float(r.abs().max())
+        assert float((o - r).abs().max()) <= tol, (what, layer)
+
+
 def shared_reference() -> Path:
     """The read-only published reference files beside the checkout (``../shared/reference``), if present."""
     return Path(os.environ.get("DIFFAUDIT_SHARED_REFERENCE", REPO.parent / "shared" / "reference"))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import extract_batched, random_images
+from conftest import assert_equals_sdhelper, extract_batched, random_images
 from diffaudit.extract import ExtractionSettings, Extractor, crop_image, token_sizes
 from diffaudit.layers import PAPER_LAYERS
 
@@ -31,12 +31,7 @@ def test_paper_mode_equals_sdhelper_img2repr(mini_dir, mini_pipe):
     assert sd.device == "cpu" and sd.dtype == torch.float32
     ref = sd.img2repr(images, list(PAPER_LAYERS), 50, seed=42)
     assert len(ref) == 25
-    for layer in PAPER_LAYERS:
-        r = torch.stack([x[layer].squeeze(0) for x in ref]).float()
-        o = ours[layer].float()
-        assert o.shape == r.shape, layer
-        tol = 1e-5 * float(r.abs().max())
-        assert float((o - r).abs().max()) <= tol, layer
+    assert_equals_sdhelper(ours, ref, PAPER_LAYERS)
 
 
 def test_paper_mode_reseeds_every_batch(mini_pipe):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import extract_batched, random_images
+from conftest import assert_equals_sdhelper, extract_batched, random_images
 from diffaudit.extract import ExtractionSettings, Extractor
 from diffaudit.layers import PAPER_LAYERS
 from diffaudit.models import MODEL_SCHEDULERS, SCHEDULERS, ModelSpec, load_pipeline, save_mini_model
@@ -58,12 +58,7 @@ def test_paper_mode_equals_sdhelper_for_every_scheduler(scheduler_models, name):
     assert type(sd.pipeline.scheduler).__name__ == SCHEDULERS[name][0]
     ref = sd.img2repr(images, layers, 50, seed=42, batch_size=2)
     assert len(ref) == 5
-    for layer in layers:
-        r = torch.stack([x[layer].squeeze(0) for x in ref]).float()
-        o = ours[layer].float()
-        assert o.shape == r.shape, layer
-        tol = 1e-5 * float(r.abs().max())
-        assert float((o - r).abs().max()) <= tol, (name, layer)
+    assert_equals_sdhelper(ours, ref, layers, name)
 
 
 def test_euler_scaling_is_applied_and_not_carried_over(scheduler_models):
