@@ -61,6 +61,7 @@ def check_dvc_matches_snakemake(root: Path):
             assert st["cmd"].startswith(f"snakemake --cores all --nolock --allowed-rules {job['rule']} -- ")
             assert sorted(st["cmd"].split(" -- ")[1].split()) == sorted(job["outputs"]), name
         extra = EXTRA_RULES.get(job["rule"], [])
+        assert str(Path(job["rule_file"]).relative_to(root.resolve())) in st["deps"], f"{name}: rule file"
         for i in job["inputs"]:
             made_here = i == "resources/models/mini" and "build_mini" in extra
             assert made_here or _covered(i, st["deps"]), f"{name}: input {i} is not a DVC dep"
