@@ -16,10 +16,10 @@ from diffaudit.extract import (
     InsufficientDiskSpaceError,
     disk_margin,
     extraction_footprint,
-    model_footprint,
     plan_variants,
     run_extraction,
 )
+from diffaudit.footprint import model_footprint
 from diffaudit.store import ReprStore
 
 # layers of every resolution of the mini model at 256 px: 32x32, 16x16, 8x8, 4x4 (no crop), and conv_out

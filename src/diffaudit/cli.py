@@ -59,7 +59,7 @@ def _cmd_prefetch(args):
 
 
 def _cmd_footprint(args):
-    from .extract import footprint_table
+    from .footprint import footprint_table
 
     print(footprint_table(args.models, n_images=args.images, image_size=args.size, batch_size=args.batch_size,
                           crops=not args.no_crops))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,20 @@ class _DropTorchvisionFallback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "requires torchvision (not installed)" not in record.getMessage()
+
+
+@contextmanager
+def diffusers_errors_only():
+    """diffusers logs errors only for the duration (loading and ``.to(float16)`` warn about modules kept in
+    float32; there are none in these models)."""
+    from diffusers.utils import logging as dlogging
+
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(verbosity)
 
 
 def quiet_libraries() -> None:
@@ -103,7 +118,6 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
     """
     quiet_libraries()
     from diffusers import AutoPipelineForText2Image
-    from diffusers.utils import logging as dlogging
 
     device = device or default_device()
     dtype = dtype or compute_dtype(device)
@@ -116,9 +130,7 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
                   requires_safety_checker=False)
     if not spec.is_local and spec.revision:
         kwargs["revision"] = spec.revision
-    verbosity = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
+    with diffusers_errors_only():
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(spec.source, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every loader failure is reported the same way
@@ -128,8 +140,6 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
                                  f"({type(pipe).__name__}); only Stable-Diffusion-style pipelines are supported")
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device, dtype)
-    finally:
-        dlogging.set_verbosity(verbosity)
 
 
 def download_model(spec: ModelSpec) -> str | None:
@@ -237,6 +247,9 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler": ("EulerDiscreteScheduler", SDTURBO_SCHEDULER),  # sdturbo
 }
 MODEL_SCHEDULERS: dict[str, str] = {"sd14": "pndm", "sd15": "pndm", "sd21": "ddim", "sdturbo": "euler"}
+#: Architecture (a key of :data:`ARCHITECTURES`) of each registered model (sd-turbo has SD-2.1's networks).
+MODEL_ARCHITECTURES: dict[str, str] = {"sd14": "sd15", "sd15": "sd15", "sd21": "sd21", "sdturbo": "sd21",
+                                       "mini": "mini"}
 
 
 def make_scheduler(name: str = "pndm"):
@@ -321,15 +334,9 @@ def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: 
     """Build ``mini`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
     quiet_libraries()
     out_dir = Path(out_dir)
-    from diffusers.utils import logging as dlogging
-
     pipe = build_mini_pipeline(seed=seed, unet_overrides=unet_overrides, scheduler=scheduler)
-    verbosity = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()  # .to(float16) warns about modules kept in float32 (there are none)
-    try:
+    with diffusers_errors_only():
         pipe.to(torch.float16)
-    finally:
-        dlogging.set_verbosity(verbosity)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         import shutil
