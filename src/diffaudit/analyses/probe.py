@@ -212,9 +212,14 @@ def class_mix(labels, class_names: Sequence | Mapping | None = None) -> tuple[in
     return int(values.size), ";".join(parts)
 
 
-def _image_splits(n_img: int, n_train_img: int, mode: str, seed: int,
+def _image_splits(n_img: int, train_frac: float, mode: str, seed: int,
                   seeds: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """seed -> (training images, test images) as sorted image indices (see the module docstring)."""
+    """seed -> (training images, test images) as sorted image indices (see the module docstring); both sides
+    must hold at least one image."""
+    n_train_img = int(train_frac * n_img)
+    if not 0 < n_train_img < n_img:
+        raise UserError(f"probe.train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
+                        f"{n_img - n_train_img} test images; both must be >= 1")
     if mode == "paper":
         return {int(seed): (np.arange(n_train_img), np.arange(n_train_img, n_img))}
     splits = {}
@@ -263,13 +268,8 @@ def probe_splits(store: ReprStore, mode: str = "paper", train_frac: float = 0.8,
     """
     if mode not in MODES:
         raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
-    n_img = store.n_images
-    n_train_img = int(train_frac * n_img)
-    if not 0 < n_train_img < n_img:
-        raise UserError(f"probe.train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
-                         f"{n_img - n_train_img} test images; both must be >= 1")
-    return _describe_splits(_store_labels(store), _image_splits(n_img, n_train_img, mode, seed, seeds), mode,
-                            class_names, model_name, train_frac)
+    splits = _image_splits(store.n_images, train_frac, mode, seed, seeds)
+    return _describe_splits(_store_labels(store), splits, mode, class_names, model_name, train_frac)
 
 
 def _store_labels(store: ReprStore) -> np.ndarray:
@@ -310,13 +310,8 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     geoms = {layer: _layer_geometry(store, layer) for layer in layers}  # validate everything before training
-    n_img = store.n_images
-    n_train_img = int(train_frac * n_img)
-    if not 0 < n_train_img < n_img:
-        raise UserError(f"probe.train_frac={train_frac} with {n_img} images leaves {n_train_img} training and "
-                         f"{n_img - n_train_img} test images; both must be >= 1")
+    splits = _image_splits(store.n_images, train_frac, mode, seed, seeds)
     dev = _resolve_device(device)
-    splits = _image_splits(n_img, n_train_img, mode, seed, seeds)
     split_info = _describe_splits(_store_labels(store), splits, mode, class_names, model_name, train_frac)
 
     it = layers
