@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from .pipeline.common import TABLES as MODEL_TABLES
+
 PACKAGE = Path(__file__).resolve().parent
 HEADER = ("# Written by `diffaudit dvc-yaml > dvc.yaml` from the workflow's rules (see diffaudit.dvcgen); do not edit.\n"
           "# ${...} are values from params.yaml, so changing models, results_dir or extraction.shards there needs\n"
@@ -138,8 +140,7 @@ def code_deps(script: Path, rule: str) -> list[str]:
 
 R, M = "${results_dir}", "${item}"
 FIG = f"{R}/figures"
-TABLES = [f"{R}/{M}/{t}.csv" for t in ("position_probe", "token_group_similarity", "anomaly_rel_norm",
-                                       "channel_outliers")]
+TABLES = [f"{R}/{M}/{t}.csv" for t in MODEL_TABLES]
 REPR = f"{R}/{M}/representations"
 PAPER_REF = f"{R}/{M}/paper_reference"
 QUALITATIVE = [f"{FIG}/{M}/qualitative_{v}.{e}" for v in ("token_similarity", "corner", "norms", "pca")

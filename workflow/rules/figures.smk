@@ -1,8 +1,10 @@
 # Summary table and figures. Quantitative figures read only the tidy tables; the qualitative views read the
 # stores of one model. The paper comparison runs for every model and compares where the authors' numbers apply
 # (status.json of rule paper_reference); elsewhere it writes an empty table and says why.
+from diffaudit.pipeline.common import TABLES as MODEL_TABLES
+
 FIGURES = f"{RESULTS}/figures"
-TABLE_FILES = ["position_probe.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv", "channel_outliers.csv"]
+TABLE_FILES = [f"{name}.csv" for name in MODEL_TABLES]
 # One file per model with the figure's per-layer quantities, in one folder: `dvc plots` draws each, and the
 # cross-model figure reads them all.
 SUMMARIES = f"{RESULTS}/layer_summary"
