@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffaudit.analyses.probe import (PROBE_COLUMNS, SUMMARY_KEYS, SUMMARY_VALUES, accuracy_at_granularity,
-                                      chance_level, class_mix, probe_splits, run_probe, summarize_probe)
+from diffaudit.analyses.probe import (PROBE_COLUMNS, SUMMARY_COLUMNS, SUMMARY_KEYS, SUMMARY_VALUES, TABLE_COLUMNS,
+                                      accuracy_at_granularity, chance_level, class_mix, probe_splits, run_probe,
+                                      summarize_probe)
 from diffaudit.store import ReprStore, StoreWriter
 
 
@@ -87,7 +88,8 @@ def paper_df(store):
 
 
 def test_output_format(paper_df, store):
-    assert list(paper_df.columns) == PROBE_COLUMNS
+    assert list(paper_df.columns) == TABLE_COLUMNS
+    assert TABLE_COLUMNS[:len(PROBE_COLUMNS)] == PROBE_COLUMNS  # new columns only appended
     assert set(paper_df.metric) == {"per_axis", "joint"}
     assert sorted(paper_df.epoch.unique()) == [1, 2, 3, 4]
     assert len(paper_df) == 3 * 4 * 3 * 2
@@ -243,7 +245,7 @@ def test_paper_split_of_class_ordered_set_warns_and_records_one_class(class_orde
     assert len(warned) == 1 and "\n" not in warned[0]
     assert "single class, 980" in warned[0] and "probe.mode: corrected" in warned[0]
     summ = summarize_probe(df)
-    assert list(summ.columns) == [*SUMMARY_KEYS, *SUMMARY_VALUES]
+    assert list(summ.columns) == SUMMARY_COLUMNS
     assert (summ.test_images == 2).all() and (summ.test_classes == 1).all()
     assert (summ.test_class_mix == "980:2").all()
     # the same from the settings alone, without training
@@ -283,6 +285,7 @@ def test_summary_without_split_information_has_empty_split_columns(paper_df):
     bare = paper_df.copy()
     bare.attrs.clear()
     summ = summarize_probe(bare)
-    assert list(summ.columns) == [*SUMMARY_KEYS, *SUMMARY_VALUES]
+    assert list(summ.columns) == SUMMARY_COLUMNS
+    assert SUMMARY_COLUMNS[:len(SUMMARY_KEYS) + len(SUMMARY_VALUES)] == [*SUMMARY_KEYS, *SUMMARY_VALUES]
     assert summ.test_images.isna().all() and summ.test_class_mix.isna().all()
-    assert list(summarize_probe(paper_df.iloc[:0]).columns) == [*SUMMARY_KEYS, *SUMMARY_VALUES]
+    assert list(summarize_probe(paper_df.iloc[:0]).columns) == SUMMARY_COLUMNS

@@ -15,6 +15,23 @@ Metrics at granularity g (see :func:`accuracy_at_granularity`):
   Chance is ``1/min(g, n)``. For g >= n the value equals the native accuracy.
 * ``joint``: fraction of tokens whose row AND column are both right at granularity g (chance ``1/min(g,n)^2``).
 
+Interior probe (docs/method.md §3.7). ``interior_accuracy`` is the same metric, of the same probe, on the test
+tokens at least ``interior_k`` tokens from the map's border (row and column in ``[k, n-1-k]``; NaN when
+``n <= 2k``). It separates two things a high ``accuracy`` may mean. *Decoding the border*: features that only
+say "this token is at (or near) an edge, and which one" (zero padding, edge artifacts) let the probe place the
+outer rings, most of the tokens of a small map, and that alone gives an accuracy far above chance. *Encoding
+position*: features that tell interior tokens apart from each other, i.e. a positional code everywhere on the
+map. Only the second lifts ``interior_accuracy``. The interior's own chance level is higher than the whole map's:
+a probe that knows only "interior" can put every interior token in the interior's most populated bin
+(:func:`interior_chance_level`: ``1/(n-2k)`` per axis at native granularity, e.g. 1/4 for n = 8, k = 2), so
+compare ``interior_accuracy`` with that, not with ``1/min(g, n)``.
+
+Uncertainty. ``ci_low``/``ci_high`` are the percentile bootstrap interval of ``accuracy`` over the run's test
+images (:mod:`~diffaudit.analyses.bootstrap`): per image the accuracy on its own tokens (every image has n^2
+test tokens, so their mean is ``accuracy``), resampled with replacement. The interval covers which images were
+tested, not the training randomness of the probe nor the choice of the split (the seeds' spread,
+``accuracy_sd``, shows those).
+
 Modes
 -----
 ``paper`` replays the authors' code: ``torch.manual_seed(seed)`` and ``torch.cuda.manual_seed(seed)`` are set
@@ -60,12 +77,21 @@ from torch import nn
 
 from ..errors import UserError
 from ..store import ReprStore
+from .bootstrap import Bootstrap
 
 PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
                  "seed", "accuracy"]
+#: Appended by :func:`run_probe` after :data:`PROBE_COLUMNS` (the published table has only the accuracy): the
+#: bootstrap interval of the accuracy over the test images and the accuracy on the interior tokens.
+EXTRA_COLUMNS = ["ci_low", "ci_high", "interior_accuracy"]
+TABLE_COLUMNS = PROBE_COLUMNS + EXTRA_COLUMNS
 SUMMARY_KEYS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric"]
 #: Columns of :func:`summarize_probe`, after the keys: the accuracy over the pooled seeds, then the test split.
 SUMMARY_VALUES = ["accuracy", "accuracy_sd", "n_seeds", "test_images", "test_classes", "test_class_mix"]
+#: Appended after :data:`SUMMARY_VALUES`: the bootstrap interval of the seed-mean accuracy and the seed-mean
+#: interior accuracy.
+SUMMARY_EXTRA = ["ci_low", "ci_high", "interior_accuracy"]
+SUMMARY_COLUMNS = SUMMARY_KEYS + SUMMARY_VALUES + SUMMARY_EXTRA
 #: Columns of :func:`probe_splits` (one row per run, i.e. per seed).
 SPLIT_COLUMNS = ["seed", "test_images", "test_classes", "test_class_mix"]
 #: ``test_class_mix`` of a test set without any class label (folder images at the top level, hand-made stores).
@@ -101,6 +127,17 @@ def chance_level(n: int, g: int, joint: bool = False) -> float:
     """Chance accuracy of :func:`accuracy_at_granularity` for a uniform guess (g dividing n or g >= n)."""
     k = min(g, n)
     return 1.0 / (k * k) if joint else 1.0 / k
+
+
+def interior_chance_level(n: int, g: int, k: int, joint: bool = False) -> float:
+    """Accuracy on the interior tokens (row and col in [k, n-1-k]) of a guess that knows only that a token is
+    interior: the share of interior rows in the interior's most populated bin at granularity g (squared for
+    ``joint``). NaN when ``n <= 2k``."""
+    if n <= 2 * k:
+        return float("nan")
+    rows = np.arange(k, n - k)
+    p = np.bincount((rows * g) // n).max() / rows.size
+    return float(p * p) if joint else float(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,19 +186,22 @@ def _init_linear_(lin: nn.Linear, gen: torch.Generator) -> None:
 
 def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: torch.Tensor, probe: nn.Linear,
                     *, epochs: int, batch_size: int, lr: float, granularities: Sequence[int],
-                    gen: torch.Generator | None, device: torch.device) -> list[tuple[int, int, str, float]]:
+                    gen: torch.Generator | None, device: torch.device, interior_k: int = 2) -> list[tuple]:
     """Train ``probe`` on tokens ``x[train_tok]`` and evaluate on ``x[test_tok]`` after every epoch.
 
     ``train_tok``/``test_tok`` are int64 CPU tensors of token indices into ``x``; the label of token t is
-    ``(row, col) = ((t % n^2) // n, t % n)``. Returns rows (epoch, granularity, metric, accuracy).
+    ``(row, col) = ((t % n^2) // n, t % n)``; the test tokens are whole images, image after image. Returns rows
+    (epoch, granularity, metric, accuracy, interior accuracy, per-image accuracies (float64, one per test image)).
     """
     hw = n * n
     train_dev = train_tok.to(device)
     test_dev = test_tok.to(device)
     y_test = torch.stack([(test_dev % hw) // n, test_dev % n], dim=1)
+    n_test_img = test_tok.numel() // hw
+    interior = _interior_mask(y_test, n, interior_k)
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     n_train = train_tok.numel()
-    out: list[tuple[int, int, str, float]] = []
+    out: list[tuple] = []
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n_train, generator=gen) if gen is not None else torch.randperm(n_train)
         perm = perm.to(device)
@@ -179,9 +219,25 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
         with torch.no_grad():
             pred = probe(x[test_dev].float()).view(-1, n, 2).argmax(dim=1)
         for g in granularities:
-            out.append((epoch, int(g), "per_axis", accuracy_at_granularity(pred, y_test, n, int(g))))
-            out.append((epoch, int(g), "joint", accuracy_at_granularity(pred, y_test, n, int(g), joint=True)))
+            g = int(g)
+            ok = (pred * g) // n == (y_test * g) // n  # (T, 2) hits per axis
+            per_image = {"per_axis": ok.view(n_test_img, hw * 2).double().mean(dim=1),
+                         "joint": ok.all(dim=1).view(n_test_img, hw).double().mean(dim=1)}
+            for metric in METRICS:
+                joint = metric == "joint"
+                inner = (accuracy_at_granularity(pred[interior], y_test[interior], n, g, joint=joint)
+                         if interior is not None else float("nan"))
+                out.append((epoch, g, metric, accuracy_at_granularity(pred, y_test, n, g, joint=joint), inner,
+                            per_image[metric].cpu().numpy()))
     return out
+
+
+def _interior_mask(y: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """Boolean mask of the tokens (rows of ``y``, (T, 2) row/col labels) at least ``k`` tokens from the border
+    of the n x n map, i.e. row and column in [k, n-1-k]; None when the map is too small (``n <= 2k``)."""
+    if n <= 2 * k:
+        return None
+    return ((y >= k) & (y <= n - 1 - k)).all(dim=1)
 
 
 def _class_name(label: int, class_names) -> str:
@@ -292,23 +348,32 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
               batch_size: int = 512, lr: float = 1e-3, train_frac: float = 0.8, seed: int = 42,
               seeds: Sequence[int] = (42, 43, 44), granularities: Sequence[int] = (8, 16, 32, 64), device=None,
               model_name: str = "", progress: bool = False, chunk_images: int = 20,
-              class_names: Sequence | Mapping | None = None) -> pd.DataFrame:
+              class_names: Sequence | Mapping | None = None, interior_k: int = 2,
+              bootstrap: Bootstrap | None = None) -> pd.DataFrame:
     """Train the positional linear probe on each layer; long-format accuracies (see the module docstring).
 
-    Columns: ``model, layer_index, layer, channels, spatial, epoch, granularity, metric, seed, accuracy`` with
-    ``metric`` in {"per_axis", "joint"}, epochs 1..``epochs``. ``mode="paper"`` uses ``seed`` (one run, the
+    Columns (:data:`TABLE_COLUMNS`): ``model, layer_index, layer, channels, spatial, epoch, granularity, metric,
+    seed, accuracy``, with ``metric`` in {"per_axis", "joint"} and epochs 1..``epochs``, then ``ci_low, ci_high``
+    (the ``bootstrap`` percentile interval of the accuracy over the run's test images; default
+    :class:`~diffaudit.analyses.bootstrap.Bootstrap()`) and ``interior_accuracy`` (the same metric on the test tokens
+    at least ``interior_k`` tokens from the border; NaN when ``n <= 2 * interior_k``). ``mode="paper"`` uses ``seed`` (one run, the
     authors' RNG stream and positional split); ``mode="corrected"`` one run per seed in ``seeds``.
     ``device=None`` picks CUDA when available. Memory: one layer's tokens in float16 at a time (module docstring).
 
     The test set of every run (:func:`probe_splits`, its class mix named by ``class_names``) is attached as
     ``df.attrs["probe_splits"]`` (a list of row dicts), which :func:`summarize_probe` reads; a test set holding a
-    single class of several is logged as a warning before any training.
+    single class of several is logged as a warning before any training. The bootstrap interval of the mean over
+    all seeds (:func:`_seed_mean_interval`) is attached as ``df.attrs["probe_seed_mean_ci"]`` (columns as lists),
+    for :func:`summarize_probe` as well.
     """
     if mode not in MODES:
         raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
     layers = list(store.layers) if layers is None else list(layers)
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if int(interior_k) < 0:
+        raise ValueError(f"interior_k must be >= 0, got {interior_k}")
+    boot = Bootstrap() if bootstrap is None else bootstrap
     geoms = {layer: _layer_geometry(store, layer) for layer in layers}  # validate everything before training
     splits = _image_splits(store.n_images, train_frac, mode, seed, seeds)
     dev = _resolve_device(device)
@@ -321,6 +386,8 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
         it = tqdm(layers, desc=f"probe {model_name} ({mode})".strip())
 
     rows: list[tuple] = []
+    seed_mean_ci: dict[str, list] = {k: [] for k in ("layer", "epoch", "granularity", "metric", "seeds", "ci_low",
+                                                     "ci_high")}
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         if mode == "paper":
@@ -332,6 +399,7 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
             _, c, n = geoms[layer]
             x = _layer_tokens(store, layer, dev, chunk_images=chunk_images)
             meta = (model_name, store.layer_index(layer), layer, int(c), int(n))
+            per_image = []  # per seed: (test images, (rows, test images) per-image accuracies)
             for s, (tr_img, te_img) in splits.items():
                 if mode == "paper":
                     gen = None
@@ -343,19 +411,43 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
                     probe = probe.to(dev)
                 res = _train_and_eval(x, n, _token_indices(tr_img, n * n), _token_indices(te_img, n * n), probe,
                                       epochs=epochs, batch_size=batch_size, lr=lr, granularities=granularities,
-                                      gen=gen, device=dev)
-                rows.extend((*meta, ep, g, metric, int(s), acc) for ep, g, metric, acc in res)
+                                      gen=gen, device=dev, interior_k=int(interior_k))
+                acc_img = np.stack([r[5] for r in res])  # (rows, test images)
+                lo, hi = boot.mean_interval(acc_img.T)
+                rows.extend((*meta, ep, g, metric, int(s), acc, float(a), float(b), inner)
+                            for (ep, g, metric, acc, inner, _), a, b in zip(res, lo, hi))
+                per_image.append((te_img, acc_img))
+            lo, hi = _seed_mean_interval(boot, per_image)
+            for (ep, g, metric, *_), a, b in zip(res, lo, hi):
+                for key, v in zip(seed_mean_ci, (layer, ep, g, metric, sorted(int(s) for s in splits), float(a),
+                                                 float(b))):
+                    seed_mean_ci[key].append(v)
             del x
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
-    out = pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    out = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    out.attrs["probe_seed_mean_ci"] = seed_mean_ci
     out.attrs["probe_splits"] = [
         {"seed": int(r.seed), "test_images": int(r.test_images),
          "test_classes": None if pd.isna(r.test_classes) else int(r.test_classes), "test_class_mix": r.test_class_mix}
         for r in split_info.itertuples(index=False)]
     return out
+
+
+def _seed_mean_interval(boot: Bootstrap, per_image: Sequence[tuple[np.ndarray, np.ndarray]]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap interval of the mean over seeds of the accuracy, one per row of the per-image accuracies.
+
+    ``per_image``: per seed (its sorted test images, (rows, test images) per-image accuracies). The pool is the
+    union of the seeds' test images; each resample draws from the pool, every seed's accuracy is the weighted
+    mean over its own test images in that resample, and the seeds' accuracies are averaged. One seed (paper
+    mode): the pool is its test set and the interval equals the run's own.
+    """
+    pool = np.unique(np.concatenate([np.asarray(te, dtype=np.int64) for te, _ in per_image]))
+    subsets = [(np.searchsorted(pool, te), acc.T) for te, acc in per_image]
+    return boot.interval(boot.subset_mean_resamples(pool.size, subsets))
 
 
 def _pooled_split(seeds: tuple, by_seed: Mapping[int, tuple]) -> tuple:
@@ -371,6 +463,25 @@ def _pooled_split(seeds: tuple, by_seed: Mapping[int, tuple]) -> tuple:
     return (images.pop() if len(images) == 1 else min(images)), (min(classes) if classes else None), mix
 
 
+def _summary_interval(out: pd.DataFrame, records: Mapping[str, list] | None) -> np.ndarray:
+    """(rows, 2) seed-mean interval of each summary row: from ``records`` (run_probe's
+    ``probe_seed_mean_ci``) when they hold the row's seeds, else the row's own interval if it pools one seed."""
+    ci = np.full((len(out), 2), np.nan)
+    single = (out["n_seeds"] == 1).to_numpy()
+    ci[single] = out.loc[single, ["ci_low", "ci_high"]].to_numpy(dtype=float)
+    if records:
+        lookup = {(str(la), int(e), int(g), str(m), tuple(s)): (lo, hi)
+                  for la, e, g, m, s, lo, hi in zip(*(records[k] for k in ("layer", "epoch", "granularity", "metric",
+                                                                           "seeds", "ci_low", "ci_high")))}
+        keys = zip(out["layer"].astype(str), out["epoch"], out["granularity"], out["metric"].astype(str),
+                   out["seeds"])
+        for i, (la, e, g, m, s) in enumerate(keys):
+            hit = lookup.get((la, int(e), int(g), m, tuple(s)))
+            if hit is not None:
+                ci[i] = hit
+    return ci
+
+
 def summarize_probe(df: pd.DataFrame, splits: pd.DataFrame | Sequence[Mapping] | None = None) -> pd.DataFrame:
     """Mean and sample sd (ddof=1; NaN for a single seed) of the accuracy over seeds, with each row's test split.
 
@@ -382,8 +493,14 @@ def summarize_probe(df: pd.DataFrame, splits: pd.DataFrame | Sequence[Mapping] |
     counts (:func:`class_mix`, e.g. ``980:100``; ``unlabelled``); for several seeds the runs' mixes are joined
     as ``<mix> (seed 42) | <mix> (seed 43) | ...``. ``splits`` (:func:`probe_splits` or its records) defaults to
     ``df.attrs["probe_splits"]`` as :func:`run_probe` leaves it; without either the split columns are empty.
+
+    Then (:data:`SUMMARY_EXTRA`) ``ci_low, ci_high``, the bootstrap interval of the seed-mean accuracy (images
+    resampled jointly over the seeds' test sets, see :func:`_seed_mean_interval`), taken from
+    ``df.attrs["probe_seed_mean_ci"]`` as :func:`run_probe` leaves it for the same seeds; without it, a single
+    seed's row keeps its own ``ci_low, ci_high`` and several seeds get NaN. ``interior_accuracy`` is the mean over
+    seeds (NaN where the table has none).
     """
-    columns = [*SUMMARY_KEYS, *SUMMARY_VALUES]
+    columns = list(SUMMARY_COLUMNS)
     if df.empty:
         return pd.DataFrame(columns=columns)
     if splits is None:
@@ -393,10 +510,15 @@ def summarize_probe(df: pd.DataFrame, splits: pd.DataFrame | Sequence[Mapping] |
                                 None if r["test_classes"] is None or pd.isna(r["test_classes"])
                                 else int(r["test_classes"]), str(r["test_class_mix"]))
                for r in records}
+    extra = {c: (c, "mean") for c in SUMMARY_EXTRA if c in df.columns}
     out = (df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
            .agg(accuracy=("accuracy", "mean"), accuracy_sd=("accuracy", "std"), n_seeds=("accuracy", "count"),
-                seeds=("seed", lambda x: tuple(sorted({int(v) for v in x}))))
+                seeds=("seed", lambda x: tuple(sorted({int(v) for v in x}))), **extra)
            .reset_index())
+    for c in SUMMARY_EXTRA:
+        if c not in out.columns:
+            out[c] = np.nan
+    out[["ci_low", "ci_high"]] = _summary_interval(out, df.attrs.get("probe_seed_mean_ci"))
     out["n_seeds"] = out["n_seeds"].astype(int)
     pooled = [_pooled_split(seeds, by_seed) for seeds in out["seeds"]]
     out["test_images"] = pd.array([p[0] for p in pooled], dtype="Int64")

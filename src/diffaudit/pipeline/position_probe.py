@@ -8,7 +8,9 @@ from . import common
 
 def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
         summary_csv: str | Path | None = None) -> Path:
-    """Every run's accuracies (``out_csv``) and their mean and sd over seeds (``summary_csv``)."""
+    """Every run's accuracies with their bootstrap interval and interior accuracy (``out_csv``), and their mean
+    and sd over seeds with the seed mean's interval (``summary_csv``)."""
+    from ..analyses.bootstrap import Bootstrap
     from ..analyses.probe import run_probe, summarize_probe
     from ..store import open_model_stores
 
@@ -18,7 +20,8 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
                    train_frac=p["train_frac"], seed=p["seed"], seeds=p["seeds"], granularities=p["granularities"],
                    device=common.device(cfg), model_name=model, progress=True,
                    class_names=(cfg["dataset"]["imagenet"]["classes"]
-                                if cfg["dataset"]["source"] == "imagenet_subset" else None))
+                                if cfg["dataset"]["source"] == "imagenet_subset" else None),
+                   interior_k=int(p["interior_k"]), bootstrap=Bootstrap.from_config(cfg["bootstrap"]))
     if summary_csv is not None:
         common.write_csv(summarize_probe(df), summary_csv)
     return common.write_csv(df, out_csv)
