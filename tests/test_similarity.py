@@ -288,7 +288,8 @@ def stores(tmp_path_factory):
 def test_end_to_end_matches_brute_force(stores, mode):
     full, crops = stores
     df = token_group_similarity(full, crops, mode=mode, image_size=128, chunk_images=4, model_name="toy")
-    assert tuple(df.columns) == COLUMNS
+    assert tuple(df.columns) == COLUMNS + ("corner_ratio_ci_low", "corner_ratio_ci_high", "border_ratio_ci_low",
+                                           "border_ratio_ci_high")
     assert list(df.layer) == [L8, L16] and list(df.spatial) == [8, 16]
     assert list(df.layer_index) == [16, 23] and list(df.channels) == [12, 6] and set(df.model) == {"toy"}
     for row in df.itertuples():
@@ -331,3 +332,78 @@ def test_crop_lookup_and_errors(stores):
         token_group_similarity(full, {64: crops[8]}, layers=[L8])
     with pytest.raises(ValueError, match="mode"):
         token_group_similarity(full, crops, mode="exact", image_size=128)
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap intervals over images
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("count_quirk", [True, False])
+def test_per_image_terms_sum_to_the_pooled_diagonal(count_quirk):
+    """The bootstrap's per-image numerators and denominators are an exact split of R_ii over images."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(7, 6, 8, 8)) + 0.3).astype(np.float32)
+    x[2, :, 0, 0] = 0.0  # a zero token: its self-cosine is 0 (corrected mode subtracts the actual diagonal)
+    acc = GroupSimilarityAccumulator(ring=True)
+    for i in range(0, 7, 3):
+        acc.update(x[i:i + 3])
+    num, den = acc.per_image_diagonal(count_quirk, 8)
+    assert num.shape == den.shape == (7, 3)
+    r = acc.matrix(count_quirk, 8)
+    np.testing.assert_allclose(num.sum(axis=0) / den.sum(axis=0), np.diag(r), rtol=1e-12)
+
+
+def _pair_stores(tmp, nimg: int, corner: float, seed: int = 0):
+    """Full 10x10 maps and their crop = the ring-removed content, plus (``corner``) one vector shared by all
+    images on the crop's four corner tokens: an edge artifact of the corners only."""
+    rng = np.random.default_rng(seed)
+    c, n = 16, 10
+    full = rng.normal(size=(c, 1, 1)) + rng.normal(size=(nimg, c, n, n))
+    crop = full[..., 1:-1, 1:-1].copy()
+    shared = rng.normal(size=c)
+    for r, cc in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        crop[:, :, r, cc] += corner * (shared + 0.5 * rng.normal(size=(nimg, c)))
+    return (_write(tmp / f"full{nimg}.zarr", {L8: full.astype(np.float16)}, nimg),
+            {8: _write(tmp / f"crop{nimg}.zarr", {L8: crop.astype(np.float16)}, nimg)})
+
+
+@pytest.mark.parametrize("mode", ["paper", "corrected"])
+def test_planted_corner_artifact_interval_excludes_one(tmp_path, mode):
+    from diffaudit.analyses.bootstrap import Bootstrap
+
+    full, crops = _pair_stores(tmp_path, 30, corner=1.5)
+    row = token_group_similarity(full, crops, mode=mode, image_size=80, chunk_images=4,
+                                 bootstrap=Bootstrap(n_resamples=400)).iloc[0]
+    assert row.corner_ratio > 1.25
+    assert 1.0 < row.corner_ratio_ci_low <= row.corner_ratio <= row.corner_ratio_ci_high
+    # the border tokens are the same on both sides: their ratio is 1 in every resample (float32 group sums)
+    assert row.border_ratio_ci_low == pytest.approx(1.0, abs=1e-6) and row.border_ratio_ci_high == pytest.approx(
+        1.0, abs=1e-6)
+
+
+def test_similarity_interval_shrinks_with_images_and_is_reproducible(tmp_path):
+    from diffaudit.analyses.bootstrap import Bootstrap
+
+    boot = Bootstrap(n_resamples=400, seed=3)
+    widths = {}
+    for nimg in (12, 120):
+        full, crops = _pair_stores(tmp_path, nimg, corner=0.4, seed=nimg)
+        df = token_group_similarity(full, crops, image_size=80, chunk_images=8, bootstrap=boot)
+        pd.testing.assert_frame_equal(df, token_group_similarity(full, crops, image_size=80, chunk_images=5,
+                                                                 bootstrap=boot))  # chunking changes nothing
+        widths[nimg] = float(df.corner_ratio_ci_high.iloc[0] - df.corner_ratio_ci_low.iloc[0])
+    assert widths[120] > 0 and widths[12] > 2 * widths[120]
+
+
+def test_task_takes_the_image_size_from_the_store(tmp_path, stores):
+    from diffaudit.errors import UserError
+    from diffaudit.pipeline.token_group_similarity import image_size
+
+    full, _ = stores
+    with pytest.raises(UserError, match="image_size"):
+        image_size(full)  # the test stores record none
+    w = StoreWriter(tmp_path / "sized.zarr", layers=[L8], image_ids=["a"], labels=None, config={"image_size": 384},
+                    attrs={"image_size": 384}, layer_indices=[0])
+    w.write_batch(0, {L8: np.zeros((1, 2, 6, 6), np.float16)})
+    w.finalize()
+    assert image_size(ReprStore(tmp_path / "sized.zarr")) == 384

@@ -40,6 +40,12 @@ vectors s_g (C,) are needed; per layer we accumulate, in float64 over streamed i
 ``G[i, j] = sum_images s_i . s_j`` (3 x 3), the self-cosine sums ``D[i] = sum_images sum_{a in i} |u_a|^2`` and N.
 Time O(N * tokens * C), memory O(chunk_images * C * n^2), independent of N.
 
+Uncertainty (docs/method.md §3.7): ``<group>_ratio_ci_low`` / ``_ci_high`` for corner and border are percentile
+bootstrap intervals over images. Every R_ii is a ratio of sums over images, so the accumulator also keeps each
+image's diagonal pair sum and self-cosine sum (a few numbers per image, the memory stays one chunk of maps); a
+resample draws images with replacement, the same images for both map sets, and recomputes both R_ii from the
+resampled numerator and denominator sums and then their ratio.
+
 Zero-norm tokens: normalisation is ``u = x / max(|x|, eps)`` with eps = 1e-12 (``torch.nn.functional.normalize``;
 ``torch.cosine_similarity`` likewise gives 0 for a zero vector), so a zero token has u = 0 and *all* its cosines,
 including its self-cosine, are 0. The pair sums (and the brute-force maps) therefore contain a 0 on the diagonal
@@ -56,6 +62,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MissingInputError, UserError
+from .bootstrap import Bootstrap
 
 GROUPS: tuple[str, ...] = ("corner", "border", "other")
 MAP_SETS: tuple[str, ...] = ("cropped_image", "full_image_ring_removed")
@@ -68,6 +75,14 @@ COLUMNS: tuple[str, ...] = (
     "border_sim_cropped_image", "border_sim_full_image_ring_removed",
     "other_sim_cropped_image", "other_sim_full_image_ring_removed",
 )
+
+#: Appended by :func:`token_group_similarity` after :data:`COLUMNS` (the published table has none): the bootstrap
+#: intervals of the plotted ratios.
+CI_COLUMNS: tuple[str, ...] = ("corner_ratio_ci_low", "corner_ratio_ci_high", "border_ratio_ci_low",
+                               "border_ratio_ci_high")
+TABLE_COLUMNS: tuple[str, ...] = COLUMNS + CI_COLUMNS
+#: The groups whose ratio gets an interval.
+CI_GROUPS: tuple[str, ...] = ("corner", "border")
 
 MODES = {"paper": True, "corrected": False}
 
@@ -203,7 +218,10 @@ def group_sums(x: np.ndarray, ring: bool = False) -> dict:
 class GroupSimilarityAccumulator:
     """Streaming float64 accumulator of pooled group pair sums for one map set.
 
-    ``ring=True``: the map set is the chunk's ``x[..., 1:-1, 1:-1]`` (full image, ring removed)."""
+    ``ring=True``: the map set is the chunk's ``x[..., 1:-1, 1:-1]`` (full image, ring removed).
+    Besides the pooled sums it keeps, per image, the diagonal pair sums ``s_i . s_i`` and the self-cosine sums
+    (3 + 3 numbers an image), from which :meth:`per_image_diagonal` splits each diagonal R_ii into per-image
+    numerator and denominator terms for the bootstrap over images."""
 
     def __init__(self, m: int | None = None, ring: bool = False):
         self.m = m
@@ -211,6 +229,8 @@ class GroupSimilarityAccumulator:
         self.pair_sums = np.zeros((3, 3))
         self.self_sums = np.zeros(3)
         self.n_images = 0
+        self._image_diag: list[np.ndarray] = []
+        self._image_self: list[np.ndarray] = []
 
     def update(self, x: np.ndarray) -> None:
         gs = group_sums(x, ring=self.ring)
@@ -222,6 +242,22 @@ class GroupSimilarityAccumulator:
         self.pair_sums += np.einsum("bic,bjc->ij", s, s)
         self.self_sums += gs["self"].sum(axis=0)
         self.n_images += s.shape[0]
+        self._image_diag.append(np.einsum("bic,bic->bi", s, s))
+        self._image_self.append(np.asarray(gs["self"], dtype=np.float64))
+
+    def per_image_diagonal(self, count_quirk: bool = True, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(num, den)``, both (N, 3): per image the terms whose sums over images give the diagonal of
+        :meth:`matrix`, ``R_ii = sum num[:, i] / sum den[:, i]`` (NaN where the denominator is not positive).
+
+        ``num = s_i . s_i - subtract_i`` with ``subtract_i`` = K_i (paper: the quirk's constant, K on the n-grid)
+        or the image's self-cosine sum (corrected); ``den = K_i^2 - K_i`` on the same grid as the counts."""
+        if self.n_images == 0:
+            raise ValueError("no images accumulated")
+        count, self_count = pair_counts(self.m, 1, count_quirk, n)
+        diag = np.concatenate(self._image_diag)
+        subtract = self_count[None, :] if count_quirk else np.concatenate(self._image_self)
+        den = np.broadcast_to(np.diag(count) - self_count, diag.shape)
+        return diag - subtract, den
 
     def matrix(self, count_quirk: bool = True, n: int | None = None) -> np.ndarray:
         if self.n_images == 0:
@@ -358,6 +394,17 @@ def group_similarity_matrix(full, crop, layer: str, count_quirk: bool = True,
     ``full`` has the n x n maps; ``crop`` the m x m maps (m = n - 2) of the cropped images. Rows and columns are
     ordered corner, border, other.
     """
+    acc_crop, acc_full, n = _layer_accumulators(full, crop, layer, chunk_images)
+    return {
+        "cropped_image": acc_crop.matrix(count_quirk, n),
+        "full_image_ring_removed": acc_full.matrix(count_quirk, n),
+    }
+
+
+def _layer_accumulators(full, crop, layer: str, chunk_images: int
+                        ) -> tuple[GroupSimilarityAccumulator, GroupSimilarityAccumulator, int]:
+    """(cropped image, full image ring removed) accumulators of one layer and its full side n, after checking
+    that the stores match."""
     if layer not in full.layers:
         raise KeyError(f"layer {layer!r} not in the full store {full.path}")
     nimg, c, n, w = full.shape(layer)
@@ -372,12 +419,28 @@ def group_similarity_matrix(full, crop, layer: str, count_quirk: bool = True,
                          f"(*, {c}, {n - 2}, {n - 2}) for a {n}x{n} layer")
     if cn != nimg or not np.array_equal(np.asarray(full.image_ids), np.asarray(crop.image_ids)):
         raise ValueError(f"{layer}: full and crop store {variant} hold different images")
-    acc_crop = _accumulate(crop, layer, chunk_images, ring=False)
-    acc_full = _accumulate(full, layer, chunk_images, ring=True)
-    return {
-        "cropped_image": acc_crop.matrix(count_quirk, n),
-        "full_image_ring_removed": acc_full.matrix(count_quirk, n),
-    }
+    return _accumulate(crop, layer, chunk_images, ring=False), _accumulate(full, layer, chunk_images, ring=True), n
+
+
+def ratio_intervals(acc_crop: GroupSimilarityAccumulator, acc_full: GroupSimilarityAccumulator, count_quirk: bool,
+                    n: int, bootstrap: Bootstrap) -> dict[str, float]:
+    """Bootstrap intervals of ``corner_ratio`` and ``border_ratio`` (:data:`CI_COLUMNS`).
+
+    Both map sets hold the same images, so they are resampled together: in each resample every R_ii is
+    recomputed as the ratio of the resampled sums of its per-image numerator and denominator
+    (:meth:`GroupSimilarityAccumulator.per_image_diagonal`), and the ratio is R_crop / R_ring of those."""
+    if acc_crop.n_images != acc_full.n_images:
+        raise ValueError(f"the map sets hold {acc_crop.n_images} and {acc_full.n_images} images")
+    num_c, den_c = acc_crop.per_image_diagonal(count_quirk, n)
+    num_f, den_f = acc_full.per_image_diagonal(count_quirk, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = bootstrap.ratio_resamples(num_c, den_c) / bootstrap.ratio_resamples(num_f, den_f)  # (B, 3)
+    lo, hi = bootstrap.interval(ratio)
+    out = {}
+    for g in CI_GROUPS:
+        gi = GROUPS.index(g)
+        out[f"{g}_ratio_ci_low"], out[f"{g}_ratio_ci_high"] = float(lo[gi]), float(hi[gi])
+    return out
 
 
 def ratio_columns(r_crop: np.ndarray, r_full_ring: np.ndarray) -> dict[str, float]:
@@ -395,13 +458,17 @@ def ratio_columns(r_crop: np.ndarray, r_full_ring: np.ndarray) -> dict[str, floa
 
 def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], object],
                            layers: Sequence[str] | None = None, mode: str = "paper", image_size: int = 512,
-                           chunk_images: int = 20, model_name: str = "") -> pd.DataFrame:
+                           chunk_images: int = 20, model_name: str = "",
+                           bootstrap: Bootstrap | None = None) -> pd.DataFrame:
     """Per-layer corner/border/other similarity ratios (cropped image / full image ring removed).
 
     ``full``: the ``full`` variant ReprStore. ``crops``: ``{token_size: ReprStore}`` or a callable
     ``token_size -> ReprStore``; the layer with an n x n map uses the store of token size ``image_size // n``
     (variant ``crop<t>``). ``mode``: ``"paper"`` (the authors' count quirk) or ``"corrected"``.
+    Columns :data:`TABLE_COLUMNS`: :data:`COLUMNS`, then the percentile bootstrap intervals over images of the
+    corner and border ratios (:func:`ratio_intervals`; ``bootstrap`` defaults to ``Bootstrap()``).
     """
+    boot = Bootstrap() if bootstrap is None else bootstrap
     count_quirk = _count_quirk(mode)
     layers = list(full.layers if layers is None else layers)
     rows = []
@@ -414,9 +481,10 @@ def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], o
         crop = _resolve_crop(crops, t, layer, n)
         if layer not in crop.layers:
             raise KeyError(f"layer {layer!r} missing from crop store variant {crop_variant(t)!r} ({crop.path})")
-        r = group_similarity_matrix(full, crop, layer, count_quirk, chunk_images)
-        rc, rf = r["cropped_image"], r["full_image_ring_removed"]
+        acc_crop, acc_full, _ = _layer_accumulators(full, crop, layer, chunk_images)
+        rc, rf = acc_crop.matrix(count_quirk, n), acc_full.matrix(count_quirk, n)
         layer_index = attrs.get("layer_index", full.layer_indices[full.layers.index(layer)])
         rows.append({"model": model_name, "layer_index": int(layer_index), "layer": layer, "channels": int(c),
-                     "spatial": int(n), **ratio_columns(rc, rf)})
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+                     "spatial": int(n), **ratio_columns(rc, rf),
+                     **ratio_intervals(acc_crop, acc_full, count_quirk, n, boot)})
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))

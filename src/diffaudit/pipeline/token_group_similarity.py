@@ -7,7 +7,19 @@ from ..errors import UserError
 from . import common
 
 
+def image_size(store) -> int:
+    """The image size (px) the store was extracted at, as it records it (``image_size``, also in its config): an
+    experiment may extract at another resolution than ``dataset.size``, and the crop variant of a layer follows
+    from the extracted size."""
+    size = store.attrs.get("image_size") or store.attrs.get("config", {}).get("image_size")
+    if not size:
+        raise UserError(f"{store.path} does not record the image size it was extracted at (attribute image_size); "
+                        "re-extract it")
+    return int(size)
+
+
 def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
+    from ..analyses.bootstrap import Bootstrap
     from ..analyses.similarity import token_group_similarity
     from ..store import open_model_stores
 
@@ -16,8 +28,8 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
         raise UserError(f"{full.path} has no cropped variants; set extraction.crops: true and re-extract")
     layers = sorted(set().union(*(c.layers for c in crops.values())), key=full.layers.index)
     df = token_group_similarity(full, crops, layers=layers, mode=cfg["similarity"]["mode"],
-                                image_size=int(cfg["dataset"]["size"]),
-                                chunk_images=cfg["similarity"]["chunk_images"], model_name=model)
+                                image_size=image_size(full), chunk_images=cfg["similarity"]["chunk_images"],
+                                model_name=model, bootstrap=Bootstrap.from_config(cfg["bootstrap"]))
     return common.write_csv(df, out_csv)
 
 
