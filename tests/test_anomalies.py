@@ -78,7 +78,8 @@ def expected_rel_norms(h: int, corrected: bool) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["paper", "corrected"])
 def test_relative_norms_match_hand_computation(exact_store, mode):
     df = relative_norms(exact_store, LABELS, mode=mode, model_name="syn", label_source="planted", chunk_images=3)
-    assert list(df.columns) == RELNORM_COLUMNS + ["n_images", "n_images_with_anomalies"]
+    assert list(df.columns) == RELNORM_COLUMNS + ["n_images", "n_images_with_anomalies", "rel_norm_ci_low",
+                                                  "rel_norm_ci_high"]
     assert (df.n_images == exact_store.n_images).all()
     assert (df.n_images_with_anomalies == len(np.unique(LABELS[:, 0]))).all()
     assert list(df.layer) == list(SIZES) and list(df.layer_index) == [16, 24, 30, 37]
@@ -94,10 +95,35 @@ def test_relative_norms_match_hand_computation(exact_store, mode):
         assert r.rel_norm_mean > 4
 
 
+@pytest.mark.parametrize("mode", ["paper", "corrected"])
+def test_rel_norm_interval_is_the_bootstrap_over_images(exact_store, mode):
+    """An image brings all its labels: the interval equals a plain loop over resampled images."""
+    from diffaudit.analyses.bootstrap import Bootstrap
+
+    boot = Bootstrap(n_resamples=300, level=0.9, seed=2)
+    df = relative_norms(exact_store, LABELS, mode=mode, chunk_images=4, bootstrap=boot)
+    assert (df.rel_norm_ci_low <= df.rel_norm_mean).all() and (df.rel_norm_mean <= df.rel_norm_ci_high).all()
+    assert (df.rel_norm_ci_high > df.rel_norm_ci_low).all()
+    draws = np.random.default_rng(2).integers(0, N_IMG, size=(300, N_IMG))
+    for _, row in df.iterrows():
+        exp = expected_rel_norms(row.spatial, corrected=(mode == "corrected"))
+        by_image = {i: exp[LABELS[:, 0] == i] for i in np.unique(LABELS[:, 0])}
+        means = []
+        for d in draws:
+            v = np.concatenate([by_image.get(int(i), []) for i in d])
+            if v.size:
+                means.append(v.mean())
+        lo, hi = np.quantile(means, [0.05, 0.95])
+        assert (row.rel_norm_ci_low, row.rel_norm_ci_high) == pytest.approx((lo, hi), rel=1e-4)
+    same = relative_norms(exact_store, LABELS, mode=mode, chunk_images=7, bootstrap=boot)
+    np.testing.assert_array_equal(same.rel_norm_ci_low, df.rel_norm_ci_low)  # reproducible, chunking aside
+
+
 def test_relative_norms_unlabelled_layer_and_ref_grid(exact_store):
-    # no anomalies at all: NaN statistics, zero count
+    # no anomalies at all: NaN statistics and intervals, zero count
     df = relative_norms(exact_store, np.zeros((0, 3), dtype=np.int64), layers=[REF])
     assert df.n_anomalies.tolist() == [0] and np.isnan(df.rel_norm_mean.iloc[0])
+    assert df[["rel_norm_ci_low", "rel_norm_ci_high"]].isna().all().all()
     # a label outside the store's images is rejected
     with pytest.raises(LabelFileError, match="out of range"):
         relative_norms(exact_store, np.array([[N_IMG, 0, 0]]))

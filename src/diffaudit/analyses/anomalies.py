@@ -18,7 +18,11 @@ reported. Index 30 (the labelled layer) is selection-biased: anomalies were pick
 Besides the columns shared with the published table (:data:`RELNORM_COLUMNS`), every row carries the label set's
 prevalence counts (:data:`PREVALENCE_COLUMNS`): ``n_images`` (images in the store) and ``n_images_with_anomalies``
 (images with at least one label), the same for every layer of a source; the credibility score's anomaly axis is
-prevalence x severity (``docs/credibility.md``).
+prevalence x severity (``docs/credibility.md``). Last come ``rel_norm_ci_low`` and ``rel_norm_ci_high``
+(:data:`CI_COLUMNS`), the percentile bootstrap interval of ``rel_norm_mean`` over images (docs/method.md §3.7):
+a resample draws the store's images with replacement and every drawn image brings all its labels, so the
+resampled mean is (sum of the drawn images' relative norms) / (number of their labels); resamples that draw no
+labelled image are left out. NaN without labels (or where ``rel_norm_mean`` is NaN).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import pandas as pd
 
 from ..errors import DiffauditError, UserError
 from ..store import ReprStore
+from .bootstrap import Bootstrap
 
 REF_LAYER = "up_blocks[1].upsamplers[0]"
 DEFAULT_REF_GRID = 32
@@ -36,7 +41,9 @@ RELNORM_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "labe
                    "rel_norm_std", "n_anomalies"]
 #: Appended by :func:`relative_norms` after :data:`RELNORM_COLUMNS` (the published table has no per-image counts).
 PREVALENCE_COLUMNS = ["n_images", "n_images_with_anomalies"]
-ANOMALY_TABLE_COLUMNS = RELNORM_COLUMNS + PREVALENCE_COLUMNS
+#: Appended after :data:`PREVALENCE_COLUMNS`: the bootstrap interval over images of ``rel_norm_mean``.
+CI_COLUMNS = ["rel_norm_ci_low", "rel_norm_ci_high"]
+ANOMALY_TABLE_COLUMNS = RELNORM_COLUMNS + PREVALENCE_COLUMNS + CI_COLUMNS
 MODES = ("paper", "corrected")
 
 
@@ -129,11 +136,14 @@ def _token_norms(chunk: np.ndarray) -> np.ndarray:
 
 def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, ref_layer: str = REF_LAYER,
                    mode: str = "paper", label_source: str = "paper", model_name: str = "",
-                   chunk_images: int = 20, progress: bool = False) -> pd.DataFrame:
+                   chunk_images: int = 20, progress: bool = False, bootstrap: Bootstrap | None = None
+                   ) -> pd.DataFrame:
     """Mean and std (ddof=0) over labels of the patch's relative token norm, per layer (module docstring).
 
     Columns :data:`ANOMALY_TABLE_COLUMNS`: the shared :data:`RELNORM_COLUMNS`, then ``n_images`` (the store's
-    images) and ``n_images_with_anomalies`` (distinct labelled images), the label set's prevalence counts.
+    images) and ``n_images_with_anomalies`` (distinct labelled images), the label set's prevalence counts, then
+    ``rel_norm_ci_low, rel_norm_ci_high``, the ``bootstrap`` interval of the mean over the store's images (default
+    ``Bootstrap()``; module docstring).
     Only images that carry labels are read, in contiguous runs of ``chunk_images`` images, one layer at a
     time: memory is O(chunk_images * C * h * w). ``H_ref`` comes from :func:`reference_grid`.
     """
@@ -146,6 +156,8 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
     by_image = {int(i): labels[labels[:, 0] == i] for i in images}
     runs = _runs(images)
     prevalence = (int(store.n_images), int(images.size))
+    boot = Bootstrap() if bootstrap is None else bootstrap
+    label_count = np.bincount(labels[:, 0], minlength=store.n_images).astype(np.float64)  # the ratio's denominator
 
     it = layers
     if progress:
@@ -158,6 +170,7 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
         scale = h / h_ref
         k = max(1, int(2 * scale))
         values: list[float] = []
+        value_image: list[int] = []
         for start, stop in runs:
             for i0, chunk in store.iter_chunks(layer, chunk_images=chunk_images, start=start, stop=stop,
                                                dtype=np.float32):
@@ -178,10 +191,15 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
                             rest = h * w - p_cnt
                             denom = (total - p_sum) / rest if rest > 0 else np.nan
                         values.append((p_sum / p_cnt) / denom if denom else np.nan)
+                        value_image.append(img)
         v = np.asarray(values, dtype=np.float64)
+        mean = float(np.mean(v)) if v.size else np.nan
+        ci = (np.nan, np.nan)
+        if np.isfinite(mean):
+            per_image = np.bincount(np.asarray(value_image, dtype=np.int64), weights=v, minlength=store.n_images)
+            ci = tuple(float(b) for b in boot.ratio_interval(per_image, label_count))
         rows.append((model_name, store.layer_index(layer), layer, int(c), int(h), label_source,
-                     float(np.mean(v)) if v.size else np.nan, float(np.std(v)) if v.size else np.nan, int(v.size),
-                     *prevalence))
+                     mean, float(np.std(v)) if v.size else np.nan, int(v.size), *prevalence, *ci))
     return pd.DataFrame(rows, columns=ANOMALY_TABLE_COLUMNS)
 
 

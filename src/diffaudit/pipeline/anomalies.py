@@ -54,6 +54,7 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
     import pandas as pd
 
     from ..analyses.anomalies import detect_anomalies, load_label_file, precision_recall, relative_norms
+    from ..analyses.bootstrap import Bootstrap
     from ..store import open_model_stores
 
     a = cfg["anomalies"]
@@ -70,7 +71,8 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
         else:
             labels[source] = load_label_file(path, n_images=full.n_images)
         tables.append(relative_norms(full, labels[source], ref_layer=a["ref_layer"], mode=a["mode"],
-                                     label_source=source, model_name=model))
+                                     label_source=source, model_name=model,
+                                     bootstrap=Bootstrap.from_config(cfg["bootstrap"])))
     df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if detector_json is not None:
         evals = {f"auto_vs_{s}": precision_recall(labels["auto"], lab)
