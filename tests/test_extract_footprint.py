@@ -48,11 +48,9 @@ def _fake_free(monkeypatch, free: int):
 
 def _plan_and_configs(pipe, out, settings):
     """The footprint run_extraction computes (same plan and store configurations)."""
-    from dataclasses import asdict
-
     ex = Extractor(pipe, LAYERS, settings)
     plan = plan_variants(ex.layer_shapes, LAYERS, PX, settings.crops)
-    base = {"model": "mini", **asdict(settings), "device": "cpu", "compute_dtype": "float32", "image_size": PX}
+    base = {"model": "mini", **settings.config(), "device": "cpu", "compute_dtype": "float32", "image_size": PX}
     configs = {v.name: {**base, "variant": v.name, **({"crop_px": v.crop_px} if v.crop_px else {})} for v in plan}
     ids = [f"n01440764_{i:05d}" for i in range(N)]
     work = Path(out).with_name(Path(out).name + ".partial")

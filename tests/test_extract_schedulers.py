@@ -139,3 +139,48 @@ def test_corrected_mode_noise_is_independent_per_image_and_of_the_batch_size(min
     seen = _capture_noise(ex, monkeypatch)
     ex.run_batch([images[0], images[0]], [0, 7])
     assert torch.equal(seen[0][0], by_batch[4][0]) and not torch.equal(seen[0][1], seen[0][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# a timestep sweep: the noise level at the U-Net input follows the timestep for every scheduler
+# ---------------------------------------------------------------------------------------------
+
+SWEEP = [10, 50, 200, 400, 700, 950]
+
+
+def _unet_inputs(pipe, settings, images):
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        Extractor(pipe, ["mid_block"], settings).run_batch(images, list(range(len(images))))
+    finally:
+        handle.remove()
+    return seen[0].double()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_timestep_sweep_gives_a_monotone_noise_level(scheduler_models, name):
+    """Paper mode (the scheduler's ``scale_model_input`` applies), a pipeline whose scheduler was used before at
+    t=999: at each timestep the U-Net input is s_t (sqrt(abar_t) x + sqrt(1 - abar_t) eps) with s_t the scheduler's
+    scaling at *that* timestep (Euler: 1/sqrt(sigma_t^2 + 1)), measured from two images that share the noise
+    (signal part) and two seeds on one image (noise part); the noise-to-signal ratio rises with t."""
+    pipe = load_pipeline(ModelSpec(name, str(scheduler_models[name])), device="cpu")
+    pipe.scheduler.scale_model_input(torch.zeros(1, 4, 8, 8), torch.tensor(999))  # leaves Euler's step index set
+    imgs = random_images(2, 64, seed=3)
+    with torch.no_grad():
+        x = torch.stack([pipe.vae.encode(Extractor(pipe, ["mid_block"], ExtractionSettings())._pixels([im]))
+                         .latent_dist.mean[0] for im in imgs]).double() * pipe.vae.config.scaling_factor
+    abar = pipe.scheduler.alphas_cumprod.double()
+    ratios = []
+    for t in SWEEP:
+        two = _unet_inputs(pipe, ExtractionSettings(timestep=t, latent="mean", seed=1), imgs)
+        other_seed = _unet_inputs(pipe, ExtractionSettings(timestep=t, latent="mean", seed=2), imgs)
+        signal = (two[0] - two[1]).norm() / (x[0] - x[1]).norm()
+        eps = [(torch.manual_seed(s), torch.randn(1, 4, 8, 8))[1].double() for s in (1, 2)]
+        noise = (two[0] - other_seed[0]).norm() / (eps[0] - eps[1]).norm()
+        sigma = ((1 - abar[t]) / abar[t]) ** 0.5
+        scale = 1 / (sigma ** 2 + 1) ** 0.5 if name == "euler" else 1.0
+        assert float(signal) == pytest.approx(float(scale * abar[t] ** 0.5), rel=1e-3), (name, t)
+        assert float(noise) == pytest.approx(float(scale * (1 - abar[t]) ** 0.5), rel=1e-3), (name, t)
+        ratios.append(float(noise / signal))
+    assert all(b > a for a, b in zip(ratios, ratios[1:])), ratios

@@ -706,6 +706,18 @@ def _expected_size(dataset_dir: Path) -> int | None:
     return _check_int(size, f"{meta}: size", 1)
 
 
+def load_label_names(dataset_dir) -> list[str]:
+    """The class name of each label (``label_names`` of ``dataset.json``; empty when it has none)."""
+    meta = Path(dataset_dir) / "dataset.json"
+    if not meta.exists():
+        return []
+    try:
+        names = json.loads(meta.read_text(encoding="utf-8")).get("label_names") or []
+    except Exception as exc:
+        raise DatasetError(f"{meta} cannot be read ({_one_line(exc)})") from exc
+    return [str(n) for n in names]
+
+
 def load_images(dataset_dir, index_df: pd.DataFrame, start: int = 0, stop: int | None = None) -> list[Image.Image]:
     """RGB images of rows ``start:stop`` of ``index_df``.
 

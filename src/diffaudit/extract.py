@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import experiments
 from .errors import DiffauditError
 from .layers import resolve_layers
 from .store import STORE_FORMAT, StoreWriter, fingerprint, store_path
@@ -57,10 +58,31 @@ class ExtractionSettings:
     precision: str = "auto"  # auto = fp16 on CUDA, fp32 on CPU (the paper's rule)
     store_dtype: str = "float16"
     crops: bool = True
+    # Experiment switches (diffaudit.experiments); None = what the mode does (and no entry in the stores' config).
+    padding_mode: str | None = None
+    noise: str | None = None
+    pixel_range: str | None = None
+    latent: str | None = None
+    resolution: int | None = None
+    weights: str | None = None
+
+    @property
+    def switches(self) -> dict:
+        """Every experiment switch with its value, the mode's defaults filled in."""
+        return experiments.resolved({k: v for k, v in asdict(self).items() if v is not None})
+
+    def config(self) -> dict:
+        """The settings as the stores record them (unset switches left out, so a baseline's config is what it was
+        before experiments existed)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"extraction mode must be one of {MODES}, got {self.mode!r}")
+        for key, value in asdict(self).items():
+            allowed = experiments.CAUSES.get(key)
+            if value is not None and isinstance(allowed, tuple) and value not in allowed:
+                raise ValueError(f"extraction {key} must be one of {allowed}, got {value!r}")
         if not 0 <= int(self.timestep) <= 999:
             raise ValueError(f"timestep must be in [0, 999], got {self.timestep}")
         if int(self.batch_size) < 1:
@@ -90,33 +112,57 @@ def crop_image(img, token_px: int):
 
 
 class Extractor:
-    """Runs the U-Net on batches of PIL images and returns the hooked representations."""
+    """Runs the U-Net on batches of PIL images and returns the hooked representations.
 
-    def __init__(self, pipe, layers: Sequence[str], settings: ExtractionSettings):
+    The experiment switches of ``settings`` (:mod:`diffaudit.experiments`) act here: ``weights: random`` runs a
+    re-initialised copy of the U-Net, ``padding_mode`` changes the padding of every ``Conv2d`` of the U-Net for the
+    duration of each pass, ``noise``/``pixel_range``/``latent`` replace what the mode does."""
+
+    def __init__(self, pipe, layers: Sequence[str], settings: ExtractionSettings, label_names: Sequence[str] = ()):
         from diffusers import DDIMScheduler
 
         self.pipe = pipe
         self.settings = settings
+        self.switches = settings.switches
+        self.unet = random_unet(pipe.unet) if self.switches["weights"] == "random" else pipe.unet
         self.layers = list(layers)
-        self.modules = resolve_layers(pipe.unet, self.layers)
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+        self.modules = resolve_layers(self.unet, self.layers)
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
         # sdhelper noises with a DDIM scheduler rebuilt from the model's scheduler config, for every model.
         self.ddim = DDIMScheduler.from_config(pipe.scheduler.config)
-        # ``scale_model_input`` of the pipeline's scheduler, on a private copy: Euler keeps the step index of the
-        # first timestep it is called with, so a shared scheduler would carry it over between extractors.
+        # ``scale_model_input`` of the pipeline's scheduler, on a private copy whose step index is cleared before
+        # every call: Euler keeps the step index of the first timestep it sees, so a scheduler used before (or
+        # shared between timesteps) would silently scale with another timestep's sigma.
         self.scheduler = copy.deepcopy(pipe.scheduler)
-        self._prompt_cache: dict[int, torch.Tensor] = {}
+        self._prompt_cache: dict = {}
+        self.label_names = list(label_names)
         vae_factor = getattr(pipe, "vae_scale_factor", None)
         self.vae_factor = int(vae_factor or 2 ** (len(pipe.vae.config.block_out_channels) - 1))
 
     # -- pieces ----------------------------------------------------------------------------------
-    def prompt_embeds(self, batch: int) -> torch.Tensor:
-        if batch not in self._prompt_cache:
-            emb, *_ = self.pipe.encode_prompt(prompt=[self.settings.prompt] * batch, device=self.device,
-                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
-            self._prompt_cache[batch] = emb
-        return self._prompt_cache[batch]
+    def prompt_embeds(self, batch: int, labels: Sequence[int] | None = None) -> torch.Tensor:
+        """Text conditioning for a batch: the prompt for every image, or, when it names the class
+        (``{class}``), each image's own prompt."""
+        template = self.settings.prompt
+        if experiments.CLASS_PLACEHOLDER not in template:
+            if batch not in self._prompt_cache:
+                self._prompt_cache[batch] = self._encode([template] * batch)
+            return self._prompt_cache[batch]
+        if labels is None or len(labels) != batch:
+            raise ValueError(f"prompt {template!r} names each image's class, but the images' labels are not known")
+        rows = []
+        for label in labels:
+            if label not in self._prompt_cache:
+                name = self.label_names[label] if 0 <= label < len(self.label_names) else str(label)
+                self._prompt_cache[label] = self._encode([experiments.class_prompt(template, name)])
+            rows.append(self._prompt_cache[label])
+        return torch.cat(rows)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        emb, *_ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+        return emb
 
     def _pixels(self, images) -> torch.Tensor:
         sizes = {im.size for im in images}
@@ -124,49 +170,73 @@ class Extractor:
             raise ValueError(f"all images of a batch must have the same size, got {sorted(sizes)}")
         x = torch.tensor(np.array([np.asarray(im.convert("RGB")) for im in images]), dtype=torch.float32,
                          device=self.device).permute(0, 3, 1, 2) / 255.0
-        if self.settings.mode == "corrected":
+        if self.switches["pixel_range"] == "symmetric":
             x = 2.0 * x - 1.0
         return x
 
     def corrected_noise(self, image_indices: Sequence[int], full_latent_hw: tuple[int, int],
                         crop_latent_px: int = 0) -> torch.Tensor:
         """Per-image noise from a CPU generator seeded by (seed, image index); cropped like the image."""
+        return torch.stack([self._cpu_noise(int(self.settings.seed) * 1_000_003 + int(idx), full_latent_hw,
+                                            crop_latent_px) for idx in image_indices]).to(self.device, self.dtype)
+
+    def shared_noise(self, n: int, full_latent_hw: tuple[int, int], crop_latent_px: int = 0) -> torch.Tensor:
+        """One noise tensor for every image (CPU generator seeded by the seed alone), cropped like the image."""
+        eps = self._cpu_noise(int(self.settings.seed), full_latent_hw, crop_latent_px)
+        return eps[None].expand(n, *eps.shape).to(self.device, self.dtype)
+
+    def _cpu_noise(self, seed: int, full_latent_hw: tuple[int, int], crop_latent_px: int) -> torch.Tensor:
         h, w = full_latent_hw
-        out = []
-        for idx in image_indices:
-            g = torch.Generator("cpu").manual_seed(int(self.settings.seed) * 1_000_003 + int(idx))
-            eps = torch.randn((4, h, w), generator=g, dtype=torch.float32)
-            if crop_latent_px:
-                k = crop_latent_px
-                eps = eps[:, k:h - k, k:w - k]
-            out.append(eps)
-        return torch.stack(out).to(self.device, self.dtype)
+        g = torch.Generator("cpu").manual_seed(seed)
+        eps = torch.randn((self.unet.config.in_channels, h, w), generator=g, dtype=torch.float32)
+        k = crop_latent_px
+        return eps[:, k:h - k, k:w - k] if k else eps
+
+    def scale_model_input(self, lat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The pipeline scheduler's input scaling at ``t`` (its step index cleared first, see ``__init__``)."""
+        for attr in ("_step_index", "_begin_index"):
+            if hasattr(self.scheduler, attr):
+                setattr(self.scheduler, attr, None)
+        return self.scheduler.scale_model_input(lat, t)
 
     @torch.no_grad()
     def latents(self, images, image_indices: Sequence[int], crop_px: int = 0, full_size: int | None = None):
         vae = self.pipe.vae
+        sw = self.switches
         x = self._pixels(images)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
         sf = vae.config.scaling_factor
-        if self.settings.mode == "paper":
+        paper = self.settings.mode == "paper"
+        if paper:
             torch.manual_seed(int(self.settings.seed))
-            lat = vae.encode(x.to(dtype=vae.dtype)).latent_dist.sample().to(dtype=self.dtype) * sf
-            noise = torch.randn_like(lat[None, 0]).expand(lat.shape)
-            lat = self.ddim.add_noise(lat, noise, t)
-            lat = self.scheduler.scale_model_input(lat, t)
+        dist = vae.encode(x.to(dtype=vae.dtype)).latent_dist
+        if sw["latent"] == "mean":
+            lat = dist.mean.contiguous()  # a view into the moments; randn_like would follow its strides
+        elif paper:
+            lat = dist.sample()
         else:
-            lat = vae.encode(x.to(dtype=vae.dtype)).latent_dist.mean.to(dtype=self.dtype) * sf
+            lat = dist.sample(generator=torch.Generator(self.device).manual_seed(int(self.settings.seed)))
+        lat = lat.to(dtype=self.dtype) * sf
+        if paper and sw["noise"] == "shared":
+            noise = torch.randn_like(lat[None, 0]).expand(lat.shape)
+        else:
             factor = x.shape[-1] // lat.shape[-1]
             full = (full_size or x.shape[-1]) // factor
             if crop_px % factor:
                 raise ValueError(f"crop of {crop_px}px is not a whole number of latent pixels ({factor}px)")
-            noise = self.corrected_noise(image_indices, (full, full), crop_px // factor)
-            lat = self.ddim.add_noise(lat, noise, t)
+            if sw["noise"] == "independent":
+                noise = self.corrected_noise(image_indices, (full, full), crop_px // factor)
+            else:
+                noise = self.shared_noise(lat.shape[0], (full, full), crop_px // factor)
+        lat = self.ddim.add_noise(lat, noise, t)
+        if paper:
+            lat = self.scale_model_input(lat, t)
         return lat, t
 
     @torch.no_grad()
     def run_batch(self, images, image_indices: Sequence[int], layers: Sequence[str] | None = None,
-                  crop_px: int = 0, full_size: int | None = None, out_dtype=None) -> dict[str, torch.Tensor]:
+                  crop_px: int = 0, full_size: int | None = None, out_dtype=None,
+                  labels: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Representations ``{layer: (B, C, H, W)}`` on the CPU for one batch of images."""
         layers = self.layers if layers is None else list(layers)
         captured: dict[str, torch.Tensor] = {}
@@ -179,10 +249,17 @@ class Extractor:
 
         with deterministic_cudnn():
             lat, t = self.latents(images, image_indices, crop_px=crop_px, full_size=full_size)
-            emb = self.prompt_embeds(len(images))
+            emb = self.prompt_embeds(len(images), labels)
             handles = [self.modules[name].register_forward_hook(make_hook(name)) for name in layers]
             try:
-                self.pipe.unet(lat, t, encoder_hidden_states=emb)
+                with conv_padding(self.unet, self.switches["padding_mode"]):
+                    self.unet(lat, t, encoder_hidden_states=emb)
+            except RuntimeError as exc:
+                if "Padding size should be less" in str(exc):
+                    raise ValueError(f"padding_mode {self.switches['padding_mode']!r} needs every feature map larger "
+                                     f"than its padding, but at {images[0].size[0]} px a map of the U-Net is too "
+                                     "small; use a larger resolution (or circular/replicate padding)") from exc
+                raise
             finally:
                 for h in handles:
                     h.remove()
@@ -193,11 +270,40 @@ class Extractor:
         """``{layer: (C, H, W)}`` for square images of ``image_px`` pixels (exact: one U-Net pass of batch 1)."""
         layers = self.layers if layers is None else list(layers)
         h = int(image_px) // self.vae_factor
-        lat = torch.zeros((1, self.pipe.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
+        lat = torch.zeros((1, self.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
-        with deterministic_cudnn():
-            return probe_shapes(self.pipe.unet, {name: self.modules[name] for name in layers}, lat, t,
-                                self.prompt_embeds(1))
+        emb = self._encode([experiments.class_prompt(self.settings.prompt, "")])
+        with deterministic_cudnn(), conv_padding(self.unet, self.switches["padding_mode"]):
+            return probe_shapes(self.unet, {name: self.modules[name] for name in layers}, lat, t, emb)
+
+
+@contextmanager
+def conv_padding(unet, mode: str):
+    """Every ``Conv2d`` of ``unet`` pads with ``mode`` (zeros | reflect | replicate | circular) for the duration;
+    the padding widths, and so every shape, stay as they are. ``zeros`` changes nothing."""
+    if mode == "zeros":
+        yield
+        return
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    saved = [m.padding_mode for m in convs]
+    try:
+        for m in convs:
+            if isinstance(m.padding, str):
+                raise ValueError(f"padding_mode {mode!r}: a Conv2d with padding={m.padding!r} cannot change mode")
+            m.padding_mode = mode
+        yield
+    finally:
+        for m, s in zip(convs, saved):
+            m.padding_mode = s
+
+
+def random_unet(unet):
+    """The same architecture (the model's own config) with weights re-initialised from
+    :data:`diffaudit.experiments.RANDOM_WEIGHTS_SEED`, on the model's device and dtype."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(experiments.RANDOM_WEIGHTS_SEED)
+        fresh = type(unet).from_config(unet.config)
+    return fresh.to(device=unet.device, dtype=unet.dtype).eval()
 
 
 def probe_shapes(unet, modules: dict, latent: torch.Tensor, timestep, encoder_hidden_states):
@@ -302,8 +408,8 @@ def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[in
             if crop_px:
                 imgs = [crop_image(im, crop_px) for im in imgs]
             reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
-                                       crop_px=crop_px,
-                                       full_size=full_size)
+                                       crop_px=crop_px, full_size=full_size,
+                                       labels=None if labels is None else list(labels[start:stop]))
             bg.put(start, {k: v.numpy() for k, v in reps.items()})
             bar.update(stop - start)
             done_batches += 1
@@ -467,28 +573,26 @@ def check_disk_space(fp: Footprint) -> int:
 def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_ids: Sequence[str],
                    labels: Sequence[int] | None, layers: Sequence[str], settings: ExtractionSettings,
                    out_dir: str | Path, provenance: dict, image_size: int = 512, progress: bool = True,
-                   stop_after: int | None = None, index_offset: int = 0) -> Path:
+                   stop_after: int | None = None, index_offset: int = 0, label_names: Sequence[str] = ()) -> Path:
     """Extract the ``full`` variant and every ``crop<t>`` variant into ``out_dir``.
 
     Work happens in ``<out_dir>.partial``; it is renamed to ``out_dir`` only when every store is complete,
     so a directory at ``out_dir`` is always complete. Re-running after an interruption resumes.
     Before anything is written, the bytes still to write are estimated, logged and checked against the free space
     (:class:`InsufficientDiskSpaceError`). cuDNN runs deterministic; its flags are restored afterwards.
+    ``settings.resolution`` (an experiment) resizes the ``image_size`` images before anything else; the stores
+    then record that size as ``image_size``. ``label_names`` (by label) fill a prompt that names the class.
     """
     out_dir = Path(out_dir)
+    if settings.resolution and int(settings.resolution) != int(image_size):
+        image_size, dataset_images = int(settings.resolution), _resized(dataset_images, int(settings.resolution))
     work = out_dir.with_name(out_dir.name + ".partial")
     layers = list(layers)
     with deterministic_cudnn():
-        extractor = Extractor(pipe, layers, settings)
-        base_config = {**provenance, **asdict(settings), "device": extractor.device.type,
+        extractor = Extractor(pipe, layers, settings, label_names=label_names)
+        base_config = {**provenance, **settings.config(), "device": extractor.device.type,
                        "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
-        paper = settings.mode == "paper"
-        attrs = {**base_config, "library_versions": library_versions(),
-                 "pixel_range": "[0, 1] (x/255)" if paper else "[-1, 1]",
-                 "latent": "VAE posterior sample" if paper else "VAE posterior mean",
-                 "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper
-                           else "independent per image, CPU generator seeded by seed*1000003+image_index"),
-                 "scale_model_input": paper}
+        attrs = {**base_config, "library_versions": library_versions(), **describe_switches(settings)}
         name = provenance.get("model", "")
         plan = plan_variants(extractor.layer_shapes, layers, image_size, settings.crops)
         extra = {v.name: ({"variant": v.name, "crop_px": v.crop_px} if v.crop_px else {"variant": v.name})
@@ -508,6 +612,29 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
         shutil.rmtree(out_dir)
     work.rename(out_dir)
     return out_dir
+
+
+def _resized(images_fn: Callable[[int, int], list], size: int) -> Callable[[int, int], list]:
+    from PIL import Image
+
+    return lambda a, b: [im.resize((size, size), Image.BICUBIC) for im in images_fn(a, b)]
+
+
+def describe_switches(settings: ExtractionSettings) -> dict:
+    """What the extraction did, in words, for the stores' attributes (the switches an experiment set are in the
+    config as well)."""
+    sw, paper = settings.switches, settings.mode == "paper"
+    out = {"pixel_range": "[0, 1] (x/255)" if sw["pixel_range"] == "unit" else "[-1, 1]",
+           "latent": "VAE posterior sample" if sw["latent"] == "sample" else "VAE posterior mean",
+           "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper and sw["noise"] == "shared"
+                     else "one tensor shared by every image, CPU generator seeded by seed" if sw["noise"] == "shared"
+                     else "independent per image, CPU generator seeded by seed*1000003+image_index"),
+           "scale_model_input": paper}
+    if settings.padding_mode is not None:
+        out["padding_mode"] = sw["padding_mode"]
+    if sw["weights"] == "random":
+        out["weights_seed"] = experiments.RANDOM_WEIGHTS_SEED
+    return out
 
 
 def library_versions() -> dict[str, str]:

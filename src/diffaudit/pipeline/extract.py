@@ -14,18 +14,23 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
 
     With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
     (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
+    ``cfg["experiment"]`` (the overrides of one experiment, :mod:`diffaudit.experiments`) changes the extraction.
     """
-    from ..datasets import load_images, load_index
+    from .. import experiments
+    from ..datasets import load_images, load_index, load_label_names
     from ..extract import ExtractionSettings, run_extraction
     from ..layers import expand_layers
     from ..models import compute_dtype, load_pipeline, model_revision, resolve_model
     from ..store import shard_ranges
 
-    ex = cfg["extraction"]
+    overrides = cfg.get("experiment") or {}
+    ex = experiments.effective_extraction(cfg["extraction"], overrides)
     settings = ExtractionSettings(mode=ex["mode"], timestep=ex["timestep"], seed=ex["seed"],
                                   batch_size=ex["batch_size"], prompt=ex["prompt"], precision=ex["precision"],
-                                  store_dtype=ex["store_dtype"], crops=ex["crops"])
-    layers = expand_layers(cfg["layers"])
+                                  store_dtype=ex["store_dtype"], crops=ex["crops"],
+                                  **{k: ex[k] for k in experiments.CAUSES if k in ex and k not in (
+                                      "timestep", "seed", "prompt")})
+    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides))
     index = load_index(dataset_dir)
     n_req = int(cfg["dataset"]["n_images"])
     if len(index) < n_req:
@@ -42,13 +47,15 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
     provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
+    if overrides:
+        provenance["experiment"] = dict(overrides)
     if shard is not None:
         provenance.update(shard=f"{shard + 1}/{ex['shards']}", image_range=[first, first + len(index)])
     return run_extraction(
         pipe, dataset_images=lambda a, b: load_images(dataset_dir, index, a, b), index_offset=first,
         image_ids=list(index["id"].astype(str)), labels=list(index["label"].astype(int)), layers=layers,
         settings=settings, out_dir=out_dir, provenance=provenance, image_size=int(cfg["dataset"]["size"]),
-        progress=progress, stop_after=stop_after)
+        progress=progress, stop_after=stop_after, label_names=load_label_names(dataset_dir))
 
 
 def from_snakemake(smk):
