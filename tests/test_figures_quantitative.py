@@ -295,3 +295,84 @@ def test_paper_numbers_render(tmp_path):
     fig = quantitative_figure(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], "sdturbo")
     # sdturbo peaks at 4.22 + 1.47 sd: still inside the paper's norm range
     assert fig.axes[2].get_ylim() == pytest.approx(q.NORM_LIM)
+
+
+def with_intervals(tables: dict) -> dict:
+    """The synthetic tables plus the bootstrap interval columns of our analyses (accuracy -+ 0.05, ratio x/÷ 1.1,
+    norm -+ 0.3)."""
+    p = tables["position_probe"].assign(ci_low=lambda d: d.accuracy - 0.05, ci_high=lambda d: d.accuracy + 0.05)
+    s = tables["token_group_similarity"].assign(
+        corner_ratio_ci_low=lambda d: d.corner_ratio / 1.1, corner_ratio_ci_high=lambda d: d.corner_ratio * 1.1,
+        border_ratio_ci_low=lambda d: d.border_ratio / 1.1, border_ratio_ci_high=lambda d: d.border_ratio * 1.1)
+    a = tables["anomaly_rel_norm"].assign(rel_norm_ci_low=lambda d: d.rel_norm_mean - 0.3,
+                                          rel_norm_ci_high=lambda d: d.rel_norm_mean + 0.3)
+    return {"position_probe": p, "token_group_similarity": s, "anomaly_rel_norm": a}
+
+
+def bands(ax):
+    return [c for c in ax.collections if len(c.get_paths())]
+
+
+def band_limits(band) -> tuple[float, float]:
+    v = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+    return float(v.min()), float(v.max())
+
+
+def test_interval_columns_are_drawn_as_bands(tables):
+    t = with_intervals(tables)
+    fig = quantitative_figure(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], "sd15")
+    ax_acc, ax_sim, ax_norm = fig.axes[:3]
+    # one seed: no sd band, one interval band per granularity, spanning the interval
+    acc_bands = bands(ax_acc)
+    assert len(acc_bands) == 4
+    probe = t["position_probe"]
+    final8 = probe[(probe.epoch == 5) & (probe.granularity == 8)]
+    assert band_limits(acc_bands[0]) == pytest.approx((100 * final8.ci_low.min(), 100 * final8.ci_high.max()))
+    assert [tuple(b.get_facecolor()[0][:3]) for b in acc_bands] == [
+        tuple(line(ax_acc, lab).get_color()[:3]) for lab in ("8×8", "16×16", "32×32", "64×64")]
+    # corner and border bands (conv_out left out like the lines), in the lines' colours
+    sim_bands = bands(ax_sim)
+    assert len(sim_bands) == 2
+    sim = t["token_group_similarity"]
+    sim = sim[sim.layer != "conv_out"]
+    assert band_limits(sim_bands[0]) == pytest.approx((sim.corner_ratio_ci_low.min(), sim.corner_ratio_ci_high.max()))
+    # the anomaly panel: the sd band and, darker, the interval band
+    norm_bands = bands(ax_norm)
+    assert len(norm_bands) == 2 and norm_bands[1].get_alpha() > norm_bands[0].get_alpha()
+    an = t["anomaly_rel_norm"]
+    assert band_limits(norm_bands[1]) == pytest.approx((an.rel_norm_ci_low.min(), an.rel_norm_ci_high.max()))
+
+
+def test_tables_without_interval_columns_plot_as_before(tables):
+    fig = quantitative_figure(tables["position_probe"], tables["token_group_similarity"], tables["anomaly_rel_norm"],
+                              "sd15")
+    assert [len(bands(ax)) for ax in fig.axes[:3]] == [0, 0, 1]  # only the anomaly sd band
+    # empty interval columns (e.g. no anomalies) are no band either, and a band with gaps still draws
+    t = with_intervals(tables)
+    t["anomaly_rel_norm"] = t["anomaly_rel_norm"].assign(rel_norm_ci_low=np.nan, rel_norm_ci_high=np.nan)
+    sim = t["token_group_similarity"].copy()
+    sim.loc[sim.layer == "mid_block.resnets[0]", ["corner_ratio_ci_low", "corner_ratio_ci_high"]] = np.nan
+    fig = quantitative_figure(t["position_probe"], sim, t["anomaly_rel_norm"], "sd15")
+    assert [len(bands(ax)) for ax in fig.axes[:3]] == [4, 2, 1]
+
+
+def test_bands_widen_the_limits_and_the_reference_figure_renders(tmp_path, tables):
+    t = with_intervals(tables)
+    s = t["token_group_similarity"].copy()
+    s.loc[s.layer == "mid_block.resnets[0]", "corner_ratio_ci_high"] = 6.0
+    fig = quantitative_figure(t["position_probe"], s, t["anomaly_rel_norm"], "sd15", reference=tables)
+    assert fig.axes[1].get_ylim()[1] >= 6.0
+    png, svg = plot_quantitative(t["position_probe"], s, t["anomaly_rel_norm"], tmp_path / "ci", model="sd15",
+                                 reference=tables)
+    check_written(png, svg)
+
+
+def test_several_seeds_keep_the_sd_band_under_the_interval_band(tables):
+    p = with_intervals(tables)["position_probe"]
+    probe = pd.concat([p.assign(seed=1), p.assign(seed=2, accuracy=p.accuracy * 1.2, ci_low=p.ci_low * 1.2,
+                                                  ci_high=p.ci_high * 1.2)])
+    acc_bands = bands(quantitative_figure(probe, None, None, "sd15").axes[0])
+    assert len(acc_bands) == 8  # per granularity: the sd band, then the interval band
+    final8 = p[(p.epoch == 5) & (p.granularity == 8)]
+    lo, hi = 100 * 1.1 * final8.ci_low, 100 * 1.1 * final8.ci_high  # the seeds' mean limits
+    assert band_limits(acc_bands[1]) == pytest.approx((lo.min(), hi.max()))

@@ -354,10 +354,10 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
 
     Columns (:data:`TABLE_COLUMNS`): ``model, layer_index, layer, channels, spatial, epoch, granularity, metric,
     seed, accuracy``, with ``metric`` in {"per_axis", "joint"} and epochs 1..``epochs``, then ``ci_low, ci_high``
-    (the ``bootstrap`` percentile interval of the accuracy over the run's test images; default
-    :class:`~diffaudit.analyses.bootstrap.Bootstrap()`) and ``interior_accuracy`` (the same metric on the test tokens
-    at least ``interior_k`` tokens from the border; NaN when ``n <= 2 * interior_k``). ``mode="paper"`` uses ``seed`` (one run, the
-    authors' RNG stream and positional split); ``mode="corrected"`` one run per seed in ``seeds``.
+    (the ``bootstrap`` percentile interval of the accuracy over the run's test images; default ``Bootstrap()``)
+    and ``interior_accuracy`` (the same metric on the test tokens at least ``interior_k`` tokens from the border;
+    NaN when ``n <= 2 * interior_k``). ``mode="paper"`` uses ``seed`` (one run, the authors' RNG stream and
+    positional split); ``mode="corrected"`` one run per seed in ``seeds``.
     ``device=None`` picks CUDA when available. Memory: one layer's tokens in float16 at a time (module docstring).
 
     The test set of every run (:func:`probe_splits`, its class mix named by ``class_names``) is attached as

@@ -10,6 +10,14 @@
 3. "rel. norm" (log y): mean relative norm of the labelled anomalies with a +-1 sd band (alpha .2), green
    ``#26a259``, one line per label source (paper solid, auto dashed, user dotted), dashed gray line at 1.
 
+Uncertainty bands: where a table has the bootstrap interval columns (docs/method.md §3.7: ``ci_low``/``ci_high``
+of the probe, ``corner_ratio_ci_low`` ... of the similarity, ``rel_norm_ci_low``/``_high`` of the anomalies),
+every line also gets its interval as a translucent band in its colour (alpha :data:`CI_ALPHA`; on top of the
+lighter sd band where there is one, which then reads as the spread and the interval as the darker core). With
+several seeds the probe band spans the seeds' mean ``ci_low`` to mean ``ci_high`` (the typical single run's
+interval; the seed mean's own is in ``position_probe_summary.csv``). Tables without these columns (older runs, the
+published numbers) are drawn as before, without the band; the y-limits widen to show the bands.
+
 Light-gray dashed separators mark block boundaries; below the bottom panel the layer types (conv, res, attn,
 down, up) are written per layer (rotated) and the block names (in, dn0..dn3, mid, up0..up3, out) per block, with
 the row labels "layers:" and "blocks:". Any subset of layers works: blocks and types are derived from the layer
@@ -51,6 +59,8 @@ UNITY = dict(color="gray", ls="--", lw=1.2, zorder=1)
 REF_STYLE = dict(color="black", lw=0.8, ls=(0, (4, 2)), alpha=0.75, zorder=4)
 REF_STYLE_BORDER = dict(color="0.45", lw=0.8, ls=(0, (4, 1.5, 1, 1.5)), alpha=0.9, zorder=4)
 SOURCE_LINESTYLE = {"paper": "-", "auto": "--", "user": ":"}
+SD_ALPHA = 0.2
+CI_ALPHA = 0.3
 
 # Paper y-ranges (plot.py); widened when the data fall outside.
 ACC_LIM = (-5.0, 105.0)
@@ -186,9 +196,10 @@ def _for_model(df, model: str | None):
     return df
 
 
-def final_accuracy(probe: pd.DataFrame, stat: str = "mean") -> tuple[pd.DataFrame, str]:
+def final_accuracy(probe: pd.DataFrame, stat: str = "mean", column: str = "accuracy") -> tuple[pd.DataFrame, str]:
     """Final-epoch accuracy (%) per layer x granularity over seeds (``stat``: ``mean``, or ``std``, the sample sd,
-    NaN for one seed); per_axis (joint if that is all)."""
+    NaN for one seed); per_axis (joint if that is all). ``column``: another column of the same unit (``ci_low``,
+    ``ci_high``)."""
     metric = "per_axis"
     if "metric" in probe.columns:
         if not (probe["metric"] == "per_axis").any():
@@ -196,14 +207,24 @@ def final_accuracy(probe: pd.DataFrame, stat: str = "mean") -> tuple[pd.DataFram
         probe = probe[probe["metric"] == metric]
     last = probe.groupby("layer")["epoch"].transform("max")
     d = probe[probe["epoch"] == last]
-    wide = d.groupby(["layer", "granularity"])["accuracy"].agg(stat).unstack("granularity") * 100.0
+    wide = d.groupby(["layer", "granularity"])[column].agg(stat).unstack("granularity") * 100.0
     return wide.sort_index(axis=1), metric
 
 
+def _has(df, *columns: str) -> bool:
+    """The table has all ``columns`` and at least one finite value in each."""
+    return all(c in df.columns and np.isfinite(pd.to_numeric(df[c], errors="coerce")).any() for c in columns)
+
+
+SIM_CI_COLUMNS = ("corner_ratio_ci_low", "corner_ratio_ci_high", "border_ratio_ci_low", "border_ratio_ci_high")
+
+
 def similarity_ratios(sim: pd.DataFrame) -> pd.DataFrame:
-    """corner/border ratio per layer; conv_out dropped, non-positive / non-finite values -> NaN."""
+    """corner/border ratio per layer (and their interval columns where the table has them); conv_out dropped,
+    non-positive / non-finite values -> NaN."""
     d = sim[sim["layer"].astype(str) != "conv_out"]
-    out = d.groupby("layer")[["corner_ratio", "border_ratio"]].mean()
+    cols = ["corner_ratio", "border_ratio", *(c for c in SIM_CI_COLUMNS if c in d.columns)]
+    out = d.groupby("layer")[cols].mean()
     return out.where(np.isfinite(out) & (out > 0))
 
 
@@ -224,8 +245,9 @@ def anomaly_norms(an: pd.DataFrame) -> dict[str, pd.DataFrame]:
     d["label_source"] = d["label_source"].fillna("unknown").astype(str)
     order = {"paper": 0, "auto": 1}
     out = {}
+    cols = ["rel_norm_mean", "rel_norm_std", *(c for c in ("rel_norm_ci_low", "rel_norm_ci_high") if c in d.columns)]
     for src in sorted(d["label_source"].unique(), key=lambda s: (order.get(_source_kind(s), 2), s)):
-        g = d[d["label_source"] == src].groupby("layer")[["rel_norm_mean", "rel_norm_std"]].mean()
+        g = d[d["label_source"] == src].groupby("layer")[cols].mean()
         out[src] = g
     return out
 
@@ -256,6 +278,23 @@ def _line(ax, x, y, markers: bool = False, **kw):
         ax.plot(x[iso], y[iso], ls="none", marker="o", ms=3, color=ln.get_color(), alpha=kw.get("alpha", 1),
                 zorder=kw.get("zorder", 2), label="_nolegend_")
     return ln
+
+
+def _band(ax, x, lo, hi, color, alpha: float = CI_ALPHA, positive: bool = False) -> bool:
+    """A translucent band between ``lo`` and ``hi`` (NaN gaps; ``positive``: for a log axis, non-positive limits
+    are gaps too); a layer without finite neighbours gets a bar. True if anything was drawn."""
+    x, lo, hi = (np.asarray(a, float) for a in (x, lo, hi))
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if positive:
+        ok &= (lo > 0) & (hi > 0)
+    if not ok.any():
+        return False
+    lo, hi = np.where(ok, lo, np.nan), np.where(ok, hi, np.nan)
+    ax.fill_between(x, lo, hi, where=ok, color=color, alpha=alpha, lw=0, zorder=2)
+    iso = ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]
+    if iso.any():  # fill_between needs two neighbours
+        ax.vlines(x[iso], lo[iso], hi[iso], color=color, alpha=alpha + 0.1, lw=4, zorder=2)
+    return True
 
 
 def _tick_fmt(v, _pos=None) -> str:
@@ -421,14 +460,20 @@ def _panel_accuracy(ax, axis: LayerAxis, probe, ref_probe, markers: bool) -> Non
         if metric != "per_axis":
             ax.set_ylabel(f"test accuracy\n({metric})")
         sd, _ = final_accuracy(probe, "std")  # several seeds (corrected mode): a +-1 sd band per granularity
+        ci = ((final_accuracy(probe, column="ci_low")[0], final_accuracy(probe, column="ci_high")[0])
+              if _has(probe, "ci_low", "ci_high") else None)  # the bootstrap interval (mean over seeds)
         cols = matplotlib.colormaps["Reds"](np.linspace(0.25, 0.9, max(len(wide.columns), 1)))
         for c, g in zip(cols, wide.columns):
             x, y = _series(axis, wide[g])
             _line(ax, x, y, markers, color=c, lw=1.5, label=_gran_label(g), zorder=3)
             _, e = _series(axis, sd[g]) if g in sd.columns else (x, np.full_like(y, np.nan))
             if np.isfinite(e).any():
-                ax.fill_between(x, y - e, y + e, color=c, alpha=0.2, lw=0, zorder=2)
+                ax.fill_between(x, y - e, y + e, color=c, alpha=SD_ALPHA, lw=0, zorder=2)
             vals.append(y)
+            if ci is not None and g in ci[0].columns:
+                lo, hi = _series(axis, ci[0][g])[1], _series(axis, ci[1][g])[1]
+                if _band(ax, x, lo, hi, c):
+                    vals.extend([lo, hi])
     if ref_probe is not None:
         rwide, _ = final_accuracy(ref_probe)
         first = True
@@ -456,6 +501,10 @@ def _panel_similarity(ax, axis: LayerAxis, sim, ref_sim, markers: bool) -> None:
             x, y = _series(axis, r[col])
             _line(ax, x, y, markers, color=color, lw=1.5, label=label, zorder=3)
             vals.append(y)
+            if _has(r, f"{col}_ci_low", f"{col}_ci_high"):
+                lo, hi = _series(axis, r[f"{col}_ci_low"])[1], _series(axis, r[f"{col}_ci_high"])[1]
+                if _band(ax, x, lo, hi, color, positive=True):
+                    vals.extend([lo, hi])
     if ref_sim is not None:
         r = similarity_ratios(ref_sim)
         for col, style, label in (("corner_ratio", REF_STYLE, "paper corner"),
@@ -488,13 +537,18 @@ def _panel_norm(ax, axis: LayerAxis, an, ref_an, markers: bool) -> None:
             _line(ax, x, m, markers, color=COLOR_ANOMALY, lw=1.5, ls=_source_style(src), label=label, zorder=3)
             lower = m - s
             lower = np.where(lower > 0, lower, np.nanmin(m[m > 0]) / 1e3 if (m > 0).any() else 1e-3)
-            ax.fill_between(x, lower, m + s, color=COLOR_ANOMALY, alpha=0.2, lw=0, zorder=2)
+            ax.fill_between(x, lower, m + s, color=COLOR_ANOMALY, alpha=SD_ALPHA, lw=0, zorder=2)
             fin = np.isfinite(m)
             iso = fin & ~np.r_[False, fin[:-1]] & ~np.r_[fin[1:], False]
             if iso.any():  # a band needs two neighbours; show the +-1 sd of a lone layer as a bar
                 ax.vlines(x[iso], lower[iso], (m + s)[iso], color=COLOR_ANOMALY, alpha=0.3, lw=4, zorder=2)
             lows.append(m)
             highs.append(m + s)
+            if _has(g, "rel_norm_ci_low", "rel_norm_ci_high"):
+                lo, hi = _series(axis, g["rel_norm_ci_low"])[1], _series(axis, g["rel_norm_ci_high"])[1]
+                if _band(ax, x, lo, hi, COLOR_ANOMALY, positive=True):
+                    lows.append(lo)
+                    highs.append(hi)
     if ref_an is not None:
         d = ref_an
         if "label_source" in d.columns and (d["label_source"] == "paper").any():
