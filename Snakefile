@@ -16,6 +16,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/experiments.smk"
 
 
 rule all:
@@ -25,3 +26,6 @@ rule all:
         expand(rules.qualitative_figures.output, model=MODELS),
         expand(rules.paper_comparison.output, model=MODELS),
         rules.cross_model_figure.output,
+        expand(f"{RESULTS}/{{model}}/experiments/{{name}}/{{table}}", model=MODELS, name=EXPERIMENTS,
+               table=TABLE_FILES),
+        expand(rules.experiment_comparison.output, model=MODELS),

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO, copy_repo, kill_mid_extraction
 from diffaudit.config import load_config
-from diffaudit.dvcgen import EXTRA_RULES, TASK_SCRIPT, code_deps, render, snakemake_jobs
+from diffaudit.dvcgen import EXPERIMENT_SUFFIX, EXTRA_RULES, TASK_SCRIPT, code_deps, render, snakemake_jobs
 from diffaudit.pipeline.common import JOB_PARAMS
 
 
@@ -48,14 +48,17 @@ def check_dvc_matches_snakemake(root: Path):
     names = set()
     for job in jobs:
         model = job["wildcards"].get("model")
-        name = job["rule"] + (f"@{model}" if model else "")
+        # an experiment's job (wildcard exp "/experiments/<name>", or run "<name>") is a stage of the matrix
+        exp = job["wildcards"].get("exp", "").split("/")[-1] or job["wildcards"].get("run", "baseline")
+        exp = "" if exp == "baseline" else exp
+        name = job["rule"] + (f"{EXPERIMENT_SUFFIX}@{model}-{exp}" if exp else f"@{model}" if model else "")
         names.add(name)
         assert name in stages, f"no DVC stage {name} for Snakemake job {job['rule']} {job['wildcards']}"
         st = stages[name]
         if job["rule"] == "extract":  # the stage's one output is the folder of every shard
             assert st["outs"] == [job["outputs"][0].split("/representations")[0] + "/representations"], name
             assert all(_covered(o, st["outs"]) for o in job["outputs"]), name
-            assert st["cmd"] == f"diffaudit dvc-extract {model}"
+            assert st["cmd"] == f"diffaudit dvc-extract {model}" + (f" --experiment {exp}" if exp else "")
         else:
             assert sorted(st["outs"]) == sorted(job["outputs"]), name
             assert st["cmd"].startswith(f"snakemake --cores all --nolock --allowed-rules {job['rule']} -- ")
@@ -65,8 +68,9 @@ def check_dvc_matches_snakemake(root: Path):
         for i in job["inputs"]:
             made_here = i == "resources/models/mini" and "build_mini" in extra
             assert made_here or _covered(i, st["deps"]), f"{name}: input {i} is not a DVC dep"
-        declared = {("model_sources." + model if p == "model_source" else p.replace("__", "."))
-                    for p in job["params"] if p not in JOB_PARAMS}
+        declared = {("model_sources." + model if p == "model_source" else
+                     f"experiments.{exp}" if p == "experiment" else p.replace("__", "."))
+                    for p in job["params"] if p not in JOB_PARAMS and not (p == "experiment" and not exp)}
         if "build_mini" in extra:
             declared.add("mini")
         assert set(st["params"]) == declared, f"{name}: DVC params {st['params']} != the rule's {sorted(declared)}"
@@ -90,7 +94,7 @@ def with_params(tmp_path: Path, *configs, **extraction) -> Path:
     (["params.yaml"], {}),
     (["params.yaml", "config/demo.yaml"], {}),
     (["params.yaml", "config/demo.yaml"], {"shards": 2}),
-], ids=["paper", "demo", "demo-2-shards"])
+], ids=["paper", "demo", "demo-2-shards"])  # the demo has experiments (stages of the matrix), the paper none
 def test_dvc_stages_are_the_snakemake_jobs(tmp_path, configs, extraction):
     """The drift test: dvc.yaml, resolved by DVC for a configuration, has exactly the jobs of Snakemake's DAG."""
     check_dvc_matches_snakemake(with_params(tmp_path, *configs, **extraction))
@@ -120,6 +124,7 @@ def test_code_dependencies_are_the_rules_own():
     assert not others & set(probe_deps)
     for rule, stage in stages.items():
         body = stage.get("do", stage)
+        rule = rule.removesuffix(EXPERIMENT_SUFFIX)  # an experiment's stage runs the same rule
         assert f"src/diffaudit/pipeline/{rule}.py" in body["deps"], rule
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import run_task
+from .errors import UserError, run_task
 
 
 def _cmd_layers(args):
@@ -72,7 +72,8 @@ def _cmd_dvc_yaml(args):
 
 
 def _cmd_dvc_extract(args):
-    """Snakemake's extract jobs of one model: the whole folder, or every shard of it (``extraction.shards``)."""
+    """Snakemake's extract jobs of one model (or one of its experiments): the whole folder, or every shard of it
+    (``extraction.shards``)."""
     import os
     import shutil
 
@@ -81,6 +82,10 @@ def _cmd_dvc_extract(args):
 
     cfg = load_config(*args.configfile)
     model_dir = f"{cfg['results_dir'].rstrip('/')}/{args.model}"
+    if args.experiment:
+        if args.experiment not in (cfg.get("experiments") or {}):
+            raise UserError(f"experiment {args.experiment!r} is not in the configuration's experiments")
+        model_dir += f"/experiments/{args.experiment}"
     targets = [f"{model_dir}/{p}" for p in representation_parts(cfg["extraction"]["shards"])]
     cmd = ["snakemake", "--cores", "all", "--nolock", "--allowed-rules", "build_mini", "extract",
            *(["--configfile", *args.configfile] if args.configfile != ["params.yaml"] else []), "--", *targets]
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("dvc-extract", help="the extraction stage of dvc.yaml: run Snakemake's extract jobs (every "
                                            "shard) of one model")
     s.add_argument("model")
+    s.add_argument("--experiment", help="the extraction of this experiment (a key of `experiments`)")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_dvc_extract)
 

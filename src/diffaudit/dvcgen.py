@@ -143,6 +143,8 @@ FIG = f"{R}/figures"
 TABLES = [f"{R}/{M}/{t}.csv" for t in MODEL_TABLES]
 REPR = f"{R}/{M}/representations"
 PAPER_REF = f"{R}/{M}/paper_reference"
+SUMMARY_DIR = f"{R}/experiment_summary"
+RUN_TABLES = ("position_probe_summary", "token_group_similarity", "anomaly_rel_norm")
 QUALITATIVE = [f"{FIG}/{M}/qualitative_{v}.{e}" for v in ("token_similarity", "corner", "norms", "pca")
                for e in ("png", "svg")]
 # The extraction stage also builds the embedded model when the model is `mini` (a Snakemake intermediate,
@@ -154,12 +156,15 @@ EXTRA_RULES = {"extract": ["build_mini"]}
 #: shard; its command runs every shard job of the model, see `diffaudit dvc-extract`).
 STAGES: dict[str, tuple[bool, list[str], list[str], list[str]]] = {
     "dataset": (False, [], ["dataset"], [f"{R}/dataset"]),
-    "extract": (True, [f"{R}/dataset"], ["layers", "extraction", "dataset", "mini", "model_source"], [REPR]),
-    "paper_reference": (True, [REPR], ["paper_reference", "extraction", "dataset", "model_source"], [PAPER_REF]),
-    "position_probe": (True, [REPR], ["probe", "extraction.device", "dataset.source", "dataset.imagenet.classes"],
+    "extract": (True, [f"{R}/dataset"], ["layers", "extraction", "dataset", "mini", "model_source", "experiment"],
+                [REPR]),
+    "paper_reference": (True, [REPR], ["paper_reference", "extraction", "dataset", "model_source", "experiment"],
+                        [PAPER_REF]),
+    "position_probe": (True, [REPR], ["probe", "bootstrap", "extraction.device", "dataset.source",
+                                      "dataset.imagenet.classes"],
                        [f"{R}/{M}/position_probe.csv", f"{R}/{M}/position_probe_summary.csv"]),
-    "token_group_similarity": (True, [REPR], ["similarity", "dataset.size"], [f"{R}/{M}/token_group_similarity.csv"]),
-    "anomalies": (True, [REPR, PAPER_REF], ["anomalies"],
+    "token_group_similarity": (True, [REPR], ["similarity", "bootstrap"], [f"{R}/{M}/token_group_similarity.csv"]),
+    "anomalies": (True, [REPR, PAPER_REF], ["anomalies", "bootstrap"],
                   [f"{R}/{M}/anomaly_rel_norm.csv", f"{R}/{M}/anomaly_detector.json"]),
     "channel_outliers": (True, [REPR], ["channels"], [f"{R}/{M}/channel_outliers.csv"]),
     "credibility": (True, TABLES, ["credibility"], [f"{R}/{M}/credibility.csv", f"{R}/layer_summary/{M}.csv"]),
@@ -170,16 +175,28 @@ STAGES: dict[str, tuple[bool, list[str], list[str], list[str]]] = {
     "qualitative_figures": (True, [REPR, f"{R}/dataset", PAPER_REF], ["anomalies"], QUALITATIVE),
     "cross_model_figure": (False, [f"{R}/layer_summary"], ["models"],
                            [f"{FIG}/cross_model.png", f"{FIG}/cross_model.svg"]),
+    "run_summary": (True, [f"{R}/{M}/{t}.csv" for t in RUN_TABLES], [], [f"{SUMMARY_DIR}/{M}/baseline.csv"]),
+    # the folder of the model's run summaries: the baseline's is always there, an experiment adds its own
+    "experiment_comparison": (True, [f"{SUMMARY_DIR}/{M}"], ["experiments"],
+                              [f"{R}/{M}/experiments.csv", f"{FIG}/experiments_{M}.png", f"{FIG}/experiments_{M}.svg"]),
 }
+#: Rules that also run for every experiment (params.yaml `experiments`): one more stage each, ``<rule>_experiment``,
+#: over DVC's matrix of models x experiments (stage ``position_probe_experiment@sd15-circular``), whose paths are
+#: the experiment's (:func:`experiment_stage`). With no experiments the matrix is empty: no stages.
+EXPERIMENT_RULES = ("extract", "paper_reference", "position_probe", "token_group_similarity", "anomalies",
+                    "channel_outliers", "run_summary")
+EXPERIMENT_SUFFIX = "_experiment"
 SNAKEFILE_RULE_FILES = {"build_mini": "models.smk", "dataset": "data.smk", "extract": "extract.smk",
                         "paper_reference": "reference.smk", "cross_model_figure": "figures.smk",
                         "credibility": "figures.smk", "quantitative_figure": "figures.smk",
-                        "paper_comparison": "figures.smk", "qualitative_figures": "figures.smk"}
+                        "paper_comparison": "figures.smk", "qualitative_figures": "figures.smk",
+                        "run_summary": "experiments.smk", "experiment_comparison": "experiments.smk"}
 
 
-def dvc_param(key: str) -> str:
-    """A rule's declared key as DVC names it (``model_source`` is the model's ``model_sources`` entry)."""
-    return f"model_sources.{M}" if key == "model_source" else key
+def dvc_param(key: str) -> str | None:
+    """A rule's declared key as DVC names it (``model_source`` is the model's ``model_sources`` entry;
+    ``experiment``, the overrides of an experiment, is none for the baseline)."""
+    return f"model_sources.{M}" if key == "model_source" else None if key == "experiment" else key
 
 
 def rule_file(rule: str) -> str:
@@ -197,8 +214,9 @@ def stage(rule: str) -> dict:
         cmd = f"snakemake --cores all --nolock --allowed-rules {rule} -- {' '.join(outputs)}"
     body: dict = {"cmd": cmd,
                   "deps": inputs + sorted({rule_file(r) for r in rules}) + [f"workflow/scripts/{TASK_SCRIPT}"] + code}
-    if keys:
-        body["params"] = [dvc_param(k) for k in keys]
+    params = [p for p in (dvc_param(k) for k in keys) if p]
+    if params:
+        body["params"] = params
     outs = [o for o in outputs if not o.endswith(FIGURE_SUFFIXES + (".json",))]
     metrics = [o for o in outputs if o.endswith(".json")]  # cached like every output: push/pull move them
     plots = [o for o in outputs if o.endswith(FIGURE_SUFFIXES)]
@@ -217,7 +235,30 @@ SUMMARY_PLOT = {"template": "linear", "x": "layer_index",
                 "x_label": "layer index", "y_label": "value"}
 
 
+def experiment_stage(rule: str) -> dict:
+    """The stage of ``rule`` for one (model, experiment) of the matrix: the baseline's with the experiment's paths
+    (``{results_dir}/{model}/experiments/{name}/...``; its run summary ``experiment_summary/{model}/{name}.csv``),
+    its overrides as a param and, for the extraction, ``--experiment``."""
+    body = stage(rule)["do"]
+    model, name = "${item.model}", "${item.experiment}"
+
+    def swap(text: str) -> str:
+        text = text.replace(f"{SUMMARY_DIR}/{M}/baseline.csv", f"{SUMMARY_DIR}/{model}/{name}.csv")
+        text = text.replace(f"{R}/{M}/", f"{R}/{model}/experiments/{name}/")
+        return text.replace(f"{R}/{M}", f"{R}/{model}/experiments/{name}").replace(M, model)
+
+    out = {"matrix": {"model": "${models}", "experiment": "${experiments}"}}
+    for key, value in body.items():
+        out[key] = [swap(v) for v in value] if isinstance(value, list) else swap(value)
+    if rule == "extract":
+        out["cmd"] = f"diffaudit dvc-extract {model} --experiment {name}"
+    if "experiment" in STAGES[rule][2]:
+        out["params"] = out.get("params", []) + [f"experiments.{name}"]
+    return out
+
+
 def render() -> str:
     doc = {"stages": {rule: stage(rule) for rule in STAGES}}
+    doc["stages"].update({rule + EXPERIMENT_SUFFIX: experiment_stage(rule) for rule in EXPERIMENT_RULES})
     doc["plots"] = [{f"{R}/layer_summary": SUMMARY_PLOT}]
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)

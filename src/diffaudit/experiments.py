@@ -134,6 +134,12 @@ def resolved(extraction: dict) -> dict:
     return out
 
 
+def run_suffix(run: str) -> str:
+    """Where a run's outputs are, relative to its model's folder: ``""`` for the baseline,
+    ``"/experiments/<name>"`` for an experiment (the workflow's ``exp`` wildcard)."""
+    return "" if run == RESERVED[0] else f"/experiments/{run}"
+
+
 def layers_of(layers, overrides: dict | None):
     """The experiment's layer list (``layers`` override, or the run's)."""
     return (overrides or {}).get("layers", layers)

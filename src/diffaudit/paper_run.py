@@ -12,9 +12,14 @@ docs/method.md §6).
 ``paper_reference: force`` in the configuration uses the authors' files anyway (the differences are still
 recorded, as a warning).
 
-This module imports nothing, so any rule or task may use it.
+An experiment (``cfg["experiment"]``: its overrides, :mod:`diffaudit.experiments`) is judged on its effective
+extraction: every switch it sets to something other than the authors' choice is a difference.
+
+This module imports only :mod:`diffaudit.experiments` (which imports nothing), so any rule or task may use it.
 """
 from __future__ import annotations
+
+from . import experiments
 
 #: The authors' models and the hub ids that hold them (the v1-5 weights moved from runwayml to the
 #: stable-diffusion-v1-5 organisation; both are the same files).
@@ -39,6 +44,10 @@ PAPER_RUN: dict[str, object] = {
     "dataset.n_images": 500,
     "dataset.size": 512,
 }
+
+#: What the authors' extraction did for the switches an experiment can change (besides those in PAPER_RUN).
+PAPER_SWITCHES: dict[str, object] = {"padding_mode": "zeros", "noise": "shared", "pixel_range": "unit",
+                                     "latent": "sample", "resolution": 512, "weights": "trained"}
 
 #: The config sections the verdict depends on (what the ``paper_reference`` rule declares).
 SECTIONS: tuple[str, ...] = ("paper_reference", "extraction", "dataset")
@@ -76,6 +85,9 @@ def differences(cfg: dict, model: str, source=None, extraction: dict | None = No
     if model not in PAPER_MODEL_IDS:
         return [f"model {model!r} is not one of the authors' models ({', '.join(PAPER_MODEL_IDS)})"]
     out = []
+    overrides = cfg.get("experiment") or {}
+    if overrides and isinstance(cfg.get("extraction"), dict):
+        cfg = {**cfg, "extraction": experiments.effective_extraction(cfg["extraction"], overrides)}
     if source is None:
         source = (cfg.get("model_sources") or {}).get(model)
     mid = model_id(source)
@@ -91,6 +103,12 @@ def differences(cfg: dict, model: str, source=None, extraction: dict | None = No
             same = got == want and type(got) is type(want)
         if not same:
             out.append(f"{key} is {got!r} (the authors' run: {want!r})")
+    if overrides:
+        switches = experiments.resolved(cfg["extraction"])
+        for key, want in PAPER_SWITCHES.items():
+            got = switches.get(key, want)
+            if got != want:
+                out.append(f"the experiment sets {key} to {got!r} (the authors' run: {want!r})")
     if extraction is not None:
         device = str(extraction.get("device", "?"))
         if not device.startswith(PAPER_COMPUTE["device"]):

@@ -1,6 +1,7 @@
-# The analyses: each reads the Zarr stores of one model and writes one tidy table.
+# The analyses: each reads the Zarr stores of one run (a model's baseline, or one of its experiments: wildcard
+# `exp`, see common.smk) and writes one tidy table.
 
-ANALYSIS_DIR = f"{RESULTS}/{{model}}"
+ANALYSIS_DIR = f"{RESULTS}/{{model}}{{exp}}"
 
 
 rule position_probe:
@@ -11,20 +12,20 @@ rule position_probe:
             f"{ANALYSIS_DIR}/position_probe.csv",
             caption="../report/position_probe.rst",
             category="Tables",
-            subcategory="{model}",
+            subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "position_probe.csv (probe accuracy per layer and epoch)"},
         ),
         summary=report(
             f"{ANALYSIS_DIR}/position_probe_summary.csv",
             caption="../report/position_probe_summary.rst",
             category="Tables",
-            subcategory="{model}",
+            subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "position_probe_summary.csv (mean and sd over seeds)"},
         ),
     params:
-        **declare("probe", "extraction.device", "dataset.source", "dataset.imagenet.classes"),
+        **declare("probe", "bootstrap", "extraction.device", "dataset.source", "dataset.imagenet.classes"),
     log:
-        f"{LOGS}/position_probe/{{model}}.log",
+        f"{LOGS}/position_probe/{{model}}{{exp}}.log",
     resources:
         gpu=1 if config["extraction"]["device"] != "cpu" else 0,
     conda:
@@ -41,13 +42,13 @@ rule token_group_similarity:
             f"{ANALYSIS_DIR}/token_group_similarity.csv",
             caption="../report/token_group_similarity.rst",
             category="Tables",
-            subcategory="{model}",
+            subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "token_group_similarity.csv (corner/border/other similarity ratios)"},
         ),
     params:
-        **declare("similarity", "dataset.size"),
+        **declare("similarity", "bootstrap"),
     log:
-        f"{LOGS}/token_group_similarity/{{model}}.log",
+        f"{LOGS}/token_group_similarity/{{model}}{{exp}}.log",
     conda:
         "../envs/diffaudit.yaml"
     script:
@@ -57,21 +58,21 @@ rule token_group_similarity:
 rule anomalies:
     input:
         rep=repr_dirs,
-        paper=PAPER_REF_DIR,
+        paper=paper_ref_dir,
         labels=label_files,
     output:
         table=report(
             f"{ANALYSIS_DIR}/anomaly_rel_norm.csv",
             caption="../report/anomaly_rel_norm.rst",
             category="Tables",
-            subcategory="{model}",
+            subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "anomaly_rel_norm.csv (relative norm of labelled anomalies)"},
         ),
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
     params:
-        **declare("anomalies"),
+        **declare("anomalies", "bootstrap"),
     log:
-        f"{LOGS}/anomalies/{{model}}.log",
+        f"{LOGS}/anomalies/{{model}}{{exp}}.log",
     conda:
         "../envs/diffaudit.yaml"
     script:
@@ -86,13 +87,13 @@ rule channel_outliers:
             f"{ANALYSIS_DIR}/channel_outliers.csv",
             caption="../report/channel_outliers.rst",
             category="Tables",
-            subcategory="{model}",
+            subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "channel_outliers.csv (channels with extreme magnitude)"},
         ),
     params:
         **declare("channels"),
     log:
-        f"{LOGS}/channel_outliers/{{model}}.log",
+        f"{LOGS}/channel_outliers/{{model}}{{exp}}.log",
     conda:
         "../envs/diffaudit.yaml"
     script:

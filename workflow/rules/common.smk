@@ -1,15 +1,19 @@
 # Shared definitions: config validation, model resolution, output paths, input functions, and `declare`,
 # which gives a task the config values it reads as params (the task sees nothing else; see
 # diffaudit.pipeline.common.task_config).
+import re
 from pathlib import Path
 
 from diffaudit.config import validate
 from diffaudit.errors import DiffauditError
+from diffaudit.experiments import run_suffix, validate as validate_experiments
 from diffaudit.models import resolve_model
 from diffaudit.store import representation_parts, shard_ranges
 
 try:
     validate(config)
+    validate_experiments(config.get("experiments"))
+    config.setdefault("experiments", {})  # no key = none (the outputs are the same)
     for _m in config["models"]:
         resolve_model(_m, config["model_sources"])
         if _m not in config["model_sources"]:  # DVC's stages track each model's registry entry
@@ -22,18 +26,25 @@ except (DiffauditError, ValueError) as _e:
 
 RESULTS = config["results_dir"].rstrip("/")
 MODELS = list(config["models"])
+# Experiments (diffaudit.experiments): each model's baseline lives in {RESULTS}/{model}, an experiment's run in
+# {RESULTS}/{model}/experiments/{name}; the per-run rules match both with the wildcard `exp` ("" for the
+# baseline, the slash-prefixed experiments/{name} for an experiment).
+EXPERIMENTS = list(config.get("experiments") or {})
+RUNS = ["baseline"] + EXPERIMENTS
 MINI_DIR = "resources/models/mini"
 DATASET_DIR = f"{RESULTS}/dataset"
 # A model's extraction is one folder: the stores, or one sub-folder per shard (batch-aligned image ranges,
 # separate jobs), read back by the analyses as one dataset.
-REPR_DIR = f"{RESULTS}/{{model}}/{{part}}"
+REPR_DIR = f"{RESULTS}/{{model}}{{exp}}/{{part}}"
 REPR_PARTS = representation_parts(N_SHARDS)
 # The authors' files for a model (sha256-checked) and status.json: whether they apply to this run.
-PAPER_REF_DIR = f"{RESULTS}/{{model}}/paper_reference"
+PAPER_REF_DIR = f"{RESULTS}/{{model}}{{exp}}/paper_reference"
 LOGS = f"{RESULTS}/logs"
 
 wildcard_constraints:
     model="|".join(map(str, MODELS)),
+    exp="(/experiments/(" + "|".join(map(re.escape, EXPERIMENTS)) + "))?" if EXPERIMENTS else "(?:)",
+    run="|".join(map(re.escape, RUNS)),
     part="representations(/shard[0-9]+of[0-9]+)?",
 
 
@@ -54,9 +65,25 @@ def model_source(wildcards):
     return config["model_sources"][wildcards.model]
 
 
+def experiment_overrides(wildcards):
+    """The experiment's overrides (params `experiment`, in DVC experiments.<name>); {} for the baseline."""
+    exp = wildcards.get("exp", "")
+    return dict(config["experiments"][exp.split("/")[-1]]) if exp else {}
+
+
+def run_dir(model, exp=""):
+    """Where a model's run keeps its stores and tables: the baseline's, or an experiment's."""
+    return f"{RESULTS}/{model}{exp}"
+
+
 def repr_dirs(wildcards):
-    """All representation directories of the model; the analyses read their shards as one dataset."""
-    return [f"{RESULTS}/{wildcards.model}/{part}" for part in REPR_PARTS]
+    """All representation directories of the run; the analyses read their shards as one dataset."""
+    return [f"{run_dir(wildcards.model, wildcards.get('exp', ''))}/{part}" for part in REPR_PARTS]
+
+
+def paper_ref_dir(wildcards):
+    """The run's paper_reference folder (status.json: whether the authors' files apply to this run)."""
+    return f"{run_dir(wildcards.model, wildcards.get('exp', ''))}/paper_reference"
 
 
 def shard_index(part):
@@ -75,3 +102,13 @@ def label_files(wildcards):
     from diffaudit.pipeline.anomalies import user_label_files
 
     return user_label_files(config["anomalies"])
+
+
+# The run summaries (rules in experiments.smk): one per run, in one folder per model (DVC tracks the folder).
+EXPERIMENT_SUMMARIES = f"{RESULTS}/experiment_summary"
+RUN_TABLES = ["position_probe_summary.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv"]
+
+
+def run_tables(wildcards):
+    """The tables a run's summary reads (the baseline's, or an experiment's)."""
+    return [f"{run_dir(wildcards.model, run_suffix(wildcards.run))}/{table}" for table in RUN_TABLES]

@@ -1,4 +1,6 @@
-# The only GPU rule: U-Net representations of every image into Zarr stores (full + cropped variants).
+# The only GPU rule: U-Net representations of every image into Zarr stores (full + cropped variants), for the
+# baseline (empty {exp}) and for each experiment ({exp}: the slash-prefixed experiments/<name>, its overrides as
+# params).
 # Progress is kept in {output}.partial, so an interrupted run resumes from the last complete batch.
 
 
@@ -11,11 +13,12 @@ rule extract:
     params:
         **declare("layers", "extraction", "dataset"),
         model_source=model_source,
+        experiment=experiment_overrides,
         shard=lambda wc: shard_index(wc.part),
     resources:
         gpu=1,
     log:
-        f"{LOGS}/extract/{{model}}/{{part}}.log",
+        f"{LOGS}/extract/{{model}}{{exp}}/{{part}}.log",
     conda:
         "../envs/diffaudit.yaml"
     script:

@@ -57,7 +57,7 @@ rule quantitative_figure:
 rule paper_comparison:
     input:
         tables=expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
-        paper=PAPER_REF_DIR,
+        paper=paper_ref_dir,
     output:
         table=report(
             f"{RESULTS}/{{model}}/paper_comparison.csv",
@@ -88,7 +88,7 @@ rule qualitative_figures:
     input:
         rep=repr_dirs,
         dataset=DATASET_DIR,
-        paper=PAPER_REF_DIR,
+        paper=paper_ref_dir,
         labels=label_files,
     output:
         # same files and order as expand(".../qualitative_{view}.{ext}", view=QUALITATIVE, ext=["png", "svg"])

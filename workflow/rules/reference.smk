@@ -13,8 +13,9 @@ rule paper_reference:
     params:
         **declare(*PAPER_RUN_SECTIONS),
         model_source=model_source,
+        experiment=experiment_overrides,
     log:
-        f"{LOGS}/paper_reference/{{model}}.log",
+        f"{LOGS}/paper_reference/{{model}}{{exp}}.log",
     conda:
         "../envs/diffaudit.yaml"
     script:

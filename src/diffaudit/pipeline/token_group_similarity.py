@@ -24,8 +24,16 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
     from ..store import open_model_stores
 
     full, crops = open_model_stores(rep_dirs)
-    if not crops:
-        raise UserError(f"{full.path} has no cropped variants; set extraction.crops: true and re-extract")
+    if not crops:  # extraction.crops: false (or an experiment's crops: false): no control, no ratios
+        import logging
+
+        import pandas as pd
+
+        from ..analyses.similarity import TABLE_COLUMNS
+
+        logging.getLogger(__name__).warning("%s: no cropped variants were extracted (crops: false), so there is no "
+                                            "corner/border control: the table is empty", model)
+        return common.write_csv(pd.DataFrame(columns=list(TABLE_COLUMNS)), out_csv)
     layers = sorted(set().union(*(c.layers for c in crops.values())), key=full.layers.index)
     df = token_group_similarity(full, crops, layers=layers, mode=cfg["similarity"]["mode"],
                                 image_size=image_size(full), chunk_images=cfg["similarity"]["chunk_images"],
