@@ -32,6 +32,9 @@ def test_run_summary_takes_the_final_epoch_8x8_per_axis_row_and_the_intervals():
     assert np.allclose(s["acc_8x8"], [0.5, 0.3, 0.6]) and np.allclose(s["acc_8x8_ci_low"], [0.45, 0.25, 0.55])
     assert np.allclose(s["chance_8x8"], [1 / 8, 1 / 8, 1 / 4])  # 1/min(8, n)
     assert np.allclose(s["interior_acc_8x8"], [0.25, 0.15, 0.3])
+    # k = 2: a 64-map's interior rows 2..61 fill 8 bins unevenly (8 of 60 at most); an 8-map's 2..5 four bins
+    assert np.allclose(s["interior_chance_8x8"].iloc[1], 0.25) and s["interior_chance_8x8"].iloc[2] != \
+        s["interior_chance_8x8"].iloc[2]  # 4-map: no interior at k = 2 (NaN)
     assert np.allclose(s["corner_ratio_ci_high"], 1.6) and (s["rel_norm_source"] == "auto").all()
     # the hand labels win over the detector where both exist
     s2 = run_summary(*_tables(["a"], [64], [0.5], sources=("auto", "paper")))

@@ -111,6 +111,22 @@ def test_offline_demo(repo_copy, tmp_path):
     assert not status["applies"] and "model 'mini' is not one of the authors' models" in status["reason"]
     detector = json.loads((tables / "anomaly_detector.json").read_text())
     assert detector["paper_labels"] == {"used": False, "reason": status["reason"]}
+    # the demo's experiments: their own stores and tables, one comparison table and figure
+    cmp = pd.read_csv(tables / "experiments.csv")
+    assert cmp["experiment"].drop_duplicates().tolist() == ["baseline", "circular", "independent",
+                                                            "circular_independent"]
+    assert (cmp.groupby("experiment").size() == pd.Series({"baseline": 45, "circular": 7, "independent": 7,
+                                                          "circular_independent": 7})).all()
+    for name in ("circular", "independent", "circular_independent"):
+        run = tables / "experiments" / name
+        assert ReprStore(run / "representations" / "full.zarr").attrs["experiment"]["layers"][0] == \
+            "mid_block.resnets[0]"
+        assert all((run / f"{t}.csv").is_file() for t in ("position_probe", "token_group_similarity",
+                                                          "anomaly_rel_norm", "channel_outliers"))
+    assert ReprStore(tables / "experiments" / "circular" / "representations" / "full.zarr").attrs["padding_mode"] \
+        == "circular"
+    for ext in (".png", ".svg"):
+        assert (figures / ("experiments_mini" + ext)).stat().st_size > 1000
     # every job has its log
     logs = repo_copy / "results" / "demo" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"extract", "position_probe", "anomalies", "dataset.log"}
@@ -123,7 +139,8 @@ def test_offline_demo(repo_copy, tmp_path):
     ran = {ln.split()[-1].rstrip(":") for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
            if ln.strip().startswith(("rule ", "localrule "))}
     assert ran - {"all"} == {"anomalies", "credibility", "quantitative_figure", "paper_comparison",
-                              "cross_model_figure", "qualitative_figures"}, ran
+                              "cross_model_figure", "qualitative_figures", "run_summary",
+                              "experiment_comparison"}, ran
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
     mine = anom[anom["label_source"] == "user:my_labels.npy"]
     assert len(mine) == 45 and (mine["n_anomalies"] == 2).all()
@@ -206,3 +223,42 @@ def test_kill_9_during_snakemake_extraction_then_rerun(repo_copy, mini_dir, imag
     b = ReprStore(tmp_path / "run" / "mini" / "representations" / "full.zarr")
     for layer in a.layers:
         assert np.array_equal(a.array(layer)[:], b.array(layer)[:]), layer
+
+
+def test_experiments_leave_the_baseline_byte_identical(repo_copy, mini_dir, image_folder, tmp_path):
+    """The same small run three times: params.yaml without the `experiments` key, with `experiments: {}`, and with
+    one experiment. Every baseline output file is byte-identical in the three; the experiment gets its own tables
+    in the same formats and a row in experiments.csv."""
+    imgs = image_folder(4, 128)
+    base = {"models": ["mini"], "model_sources": {"mini": str(mini_dir)},
+            "dataset": {"source": "folder", "path": str(imgs), "n_images": 4, "size": 128, "min_side": 0},
+            "layers": ["down_blocks[1].resnets[0]", "mid_block", "up_blocks[1].upsamplers[0]"],
+            "extraction": {"batch_size": 2}, "probe": {"epochs": 2, "granularities": [8]}}
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    del params["experiments"]
+    (repo_copy / "params_without_key.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runs = {"no_key": ("params_without_key.yaml", {}), "empty": ("params.yaml", {"experiments": {}}),
+            "one": ("params.yaml", {"experiments": {"circ": {"padding_mode": "circular", "crops": False}}})}
+    files = {}
+    for name, (params_file, extra) in runs.items():
+        out = tmp_path / name
+        snakemake(repo_copy, params_file, write_yaml(tmp_path / f"{name}.yaml", {**base, **extra, "results_dir": str(out)}))
+        files[name] = {p.relative_to(out): p.read_bytes() for p in sorted((out / "mini").glob("*.*")) if p.is_file()}
+    assert files["no_key"].keys() >= {Path("position_probe.csv"), Path("token_group_similarity.csv"),
+                                      Path("anomaly_rel_norm.csv"), Path("channel_outliers.csv"),
+                                      Path("credibility.csv"), Path("experiments.csv")}
+    for rel, data in files["no_key"].items():
+        assert files["empty"][rel] == data, rel
+        if rel.name != "experiments.csv":
+            assert files["one"][rel] == data, rel
+    exp = tmp_path / "one" / "mini" / "experiments" / "circ"
+    for table in ("position_probe", "position_probe_summary", "anomaly_rel_norm", "channel_outliers"):
+        theirs, ours = pd.read_csv(exp / f"{table}.csv"), pd.read_csv(tmp_path / "one" / "mini" / f"{table}.csv")
+        assert list(theirs.columns) == list(ours.columns) and len(theirs) == len(ours), table
+    assert pd.read_csv(exp / "token_group_similarity.csv").empty  # crops: false, no control
+    status = json.loads((exp / "paper_reference" / "status.json").read_text())
+    assert not status["applies"]
+    cmp = pd.read_csv(tmp_path / "one" / "mini" / "experiments.csv")
+    assert cmp["experiment"].drop_duplicates().tolist() == ["baseline", "circ"]
+    assert (cmp.loc[cmp["experiment"] == "circ", "changes"] == "padding_mode=circular").all()
+    assert (tmp_path / "one" / "figures" / "experiments_mini.png").stat().st_size > 5000

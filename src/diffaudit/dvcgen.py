@@ -175,7 +175,8 @@ STAGES: dict[str, tuple[bool, list[str], list[str], list[str]]] = {
     "qualitative_figures": (True, [REPR, f"{R}/dataset", PAPER_REF], ["anomalies"], QUALITATIVE),
     "cross_model_figure": (False, [f"{R}/layer_summary"], ["models"],
                            [f"{FIG}/cross_model.png", f"{FIG}/cross_model.svg"]),
-    "run_summary": (True, [f"{R}/{M}/{t}.csv" for t in RUN_TABLES], [], [f"{SUMMARY_DIR}/{M}/baseline.csv"]),
+    "run_summary": (True, [f"{R}/{M}/{t}.csv" for t in RUN_TABLES], ["probe.interior_k"],
+                    [f"{SUMMARY_DIR}/{M}/baseline.csv"]),
     # the folder of the model's run summaries: the baseline's is always there, an experiment adds its own
     "experiment_comparison": (True, [f"{SUMMARY_DIR}/{M}"], ["experiments"],
                               [f"{R}/{M}/experiments.csv", f"{FIG}/experiments_{M}.png", f"{FIG}/experiments_{M}.svg"]),

@@ -7,6 +7,8 @@ rule run_summary:
         run_tables,
     output:
         f"{EXPERIMENT_SUMMARIES}/{{model}}/{{run}}.csv",
+    params:
+        **declare("probe.interior_k"),
     log:
         f"{LOGS}/run_summary/{{model}}/{{run}}.log",
     conda:

@@ -6,7 +6,8 @@ A *run* is the baseline (the ``extraction`` section) or one experiment (docs/exp
 
 ``acc_8x8`` (``_ci_low``, ``_ci_high``)
     the final-epoch ``per_axis`` probe accuracy at the fixed 8 x 8 grid (mean over seeds), chance ``1/min(8, n)``
-    (column ``chance_8x8``); ``interior_acc_8x8`` the same on tokens away from the border (``probe.interior_k``)
+    (column ``chance_8x8``); ``interior_acc_8x8`` the same on tokens at least ``probe.interior_k`` tokens from the
+    border, whose chance level (a guess that knows only that a token is interior) is ``interior_chance_8x8``
 ``corner_ratio`` (``_ci_low``, ``_ci_high``)
     the corner/border similarity control's corner ratio (cropped image vs full image with the ring removed)
 ``rel_norm_mean`` (``rel_norm_ci_low``, ``rel_norm_ci_high``)
@@ -22,11 +23,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .probe import interior_chance_level
+
 #: The probe grid of the comparison (the paper's 8 x 8).
 GRID = 8
 SOURCE_PREFERENCE = ("paper", "auto")
 SUMMARY_COLUMNS = ["layer_index", "layer", "spatial",
                    "acc_8x8", "acc_8x8_ci_low", "acc_8x8_ci_high", "chance_8x8", "interior_acc_8x8",
+                   "interior_chance_8x8",
                    "corner_ratio", "corner_ratio_ci_low", "corner_ratio_ci_high",
                    "rel_norm_mean", "rel_norm_ci_low", "rel_norm_ci_high", "rel_norm_source"]
 COMPARISON_COLUMNS = ["model", "experiment", "changes"] + SUMMARY_COLUMNS
@@ -37,11 +41,11 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df.columns else pd.Series(np.nan, index=df.index)
 
 
-def probe_rows(probe: pd.DataFrame | None) -> pd.DataFrame:
+def probe_rows(probe: pd.DataFrame | None, interior_k: int = 2) -> pd.DataFrame:
     """``layer, layer_index, spatial, acc_8x8 (+ CI), chance_8x8, interior_acc_8x8`` from a probe summary
     (position_probe_summary.csv), final epoch, ``per_axis`` at granularity 8."""
     cols = ["layer", "layer_index", "spatial", "acc_8x8", "acc_8x8_ci_low", "acc_8x8_ci_high", "chance_8x8",
-            "interior_acc_8x8"]
+            "interior_acc_8x8", "interior_chance_8x8"]
     if probe is None or probe.empty:
         return pd.DataFrame(columns=cols)
     df = probe[(probe["metric"] == "per_axis") & (probe["granularity"] == GRID)]
@@ -50,7 +54,8 @@ def probe_rows(probe: pd.DataFrame | None) -> pd.DataFrame:
     return pd.DataFrame({"layer": df["layer"], "layer_index": df["layer_index"], "spatial": df["spatial"],
                          "acc_8x8": df["accuracy"], "acc_8x8_ci_low": _col(df, "ci_low"),
                          "acc_8x8_ci_high": _col(df, "ci_high"), "chance_8x8": 1.0 / np.minimum(GRID, n),
-                         "interior_acc_8x8": _col(df, "interior_accuracy")})[cols]
+                         "interior_acc_8x8": _col(df, "interior_accuracy"),
+                         "interior_chance_8x8": [interior_chance_level(int(s), GRID, interior_k) for s in n]})[cols]
 
 
 def corner_rows(sim: pd.DataFrame | None) -> pd.DataFrame:
@@ -72,9 +77,10 @@ def anomaly_rows(anom: pd.DataFrame | None) -> pd.DataFrame:
     return out
 
 
-def run_summary(probe: pd.DataFrame | None, sim: pd.DataFrame | None, anom: pd.DataFrame | None) -> pd.DataFrame:
+def run_summary(probe: pd.DataFrame | None, sim: pd.DataFrame | None, anom: pd.DataFrame | None,
+                interior_k: int = 2) -> pd.DataFrame:
     """One run's per-layer quantities (:data:`SUMMARY_COLUMNS`), in the run's layer order."""
-    parts = [probe_rows(probe), corner_rows(sim), anomaly_rows(anom)]
+    parts = [probe_rows(probe, interior_k), corner_rows(sim), anomaly_rows(anom)]
     layers = list(dict.fromkeys(layer for p in parts for layer in p["layer"]))
     out = pd.DataFrame({"layer": layers})
     for p in parts:

@@ -16,11 +16,14 @@ def _read(path):
         return None
 
 
-def run(probe_summary: str | Path, similarity: str | Path, anomalies: str | Path, out_csv: str | Path) -> Path:
+def run(cfg: dict, probe_summary: str | Path, similarity: str | Path, anomalies: str | Path,
+        out_csv: str | Path) -> Path:
     from ..analyses.comparison import run_summary
 
-    return common.write_csv(run_summary(_read(probe_summary), _read(similarity), _read(anomalies)), out_csv)
+    summary = run_summary(_read(probe_summary), _read(similarity), _read(anomalies),
+                          interior_k=int(cfg["probe"]["interior_k"]))
+    return common.write_csv(summary, out_csv)
 
 
 def from_snakemake(smk):
-    return run(*smk.input, smk.output[0])
+    return run(common.task_config(smk), *smk.input, smk.output[0])

@@ -1,0 +1,64 @@
+"""Acceptance of the experiments on the demo: the demo's configuration (config/demo.yaml: the embedded model, its
+40 images, its experiments), run through the extraction and probe task modules on the experiments' layers.
+
+With random weights, zero padding and the noise shared by every image each make position decodable; only
+removing both (circular padding + independent noise) brings the probe to chance."""
+import pandas as pd
+import pytest
+
+from diffaudit.config import load_config
+from diffaudit.pipeline import dataset as dataset_task
+from diffaudit.pipeline import extract as extract_task
+from diffaudit.pipeline import position_probe as probe_task
+
+PROBED = ("mid_block", "up_blocks[0]")
+
+
+@pytest.fixture(scope="module")
+def demo_runs(mini_dir, tmp_path_factory):
+    """The baseline and `circular_independent` of the demo (40 images), on the experiments' layers."""
+    root = tmp_path_factory.mktemp("demo_experiments")
+    cfg = load_config("params.yaml", "config/demo.yaml")
+    cfg["model_sources"]["mini"] = str(mini_dir)
+    cfg["extraction"]["crops"] = False
+    exp = cfg["experiments"]["circular_independent"]
+    cfg["layers"] = exp["layers"]
+    dataset_task.run(cfg, root / "dataset")
+    out = {}
+    for name, overrides in (("baseline", {}), ("circular_independent", exp)):
+        run_cfg = {**cfg, "experiment": overrides}
+        rep = extract_task.run(run_cfg, "mini", root / "dataset", root / name / "representations", progress=False)
+        probe_task.run(run_cfg, "mini", [rep], root / name / "probe.csv", root / name / "summary.csv")
+        out[name] = pd.read_csv(root / name / "summary.csv")
+    return cfg, out
+
+
+def _final_8x8(summary: pd.DataFrame) -> pd.DataFrame:
+    df = summary[(summary["metric"] == "per_axis") & (summary["granularity"] == 8)]
+    df = df[df["epoch"] == df["epoch"].max()]
+    return df[df["layer"].str.startswith(PROBED)]
+
+
+def test_the_demo_experiments_are_the_two_causes_alone_and_together():
+    exps = load_config("params.yaml", "config/demo.yaml")["experiments"]
+    assert {k: {x: v for x, v in o.items() if x not in ("layers", "crops")} for k, o in exps.items()} == {
+        "circular": {"padding_mode": "circular"}, "independent": {"noise": "independent"},
+        "circular_independent": {"padding_mode": "circular", "noise": "independent"}}
+    layers = exps["circular_independent"]["layers"]
+    assert {x for x in layers if x.startswith(PROBED)} == {
+        "mid_block.resnets[0]", "mid_block.attentions[0]", "mid_block.resnets[1]", "up_blocks[0].resnets[0]",
+        "up_blocks[0].resnets[1]", "up_blocks[0].upsamplers[0]"}
+
+
+def test_circular_padding_and_independent_noise_bring_the_probe_to_chance(demo_runs):
+    """Final-epoch 8x8 per-axis accuracy, mean over the mid_block and up_blocks[0] layers (chance 1/8): the baseline
+    above 2x chance, circular_independent within 1.5x chance."""
+    _, runs = demo_runs
+    base, both = (_final_8x8(runs[n]) for n in ("baseline", "circular_independent"))
+    assert len(base) == len(both) == 6
+    chance = 1 / 8
+    assert base["accuracy"].mean() > 2 * chance, base[["layer", "accuracy"]]
+    assert both["accuracy"].mean() < 1.5 * chance, both[["layer", "accuracy"]]
+    # and by number, per layer: the baseline's interval lies above the experiment's on most layers
+    merged = base.merge(both, on="layer", suffixes=("_base", "_both"))
+    assert (merged["ci_low_base"] > merged["ci_high_both"]).mean() >= 0.5, merged
