@@ -94,6 +94,22 @@ def _cmd_dvc_extract(args):
     os.execv(exe, cmd)
 
 
+def _cmd_explore(args):
+    """The browser explorer and labeller over the results of a configuration (docs/explorer.md)."""
+    from .config import load_config
+    from .explorer.server import main as serve
+
+    from pathlib import Path
+
+    files = list(args.configfile)
+    if "params.yaml" not in files and Path("params.yaml").is_file():  # as Snakemake: the defaults, then overrides
+        files.insert(0, "params.yaml")
+    cfg = load_config(*files)
+    a = cfg.get("anomalies", {})
+    serve(args.results or cfg["results_dir"], host=args.host, port=args.port, labels=args.labels,
+          ref_layer=a.get("ref_layer"), threshold=a.get("threshold"), verbose=args.verbose)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="diffaudit", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -145,6 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--experiment", help="the extraction of this experiment (a key of `experiments`)")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_dvc_extract)
+
+    s = sub.add_parser("explore", help="serve the browser explorer and anomaly labeller over the configuration's "
+                                        "results (docs/explorer.md)")
+    s.add_argument("--configfile", **cfg_kw)
+    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    s.add_argument("--results", help="results directory (default: the configuration's results_dir)")
+    s.add_argument("--labels", help="label file per model, a template with {results_dir} and {model} "
+                                    "(default {results_dir}/labels/{model}.npy)")
+    s.add_argument("--verbose", action="store_true", help="log every request")
+    s.set_defaults(fn=_cmd_explore)
 
     args = p.parse_args(argv)
     run_task(args.fn, args)

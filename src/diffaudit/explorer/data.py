@@ -1,0 +1,443 @@
+"""The explorer's data layer: what a results directory holds, and the maps computed from single image chunks.
+
+Nothing here reads a whole layer: every map needs the chunks of the images shown (a store chunk is one image of
+one layer), read once and kept in a small byte-bounded cache, so that hovering over an image costs one dot
+product per shown image.
+
+Metrics of a reference token ``r`` (C,) against every token ``t`` of an image (docs/explorer.md):
+
+* ``cosine``           <r, t> / (|r| |t|)   (0 where a norm is 0)
+* ``centred_cosine``   cosine after subtracting from each token the mean token of its own image
+* ``dot``              <r, t>
+* ``l2``               |r - t|
+* ``rel_norm``         |t| / |r|            (the token's norm relative to the clicked token's)
+"""
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..analyses.anomalies import REF_LAYER, LabelFileError, load_label_file, reference_grid, validate_labels
+from ..errors import DiffauditError
+from ..store import ReprStore, open_variant
+
+METRICS = ("cosine", "centred_cosine", "dot", "l2", "rel_norm")
+CURVE_COLUMNS = ("acc_8x8", "corner_ratio", "rel_norm_mean")
+BASELINE = "baseline"
+
+
+class RequestError(DiffauditError, ValueError):
+    """A request the explorer cannot answer (bad parameter, unknown model/layer); becomes a 4xx."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (numpy, float32): the same functions the tests compare the browser against
+# ---------------------------------------------------------------------------------------------
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("chw,chw->hw", x, x, dtype=np.float32))
+
+
+def similarity(rep: np.ndarray, ref: np.ndarray, metric: str, ref_image_mean: np.ndarray | None = None
+               ) -> np.ndarray:
+    """``metric`` of the reference token ``ref`` (C,) against every token of ``rep`` (C, H, W) -> (H, W) float32.
+
+    ``ref_image_mean`` (C,): the mean token of the reference's own image (``centred_cosine`` only).
+    """
+    x = np.asarray(rep, dtype=np.float32)
+    r = np.asarray(ref, dtype=np.float32).reshape(-1)
+    if metric == "centred_cosine":
+        x = x - x.mean(axis=(1, 2), dtype=np.float32)[:, None, None]
+        r = r - np.asarray(ref_image_mean, dtype=np.float32)
+        metric = "cosine"
+    if metric == "cosine":
+        dot = np.einsum("chw,c->hw", x, r, dtype=np.float32)
+        denom = _norms(x) * np.float32(np.linalg.norm(r))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(denom > 0, dot / np.where(denom > 0, denom, 1), 0.0)
+        return np.clip(out, -1, 1).astype(np.float32)
+    if metric == "dot":
+        return np.einsum("chw,c->hw", x, r, dtype=np.float32)
+    if metric == "l2":
+        d = x - r[:, None, None]
+        return _norms(d)
+    if metric == "rel_norm":
+        rn = np.float32(np.linalg.norm(r))
+        n = _norms(x)
+        return (n / rn if rn > 0 else np.zeros_like(n)).astype(np.float32)
+    raise RequestError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+def detect_blocks(rep: np.ndarray, threshold: float) -> np.ndarray:
+    """The automatic detector of :func:`diffaudit.analyses.anomalies.detect_anomalies` on one image's map
+    (C, H, W): int64 (K, 2) rows ``(x, y)`` (upper-left token of each flagged even-aligned 2x2 block)."""
+    n = _norms(np.asarray(rep, dtype=np.float32))
+    h, w = n.shape
+    if h % 2 or w % 2:
+        return np.zeros((0, 2), np.int64)
+    med = np.median(n.reshape(-1))
+    blocks = n.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    by, bx = np.nonzero(blocks > threshold * med)
+    out = np.stack([2 * bx, 2 * by], axis=1).astype(np.int64)
+    return out[np.lexsort((out[:, 1], out[:, 0]))] if out.size else out.reshape(0, 2)
+
+
+def encode(a: np.ndarray) -> str:
+    """float32 array -> base64 of its little-endian bytes (the page decodes it into a Float32Array)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode(s: str, shape) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<f4").reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The results directory
+# ---------------------------------------------------------------------------------------------
+
+def _rep_dirs(rep: Path) -> list[Path] | None:
+    """The representation directories of one run (itself, or its shard folders in order), None if none."""
+    if (rep / "full.zarr").is_dir():
+        return [rep]
+    shards = sorted(rep.glob("shard*of*"), key=lambda p: int(p.name[5:].split("of")[0]) if
+                    p.name[5:].split("of")[0].isdigit() else 0)
+    shards = [s for s in shards if (s / "full.zarr").is_dir()]
+    return shards or None
+
+
+@dataclass
+class Run:
+    model: str
+    name: str  # "baseline" or the experiment's name
+    dirs: list[Path]
+    analysis_dir: Path  # where the run's tables are
+    _store: ReprStore | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def store(self) -> ReprStore:
+        with self._lock:
+            if self._store is None:
+                self._store = open_variant(self.dirs, "full")
+            return self._store
+
+
+class ChunkCache:
+    """(run, layer, image) -> float32 (C, H, W), least recently used out beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 512 * 2 ** 20):
+        self.max_bytes = max_bytes
+        self._d: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.reads = 0  # chunks read from disk (tests: no whole layer per request)
+
+    def get(self, key, load):
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        value = load()
+        with self._lock:
+            self.reads += 1
+            if key not in self._d:
+                self._d[key] = value
+                self._bytes += value.nbytes
+            while self._bytes > self.max_bytes and len(self._d) > 1:
+                _, old = self._d.popitem(last=False)
+                self._bytes -= old.nbytes
+        return value
+
+
+class Explorer:
+    """Everything the page asks for, over one results directory."""
+
+    def __init__(self, results_dir: str | Path, *, labels: str = "{results_dir}/labels/{model}.npy",
+                 ref_layer: str = REF_LAYER, threshold: float = 2.0, cache_bytes: int = 512 * 2 ** 20):
+        self.root = Path(results_dir).resolve()
+        if not self.root.is_dir():
+            raise RequestError(f"results directory {results_dir} does not exist; run the workflow (make demo) first")
+        self.labels_template = labels
+        self.ref_layer = ref_layer
+        self.threshold = float(threshold)
+        self.cache = ChunkCache(cache_bytes)
+        self.runs: dict[str, dict[str, Run]] = self._discover()
+        self._label_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self.images = self._dataset()
+
+    # -- discovery -----------------------------------------------------------------------------
+    def _discover(self) -> dict[str, dict[str, Run]]:
+        out: dict[str, dict[str, Run]] = {}
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            dirs = _rep_dirs(model_dir / "representations")
+            if not dirs:
+                continue
+            runs = {BASELINE: Run(model_dir.name, BASELINE, dirs, model_dir)}
+            exp_root = model_dir / "experiments"
+            if exp_root.is_dir():
+                for e in sorted(p for p in exp_root.iterdir() if p.is_dir()):
+                    d = _rep_dirs(e / "representations")
+                    if d:
+                        runs[e.name] = Run(model_dir.name, e.name, d, e)
+            out[model_dir.name] = runs
+        return out
+
+    def _dataset(self) -> list[dict]:
+        index = self.root / "dataset" / "index.csv"
+        if not index.is_file():
+            return []
+        df = pd.read_csv(index, dtype={"id": str})
+        return [{"id": str(r["id"]), "file": f"dataset/{r['file']}"} for _, r in df.iterrows()]
+
+    def run(self, model, run=None) -> Run:
+        if model not in self.runs:
+            raise RequestError(f"unknown model {model!r}; this results directory has {sorted(self.runs)}", 404)
+        run = run or BASELINE
+        if run not in self.runs[model]:
+            raise RequestError(f"model {model!r} has no run {run!r} (has {sorted(self.runs[model])})", 404)
+        return self.runs[model][run]
+
+    def meta(self) -> dict:
+        models = {}
+        for model, runs in self.runs.items():
+            models[model] = {}
+            for name, r in runs.items():
+                s = r.store
+                layers = []
+                for layer in s.layers:
+                    _, c, h, w = s.shape(layer)
+                    layers.append({"name": layer, "index": s.layer_index(layer), "channels": c, "height": h,
+                                   "width": w})
+                models[model][name] = {"layers": layers, "n_images": s.n_images,
+                                       "image_ids": [str(i) for i in s.image_ids],
+                                       "image_size": s.attrs.get("image_size"),
+                                       "has_ref_layer": self.ref_layer in s.layers}
+        files = {im["id"]: im["file"] for im in self.images}
+        return {"models": models, "metrics": list(METRICS), "ref_layer": self.ref_layer,
+                "threshold": self.threshold, "image_files": files,
+                "labels": {m: self._labels_display(m) for m in self.runs}}
+
+    # -- reading -------------------------------------------------------------------------------
+    def _layer(self, r: Run, layer: str) -> str:
+        if layer not in r.store.layers:
+            raise RequestError(f"layer {layer!r} is not in {r.model}/{r.name}", 404)
+        return layer
+
+    def _image(self, r: Run, image) -> int:
+        try:
+            i = int(image)
+        except (TypeError, ValueError):
+            raise RequestError(f"image must be an integer index, got {image!r}") from None
+        if not 0 <= i < r.store.n_images:
+            raise RequestError(f"image {i} out of range: {r.model}/{r.name} has {r.store.n_images} images")
+        return i
+
+    def chunk(self, r: Run, layer: str, image: int) -> np.ndarray:
+        return self.cache.get((r.model, r.name, layer, image),
+                              lambda: np.asarray(r.store.array(layer)[image], dtype=np.float32))
+
+    def _token(self, r: Run, layer: str, y, x) -> tuple[int, int]:
+        _, _, h, w = r.store.shape(layer)
+        try:
+            yi, xi = int(y), int(x)
+        except (TypeError, ValueError):
+            raise RequestError(f"token coordinates must be integers, got y={y!r} x={x!r}") from None
+        if not (0 <= yi < h and 0 <= xi < w):
+            raise RequestError(f"token (y={yi}, x={xi}) outside the {h}x{w} map of {layer}")
+        return yi, xi
+
+    # -- maps ----------------------------------------------------------------------------------
+    def similarity_maps(self, model, run, layer, ref_image, y, x, images, metric="cosine") -> dict:
+        """The metric of token (y, x) of ``ref_image`` against every token of each of ``images`` at ``layer``."""
+        if metric not in METRICS:
+            raise RequestError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        r = self.run(model, run)
+        layer = self._layer(r, layer)
+        ref_image = self._image(r, ref_image)
+        images = [self._image(r, i) for i in images]
+        if not images or len(images) > 64:
+            raise RequestError("give 1 to 64 images")
+        y, x = self._token(r, layer, y, x)
+        ref_rep = self.chunk(r, layer, ref_image)
+        ref = ref_rep[:, y, x]
+        mean = ref_rep.mean(axis=(1, 2), dtype=np.float32) if metric == "centred_cosine" else None
+        _, _, h, w = r.store.shape(layer)
+        out = []
+        for i in images:
+            m = similarity(self.chunk(r, layer, i), ref, metric, mean)
+            best = int(np.argmin(m) if metric == "l2" else np.argmax(m))
+            if metric == "l2" and i == ref_image:  # the token itself is at distance 0: best other match
+                mm = m.copy()
+                mm[y, x] = np.inf
+                best = int(np.argmin(mm))
+            out.append({"image": i, "data": encode(m), "best": [best // w, best % w],
+                        "min": float(m.min()), "max": float(m.max())})
+        return {"layer": layer, "height": h, "width": w, "metric": metric, "ref_image": ref_image,
+                "token": [y, x], "maps": out}
+
+    def strip(self, model, run, layer, ref_image, y, x, image, metric="cosine") -> dict:
+        """The token at the clicked position (scaled to every layer's grid) against ``image``, in every layer."""
+        if metric not in METRICS:
+            raise RequestError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        r = self.run(model, run)
+        layer = self._layer(r, layer)
+        ref_image, image = self._image(r, ref_image), self._image(r, image)
+        y, x = self._token(r, layer, y, x)
+        _, _, h0, w0 = r.store.shape(layer)
+        fy, fx = (y + 0.5) / h0, (x + 0.5) / w0
+        out = []
+        for lay in r.store.layers:
+            _, _, h, w = r.store.shape(lay)
+            ly, lx = min(h - 1, int(fy * h)), min(w - 1, int(fx * w))
+            ref_rep = self.chunk(r, lay, ref_image)
+            mean = ref_rep.mean(axis=(1, 2), dtype=np.float32) if metric == "centred_cosine" else None
+            m = similarity(self.chunk(r, lay, image), ref_rep[:, ly, lx], metric, mean)
+            out.append({"layer": lay, "index": r.store.layer_index(lay), "height": h, "width": w,
+                        "token": [ly, lx], "data": encode(m), "min": float(m.min()), "max": float(m.max())})
+        return {"image": image, "ref_image": ref_image, "metric": metric, "layers": out}
+
+    def norms(self, model, run, layer, images) -> dict:
+        """Norm maps (L2 over channels) of ``images`` at ``layer`` with the detected and labelled anomalies
+        drawn on that layer's grid (boxes ``[row, col, k]``, the geometry of ``relative_norms``)."""
+        r = self.run(model, run)
+        layer = self._layer(r, layer)
+        images = [self._image(r, i) for i in images]
+        if not images or len(images) > 64:
+            raise RequestError("give 1 to 64 images")
+        s = r.store
+        _, _, h, w = s.shape(layer)
+        h_ref = reference_grid(s, self.ref_layer)
+        has_ref = self.ref_layer in s.layers
+        labels = self.labels(model)["labels"]
+        paper = self._paper_labels(r)
+        scale = h / h_ref
+        k = max(1, int(2 * scale))
+
+        def boxes(rows):
+            return [[int(yy * scale), int(xx * scale), k] for xx, yy in rows]
+
+        out = []
+        for i in images:
+            n = _norms(self.chunk(r, layer, i))
+            det = detect_blocks(self.chunk(r, self.ref_layer, i), self.threshold) if has_ref else np.zeros((0, 2))
+            lab = [(int(a[1]), int(a[2])) for a in labels if a[0] == i]
+            pap = [(int(a[1]), int(a[2])) for a in paper if a[0] == i]
+            out.append({"image": i, "data": encode(n), "max": float(n.max()), "mean": float(n.mean()),
+                        "detected": boxes(det.tolist()), "labelled": boxes(lab), "paper": boxes(pap),
+                        "detected_xy": det.tolist(), "labelled_xy": [list(p) for p in lab]})
+        return {"layer": layer, "height": h, "width": w, "ref_grid": h_ref, "is_ref_layer": layer == self.ref_layer,
+                "maps": out}
+
+    def _paper_labels(self, r: Run) -> np.ndarray:
+        """The authors' hand labels when the workflow found they apply (paper_reference/status.json)."""
+        try:
+            from ..pipeline.paper_reference import paper_file, read_status
+
+            d = self.root / r.model / "paper_reference"
+            if not d.is_dir() or not read_status(d).get("applies"):
+                return np.zeros((0, 3), np.int64)
+            p = paper_file(d, r.model, "labels")
+            return load_label_file(p) if p.is_file() else np.zeros((0, 3), np.int64)
+        except Exception:  # noqa: BLE001 - the overlay is optional; a broken file only hides it
+            return np.zeros((0, 3), np.int64)
+
+    def curves(self, model, run) -> dict:
+        """The paper figure's three per-layer curves of one run (experiment_summary/{model}/{run}.csv)."""
+        r = self.run(model, run)
+        path = self.root / "experiment_summary" / r.model / f"{r.name}.csv"
+        if not path.is_file():
+            return {"available": False, "message": f"{path.relative_to(self.root)} not found (run the workflow)"}
+        df = pd.read_csv(path)
+        cols = [c for c in CURVE_COLUMNS if c in df.columns]
+        return {"available": True, "source": str(path.relative_to(self.root)),
+                "layers": df["layer"].astype(str).tolist(), "layer_index": df["layer_index"].astype(int).tolist(),
+                "curves": {c: [None if pd.isna(v) else float(v) for v in df[c]] for c in cols}}
+
+    # -- labels --------------------------------------------------------------------------------
+    def labels_path(self, model: str) -> Path:
+        self.run(model)
+        return Path(self.labels_template.format(results_dir=str(self.root), model=model))
+
+    def _labels_display(self, model: str) -> str:
+        p = self.labels_path(model)
+        try:
+            return str(p.relative_to(Path.cwd()))
+        except ValueError:
+            return str(p)
+
+    def _label_lock(self, path: Path) -> threading.Lock:
+        with self._locks_lock:
+            return self._label_locks.setdefault(str(path), threading.Lock())
+
+    def _read_labels(self, model: str) -> np.ndarray:
+        path = self.labels_path(model)
+        if not path.exists():
+            return np.zeros((0, 3), np.int64)
+        s = self.run(model).store
+        try:
+            return load_label_file(path, n_images=s.n_images, grid=reference_grid(s, self.ref_layer))
+        except LabelFileError as e:
+            raise RequestError(str(e), 409) from None
+
+    def labels(self, model: str) -> dict:
+        path = self.labels_path(model)
+        return {"model": model, "path": self._labels_display(model), "exists": path.exists(),
+                "labels": self._read_labels(model).tolist()}
+
+    def toggle_label(self, model: str, image, x, y) -> dict:
+        """Add the 2x2 patch whose upper-left token is (x, y) (snapped to even) of ``image``, or remove it."""
+        s = self.run(model).store
+        if self.ref_layer not in s.layers:
+            raise RequestError(f"{model} has no reference layer {self.ref_layer}; nothing to label on", 409)
+        i = self._image(self.run(model), image)
+        grid = reference_grid(s, self.ref_layer)
+        try:
+            xi, yi = int(x), int(y)
+        except (TypeError, ValueError):
+            raise RequestError(f"x and y must be integers, got x={x!r} y={y!r}") from None
+        if not (0 <= xi < grid and 0 <= yi < grid):
+            raise RequestError(f"(x={xi}, y={yi}) outside the {grid}x{grid} reference grid")
+        xi, yi = xi - xi % 2, yi - yi % 2
+        path = self.labels_path(model)
+        with self._label_lock(path):
+            cur = self._read_labels(model)
+            hit = (cur[:, 0] == i) & (cur[:, 1] == xi) & (cur[:, 2] == yi)
+            if hit.any():
+                new = cur[~hit]
+                action = "removed"
+            else:
+                new = np.vstack([cur, [[i, xi, yi]]])
+                action = "added"
+            new = validate_labels(new.reshape(-1, 3), n_images=s.n_images, grid=grid, source=str(path))
+            if new.size:
+                new = new[np.lexsort((new[:, 2], new[:, 1], new[:, 0]))]
+            save_labels_atomic(path, new)
+        return {**self.labels(model), "action": action, "patch": [i, xi, yi]}
+
+
+def save_labels_atomic(path: Path, labels: np.ndarray) -> None:
+    """Write ``labels`` (K, 3) int64 to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int64).reshape(-1, 3), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
