@@ -57,6 +57,7 @@ def safe_file(root: Path, rel: str) -> Path:
 class Handler(BaseHTTPRequestHandler):
     server_version = "diffaudit-explorer/1"
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # answer even a malformed request line with a status line
     explorer: Explorer  # set on the subclass by make_server
     quiet = True
 
@@ -86,6 +87,8 @@ class Handler(BaseHTTPRequestHandler):
         self._json({"error": message}, status)
 
     def send_error(self, code, message=None, explain=None):  # malformed request lines etc.: JSON, one line
+        if code == 505:  # an unknown HTTP version is a malformed request like any other
+            code, message = 400, f"unsupported HTTP version: {message}"
         try:
             self.close_connection = True
             body = json.dumps({"error": message or HTTPStatus(code).phrase}).encode()

@@ -1,0 +1,466 @@
+"""The explorer (``diffaudit explore``, docs/explorer.md) over a small synthetic results directory: its maps against
+numpy, the labeller's file, and its safety (files only under the results directory, 4xx for malformed requests,
+concurrent clients). Plain HTTP, no browser: tests/test_explorer_browser.py drives the page in Chromium."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from diffaudit.analyses.anomalies import REF_LAYER, detect_anomalies, load_label_file, relative_norms
+from diffaudit.explorer.data import Explorer, decode, similarity
+from diffaudit.explorer.server import serve_in_thread
+from diffaudit.figures.qualitative import norm_map, token_similarity_map
+from diffaudit.store import ReprStore, StoreWriter
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMG = 6
+# (channels, size) in U-Net order; the reference layer is 8x8 here, so labels live on an 8x8 grid
+SIZES = {"down_blocks[0].resnets[0]": (8, 16), "mid_block.attentions[0]": (32, 4), REF_LAYER: (16, 8),
+         "up_blocks[3].attentions[2]": (8, 16)}
+PLANT = (1, 4, 2)  # image, x, y of a planted high-norm 2x2 patch on the reference layer
+
+
+def _write_store(path: Path, sizes: dict, ids: list[str], seed: int, plant: bool = True) -> dict:
+    rng = np.random.default_rng(seed)
+    data = {}
+    for layer, (c, h) in sizes.items():
+        x = rng.standard_normal((len(ids), c, h, h)) + 0.3
+        if plant and layer == REF_LAYER:
+            img, px, py = PLANT
+            if img < len(ids):
+                x[img, :, py:py + 2, px:px + 2] *= 8.0
+        data[layer] = x.astype(np.float16)
+    w = StoreWriter(path, layers=list(sizes), image_ids=ids, labels=None, config={"t": "explorer"},
+                    attrs={"image_size": 128, "model": path.parts[-3], "variant": "full"}, shard_images=2)
+    w.write_batch(0, data)
+    w.finalize()
+    return {k: v.astype(np.float32) for k, v in data.items()}
+
+
+def make_results(root: Path) -> dict:
+    """A results directory: model ``m1`` (baseline + experiment ``e1``), model ``m2`` (two shards), the dataset,
+    a run summary, and a secret file beside it with a symlink pointing out."""
+    ids = [f"{i:06d}" for i in range(N_IMG)]
+    ds = root / "dataset"
+    (ds / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, iid in enumerate(ids):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).resize((128, 128)).save(
+            ds / "images" / f"{iid}.png")
+        rows.append({"id": iid, "file": f"images/{iid}.png", "source": "synthetic", "label": i})
+    pd.DataFrame(rows).to_csv(ds / "index.csv", index=False)
+    arrays = {"m1": _write_store(root / "m1" / "representations" / "full.zarr", SIZES, ids, seed=1)}
+    exp_sizes = {k: SIZES[k] for k in ("mid_block.attentions[0]", REF_LAYER)}
+    arrays["m1/e1"] = _write_store(root / "m1" / "experiments" / "e1" / "representations" / "full.zarr", exp_sizes,
+                                   ids, seed=2)
+    m2 = {}
+    for k, part in enumerate([ids[:4], ids[4:]]):
+        a = _write_store(root / "m2" / "representations" / f"shard{k + 1}of2" / "full.zarr", SIZES, part,
+                         seed=3 + k, plant=False)
+        for layer, v in a.items():
+            m2.setdefault(layer, []).append(v)
+    arrays["m2"] = {layer: np.concatenate(v) for layer, v in m2.items()}
+    summ = root / "experiment_summary" / "m1"
+    summ.mkdir(parents=True)
+    pd.DataFrame({"layer_index": range(len(SIZES)), "layer": list(SIZES), "spatial": [h for _, h in SIZES.values()],
+                  "acc_8x8": [0.2, 0.5, 0.9, 0.3], "corner_ratio": [1.0, 2.0, 1.5, np.nan],
+                  "rel_norm_mean": [1.1, 1.4, 3.0, 1.2]}).to_csv(summ / "baseline.csv", index=False)
+    secret = root.parent / "secret.txt"
+    secret.write_text("do not serve")
+    (root / "dataset" / "link_out.txt").symlink_to(secret)
+    (root / "dataset" / "dir_out").symlink_to(root.parent)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer") / "results"
+    arrays = make_results(root)
+    return root, arrays
+
+
+@pytest.fixture(scope="module")
+def server(results):
+    root, arrays = results
+    ex = Explorer(root)
+    srv, url = serve_in_thread(ex)
+    yield ex, url, arrays
+    srv.shutdown()
+    srv.server_close()
+
+
+def _get(url: str, path: str):
+    """GET ``path`` sent verbatim (no client-side normalisation of ``..``): (status, parsed JSON or bytes)."""
+    host, port = url.split("//")[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=20)
+    c.request("GET", path)
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    if r.getheader("Content-Type", "").startswith("application/json"):
+        return r.status, json.loads(body)
+    return r.status, body
+
+
+def _post(url: str, path: str, body: bytes, ctype: str = "application/json", headers: dict | None = None):
+    host, port = url.split("//")[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=20)
+    c.request("POST", path, body=body, headers={"Content-Type": ctype, **(headers or {})})
+    r = c.getresponse()
+    out = r.status, json.loads(r.read() or b"{}")
+    c.close()
+    return out
+
+
+def _q(**kw) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode(kw)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_similarity_metrics_match_numpy():
+    rng = np.random.default_rng(0)
+    rep = rng.standard_normal((7, 5, 6)).astype(np.float32)
+    own = rng.standard_normal((7, 5, 6)).astype(np.float32)
+    ref = own[:, 2, 3]
+    t = rep.reshape(7, -1).T  # (tokens, C)
+    cos = similarity(rep, ref, "cosine").reshape(-1)
+    assert np.allclose(cos, t @ ref / np.linalg.norm(t, axis=1) / np.linalg.norm(ref), atol=1e-5)
+    assert np.allclose(similarity(rep, ref, "cosine"), token_similarity_map(rep, ref), atol=1e-6)
+    mean = own.mean(axis=(1, 2))
+    tc, rc = t - rep.mean(axis=(1, 2)), ref - mean
+    cc = similarity(rep, ref, "centred_cosine", mean).reshape(-1)
+    assert np.allclose(cc, tc @ rc / np.linalg.norm(tc, axis=1) / np.linalg.norm(rc), atol=1e-5)
+    assert np.allclose(similarity(rep, ref, "dot").reshape(-1), t @ ref, atol=1e-4)
+    assert np.allclose(similarity(rep, ref, "l2").reshape(-1), np.linalg.norm(t - ref, axis=1), atol=1e-5)
+    assert np.allclose(similarity(rep, ref, "rel_norm").reshape(-1),
+                       np.linalg.norm(t, axis=1) / np.linalg.norm(ref), atol=1e-5)
+    assert similarity(own, ref, "cosine")[2, 3] == pytest.approx(1.0, abs=1e-6)
+    assert similarity(own, ref, "l2")[2, 3] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+def test_meta_lists_models_runs_layers(server):
+    ex, url, _ = server
+    st, meta = _get(url, "/api/meta")
+    assert st == 200
+    assert set(meta["models"]) == {"m1", "m2"}
+    assert set(meta["models"]["m1"]) == {"baseline", "e1"} and set(meta["models"]["m2"]) == {"baseline"}
+    assert [lay["name"] for lay in meta["models"]["m1"]["baseline"]["layers"]] == list(SIZES)
+    assert meta["models"]["m2"]["baseline"]["n_images"] == N_IMG  # the shards read as one store
+    assert meta["image_files"]["000003"] == "dataset/images/000003.png"
+    assert meta["metrics"] == ["cosine", "centred_cosine", "dot", "l2", "rel_norm"]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "centred_cosine", "dot", "l2", "rel_norm"])
+@pytest.mark.parametrize("model,run,layer", [("m1", "baseline", "down_blocks[0].resnets[0]"),
+                                             ("m1", "e1", "mid_block.attentions[0]"),
+                                             ("m2", "baseline", REF_LAYER)])
+def test_similarity_endpoint_equals_numpy(server, metric, model, run, layer):
+    _, url, arrays = server
+    a = arrays[model if run == "baseline" else f"{model}/{run}"][layer]
+    h = a.shape[2]
+    ref_img, y, x, shown = 4, h - 1, 1, [0, 4, 5]
+    st, res = _get(url, "/api/similarity?" + _q(model=model, run=run, layer=layer, ref=ref_img, y=y, x=x,
+                                                  images="0,4,5", metric=metric))
+    assert st == 200, res
+    r = a[ref_img, :, y, x]
+    for m, i in zip(res["maps"], shown):
+        got = decode(m["data"], (h, h))
+        tok = a[i].reshape(a.shape[1], -1).T
+        if metric == "cosine":
+            want = tok @ r / np.linalg.norm(tok, axis=1) / np.linalg.norm(r)
+        elif metric == "centred_cosine":
+            rc = r - a[ref_img].mean(axis=(1, 2))
+            tc = tok - tok.mean(axis=0)
+            want = tc @ rc / np.linalg.norm(tc, axis=1) / np.linalg.norm(rc)
+        elif metric == "dot":
+            want = tok @ r
+        elif metric == "l2":
+            want = np.linalg.norm(tok - r, axis=1)
+        else:
+            want = np.linalg.norm(tok, axis=1) / np.linalg.norm(r)
+        want = want.reshape(h, h)
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4), (metric, i)
+        flat = want.copy()
+        if metric == "l2" and i == ref_img:
+            flat[y, x] = np.inf
+        best = np.unravel_index(np.argmin(flat) if metric == "l2" else np.argmax(flat), flat.shape)
+        assert tuple(m["best"]) == tuple(int(b) for b in best)
+    assert res["token"] == [y, x] and res["ref_image"] == ref_img
+
+
+def test_similarity_reads_only_the_shown_images(results):
+    root, _ = results
+    ex = Explorer(root)
+    ex.similarity_maps("m1", None, "down_blocks[0].resnets[0]", 2, 0, 0, [2, 3])
+    assert ex.cache.reads == 2  # one chunk per shown image, never the layer
+    ex.similarity_maps("m1", None, "down_blocks[0].resnets[0]", 3, 5, 5, [2, 3])
+    assert ex.cache.reads == 2  # hovering reuses them
+
+
+def test_strip_every_layer_in_unet_order(server):
+    _, url, arrays = server
+    st, res = _get(url, "/api/strip?" + _q(model="m1", layer=REF_LAYER, ref=1, y=5, x=2, image=3))
+    assert st == 200, res
+    assert [lay["layer"] for lay in res["layers"]] == list(SIZES)
+    for lay in res["layers"]:
+        a = arrays["m1"][lay["layer"]]
+        h = a.shape[2]
+        ly, lx = int((5 + 0.5) / 8 * h), int((2 + 0.5) / 8 * h)
+        assert lay["token"] == [ly, lx]
+        assert np.allclose(decode(lay["data"], (h, h)), token_similarity_map(a[3], a[1][:, ly, lx]), atol=1e-5)
+
+
+def test_norms_with_detected_and_labelled_anomalies(server, results):
+    ex, url, arrays = server
+    root, _ = results
+    st, res = _get(url, "/api/norms?" + _q(model="m1", layer=REF_LAYER, images="0,1,2"))
+    assert st == 200, res
+    assert res["is_ref_layer"] and res["ref_grid"] == 8
+    for m in res["maps"]:
+        got = decode(m["data"], (8, 8))
+        assert np.allclose(got / got.max(), norm_map(arrays["m1"][REF_LAYER][m["image"]]), atol=1e-5)
+    want = detect_anomalies(ReprStore(root / "m1" / "representations" / "full.zarr"), layer=REF_LAYER)
+    for m in res["maps"]:
+        assert sorted(map(tuple, m["detected_xy"])) == sorted((int(x), int(y)) for i, x, y in want if i == m["image"])
+    img, px, py = PLANT
+    assert [px, py] in res["maps"][1]["detected_xy"]
+    # on a 16x16 layer the same patch is a 4x4 box at (2y, 2x)
+    st, res16 = _get(url, "/api/norms?" + _q(model="m1", layer="down_blocks[0].resnets[0]", images="1"))
+    assert [2 * py, 2 * px, 4] in res16["maps"][0]["detected"]
+
+
+def test_curves_from_the_run_summary(server):
+    _, url, _ = server
+    st, res = _get(url, "/api/curves?" + _q(model="m1", run="baseline"))
+    assert st == 200 and res["available"]
+    assert res["layers"] == list(SIZES)
+    assert res["curves"]["acc_8x8"] == [0.2, 0.5, 0.9, 0.3] and res["curves"]["corner_ratio"][3] is None
+    st, res = _get(url, "/api/curves?" + _q(model="m2"))
+    assert st == 200 and not res["available"] and "experiment_summary" in res["message"]
+
+
+# ---------------------------------------------------------------------------------------------- labeller
+
+def test_label_toggle_saves_authors_format_atomically(server, results):
+    ex, url, _ = server
+    root, _ = results
+    path = root / "labels" / "m1.npy"
+    assert not path.exists()
+    st, res = _post(url, "/api/labels", json.dumps({"model": "m1", "image": 2, "x": 5, "y": 3}).encode())
+    assert st == 200, res
+    assert res["action"] == "added" and res["patch"] == [2, 4, 2]  # snapped to the even-aligned patch
+    st, res = _post(url, "/api/labels", json.dumps({"model": "m1", "image": 0, "x": 6, "y": 0}).encode())
+    arr = np.load(path, allow_pickle=False)
+    assert arr.dtype == np.int64 and arr.tolist() == [[0, 6, 0], [2, 4, 2]]
+    assert load_label_file(path, n_images=N_IMG, grid=8).tolist() == arr.tolist()
+    # the anomalies rule's reader and relative norms take it
+    store = ReprStore(root / "m1" / "representations" / "full.zarr")
+    table = relative_norms(store, load_label_file(path, n_images=N_IMG, grid=8), label_source="user:m1.npy")
+    assert (table["n_anomalies"] == 2).all()
+    # a reload shows them; the norm map draws them
+    assert _get(url, "/api/labels?model=m1")[1]["labels"] == [[0, 6, 0], [2, 4, 2]]
+    st, res = _get(url, "/api/norms?" + _q(model="m1", layer=REF_LAYER, images="2"))
+    assert res["maps"][0]["labelled"] == [[2, 4, 2]]
+    assert list(path.parent.glob(".*tmp")) == []  # no temporary files left
+    # toggling again removes it
+    st, res = _post(url, "/api/labels", json.dumps({"model": "m1", "image": 2, "x": 4, "y": 2}).encode())
+    assert res["action"] == "removed" and np.load(path).tolist() == [[0, 6, 0]]
+    st, res = _post(url, "/api/labels", json.dumps({"model": "m1", "image": 0, "x": 6, "y": 0}).encode())
+    assert np.load(path).shape == (0, 3)
+
+
+def test_concurrent_label_writes_all_kept(server, results):
+    root, _ = results
+    _, url, _ = server
+    patches = [(i % N_IMG, 2 * (i % 4), 2 * (i // 4 % 4)) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda p: _post(url, "/api/labels", json.dumps(
+            {"model": "m2", "image": p[0], "x": p[1], "y": p[2]}).encode())[0], patches))
+    assert codes == [200] * 16
+    got = sorted(map(tuple, np.load(root / "labels" / "m2.npy").tolist()))
+    assert got == sorted(set(patches))
+
+
+def test_label_writes_go_only_to_the_labels_path(tmp_path, results):
+    root, _ = results
+    target = tmp_path / "mine" / "{model}_hand.npy"
+    ex = Explorer(root, labels=str(target))
+    before = {p for p in root.rglob("*") if p.is_file()}
+    ex.toggle_label("m1", 1, 4, 2)
+    assert (tmp_path / "mine" / "m1_hand.npy").is_file()
+    assert {p for p in root.rglob("*") if p.is_file()} == before
+    with pytest.raises(Exception, match="outside"):
+        ex.toggle_label("m1", 1, 9, 2)
+    with pytest.raises(Exception, match="out of range"):
+        ex.toggle_label("m1", 99, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+@pytest.mark.parametrize("path", [
+    "/files/../secret.txt", "/files/dataset/../../secret.txt", "/files/%2e%2e/secret.txt",
+    "/files/%2E%2E%2Fsecret.txt", "/files/dataset/%2e%2e/%2e%2e/secret.txt", "/files/..%2fsecret.txt",
+    "/files//etc/passwd", "/files/%2Fetc%2Fpasswd", "/files/dataset/link_out.txt", "/files/dataset/dir_out/secret.txt",
+    "/files/dataset/images", "/files/nope.png", "/files/%00", "/files/dataset\\..\\..\\secret.txt",
+    "/static/../server.py", "/static/%2e%2e/server.py", "/../../etc/passwd", "/api/nothing",
+])
+def test_files_outside_the_results_dir_are_refused(server, path):
+    _, url, _ = server
+    st, body = _get(url, path)
+    assert 400 <= st < 500, (path, st)
+    assert isinstance(body, dict) and body["error"]
+    assert b"do not serve" not in json.dumps(body).encode()
+
+
+def test_files_under_the_results_dir_are_served(server):
+    _, url, _ = server
+    st, body = _get(url, "/files/dataset/images/000002.png")
+    assert st == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    st, body = _get(url, "/")
+    assert st == 200 and b"<canvas" in body
+    assert _get(url, "/static/explorer.js")[0] == 200
+
+
+@pytest.mark.parametrize("path", [
+    "/api/similarity", "/api/similarity?model=m1", "/api/similarity?" + _q(model="zz", layer=REF_LAYER, ref=0, y=0,
+                                                                             x=0, images="0"),
+    "/api/similarity?" + _q(model="m1", layer="nope", ref=0, y=0, x=0, images="0"),
+    "/api/similarity?" + _q(model="m1", layer=REF_LAYER, ref="a", y=0, x=0, images="0"),
+    "/api/similarity?" + _q(model="m1", layer=REF_LAYER, ref=0, y=99, x=0, images="0"),
+    "/api/similarity?" + _q(model="m1", layer=REF_LAYER, ref=0, y=-1, x=0, images="0"),
+    "/api/similarity?" + _q(model="m1", layer=REF_LAYER, ref=0, y=0, x=0, images="0,x"),
+    "/api/similarity?" + _q(model="m1", layer=REF_LAYER, ref=0, y=0, x=0, images="0,77"),
+    "/api/similarity?" + _q(model="m1", layer=REF_LAYER, ref=0, y=0, x=0, images="0", metric="euclid"),
+    "/api/similarity?" + _q(model="m1", run="zz", layer=REF_LAYER, ref=0, y=0, x=0, images="0"),
+    "/api/strip?" + _q(model="m1", layer=REF_LAYER, ref=0, y=0, x=0),
+    "/api/norms?" + _q(model="m1", layer=REF_LAYER, images=""),
+    "/api/labels", "/api/labels?model=%ff%fe", "/api/curves?model=m1&run=nope",
+])
+def test_malformed_requests_get_4xx_with_a_message(server, path):
+    _, url, _ = server
+    st, body = _get(url, path)
+    assert 400 <= st < 500, (path, st, body)
+    assert isinstance(body, dict) and isinstance(body["error"], str) and "Traceback" not in body["error"]
+
+
+@pytest.mark.parametrize("body,ctype,headers,code", [
+    (b"{not json", "application/json", None, 400),
+    (b"[1, 2]", "application/json", None, 400),
+    (b'{"model": "m1"}', "application/json", None, 400),
+    (b'{"model": "m1", "image": 0, "x": 1.5, "y": 0}', "application/json", None, 400),
+    (b'{"model": "m1", "image": 0, "x": true, "y": 0}', "application/json", None, 400),
+    (b'{"model": "m1", "image": 0, "x": 40, "y": 0}', "application/json", None, 400),
+    (b'{"model": "../../x", "image": 0, "x": 0, "y": 0}', "application/json", None, 404),
+    (b'{"model": "m1", "image": 0, "x": 0, "y": 0}', "text/plain", None, 415),
+    (b"x" * 20000, "application/json", None, 413),
+])
+def test_malformed_label_posts_get_4xx(server, results, body, ctype, headers, code):
+    _, url, _ = server
+    root, _ = results
+    before = sorted(p.name for p in root.rglob("*.npy"))
+    st, res = _post(url, "/api/labels", body, ctype, headers)
+    assert st == code, res
+    assert res["error"]
+    assert sorted(p.name for p in root.rglob("*.npy")) == before
+
+
+def test_raw_garbage_and_the_server_survives(server):
+    _, url, _ = server
+    host, port = url.split("//")[1].split(":")
+    for raw in [b"GARBAGE\r\n\r\n", b"GET /api/meta HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+                b"POST /api/labels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n{}",
+                b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"]:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        if data:
+            status = int(data.split(b" ", 2)[1])
+            assert 400 <= status < 500, (raw[:40], data[:200])
+            assert b"Traceback" not in data
+    assert _get(url, "/api/meta")[0] == 200
+
+
+def test_concurrent_tabs_get_their_own_answers(server):
+    _, url, arrays = server
+    a = arrays["m1"]["down_blocks[0].resnets[0]"]
+    jobs = [(ref, y, x) for ref in range(N_IMG) for y, x in [(0, 0), (7, 9), (15, 15)]]
+
+    def one(job):
+        ref, y, x = job
+        st, res = _get(url, "/api/similarity?" + _q(model="m1", layer="down_blocks[0].resnets[0]", ref=ref, y=y,
+                                                      x=x, images="1,2"))
+        assert st == 200, res
+        return [decode(m["data"], (16, 16)) for m in res["maps"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(one, jobs * 2))
+    for (ref, y, x), maps in zip(jobs * 2, out):
+        for i, got in zip([1, 2], maps):
+            assert np.allclose(got, token_similarity_map(a[i], a[ref][:, y, x]), atol=1e-5)
+
+
+def test_binds_to_localhost_by_default(results):
+    from diffaudit.explorer.server import make_server
+
+    srv = make_server(Explorer(results[0]), port=0)
+    try:
+        assert srv.server_address[0] == "127.0.0.1"
+    finally:
+        srv.server_close()
+
+
+def test_cli_explore_prints_its_address_and_serves(results, tmp_path):
+    root, _ = results
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"results_dir: {root}\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "diffaudit.cli", "explore", "--configfile", str(cfg), "--port", "0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("diffaudit explorer: http://127.0.0.1:"), (line, proc.poll())
+        base = line.split()[2].rstrip("/")
+        st, meta = _get(base, "/api/meta")
+        assert st == 200 and set(meta["models"]) == {"m1", "m2"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cli_explore_without_stores_is_one_line(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    (tmp_path / "empty").mkdir()
+    cfg.write_text(f"results_dir: {tmp_path / 'empty'}\n")
+    proc = subprocess.run([sys.executable, "-m", "diffaudit.cli", "explore", "--configfile", str(cfg), "--port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "no representation store" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_explorer_threads_do_not_leak(server):
+    before = threading.active_count()
+    _, url, _ = server
+    for _ in range(5):
+        _get(url, "/api/meta")
+    assert threading.active_count() <= before + 2
