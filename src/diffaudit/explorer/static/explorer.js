@@ -250,7 +250,7 @@ function drawNorms(res) {
   const labelling = res.is_ref_layer && S.run === "baseline";
   $("norm-info").textContent = `${res.layer}, L2 norm over channels / image max` +
     (labelling ? " · click toggles a 2x2 label" : " · labelling happens on the baseline's reference layer");
-  $("to-ref").disabled = labelling;
+  $("to-ref").classList.toggle("active", labelling);
   for (const m of res.maps) {
     const [d, p] = panelEl(m.image, "norm");
     const data = decode(m.data); m.values = data;
