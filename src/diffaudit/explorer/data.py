@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,7 @@ class Run:
     analysis_dir: Path  # where the run's tables are
     _store: ReprStore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _arrays: dict = field(default_factory=dict)
 
     @property
     def store(self) -> ReprStore:
@@ -132,6 +134,13 @@ class Run:
             if self._store is None:
                 self._store = open_variant(self.dirs, "full")
             return self._store
+
+    def array(self, layer: str):
+        """The layer's array, opened once (opening reads the group's metadata)."""
+        arr = self._arrays.get(layer)
+        if arr is None:
+            arr = self._arrays.setdefault(layer, self.store.array(layer))
+        return arr
 
 
 class ChunkCache:
@@ -160,6 +169,11 @@ class ChunkCache:
                 self._bytes -= old.nbytes
         return value
 
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
 
 class Explorer:
     """Everything the page asks for, over one results directory."""
@@ -173,6 +187,8 @@ class Explorer:
         self.ref_layer = ref_layer
         self.threshold = float(threshold)
         self.cache = ChunkCache(cache_bytes)
+        # chunk reads are I/O bound (zarr's event loop waits on the file reads): several at once
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="explorer-read")
         self.runs: dict[str, dict[str, Run]] = self._discover()
         self._label_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -247,7 +263,7 @@ class Explorer:
 
     def chunk(self, r: Run, layer: str, image: int) -> np.ndarray:
         return self.cache.get((r.model, r.name, layer, image),
-                              lambda: np.asarray(r.store.array(layer)[image], dtype=np.float32))
+                              lambda: np.asarray(r.array(layer)[image], dtype=np.float32))
 
     def _token(self, r: Run, layer: str, y, x) -> tuple[int, int]:
         _, _, h, w = r.store.shape(layer)
@@ -258,6 +274,12 @@ class Explorer:
         if not (0 <= yi < h and 0 <= xi < w):
             raise RequestError(f"token (y={yi}, x={xi}) outside the {h}x{w} map of {layer}")
         return yi, xi
+
+    def prefetch(self, r: Run, pairs) -> None:
+        """Read the chunks ``(layer, image)`` not yet cached, several at a time."""
+        todo = list(dict.fromkeys(pairs))
+        if len(todo) > 1:
+            list(self._pool.map(lambda p: self.chunk(r, *p), todo))
 
     # -- maps ----------------------------------------------------------------------------------
     def similarity_maps(self, model, run, layer, ref_image, y, x, images, metric="cosine") -> dict:
@@ -271,6 +293,7 @@ class Explorer:
         if not images or len(images) > 64:
             raise RequestError("give 1 to 64 images")
         y, x = self._token(r, layer, y, x)
+        self.prefetch(r, [(layer, ref_image)] + [(layer, i) for i in images])
         ref_rep = self.chunk(r, layer, ref_image)
         ref = ref_rep[:, y, x]
         mean = ref_rep.mean(axis=(1, 2), dtype=np.float32) if metric == "centred_cosine" else None
@@ -298,6 +321,7 @@ class Explorer:
         y, x = self._token(r, layer, y, x)
         _, _, h0, w0 = r.store.shape(layer)
         fy, fx = (y + 0.5) / h0, (x + 0.5) / w0
+        self.prefetch(r, [(lay, i) for lay in r.store.layers for i in (ref_image, image)])
         out = []
         for lay in r.store.layers:
             _, _, h, w = r.store.shape(lay)
@@ -325,6 +349,8 @@ class Explorer:
         paper = self._paper_labels(r)
         scale = h / h_ref
         k = max(1, int(2 * scale))
+        self.prefetch(r, [(lay, i) for i in images for lay in dict.fromkeys([layer] + ([self.ref_layer] if has_ref
+                                                                                      else []))])
 
         def boxes(rows):
             return [[int(yy * scale), int(xx * scale), k] for xx, yy in rows]

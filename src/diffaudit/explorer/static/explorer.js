@@ -98,7 +98,8 @@ function setRun(run) {
   if (!S.images.length) S.images = [0];
   fillSelect($("strip-image"), S.images.map((i) => [i, `${i}`]), S.images.includes(+S.stripImage) ? S.stripImage : S.images[0]);
   S.stripImage = +$("strip-image").value;
-  S.token = null; S.pinned = false;
+  S.token = null; S.pinned = false; S.strip = null;
+  $("strip").innerHTML = ""; $("strip-info").textContent = "(click a token)";
   buildPanels(); loadCurves(); loadNorms(); 
   $("labels-path").textContent = "labels file: " + S.meta.labels[S.model];
 }
@@ -161,15 +162,19 @@ async function requestMaps(withStrip) {
   if (!S.token) return;
   const req = { model: S.model, run: S.run, layer: S.layer, ref: S.token.ref, y: S.token.y, x: S.token.x,
                 images: S.images.join(","), metric: S.metric };
-  if (S.inflight) { S.pending = [req, withStrip]; return; }
-  S.inflight = true;
+  const key = JSON.stringify(req);
+  if (S.inflight) {
+    if (key === S.inflightKey) { S.stripAfter = S.stripAfter || withStrip; S.pending = null; return; }  // already asked
+    S.pending = [req, withStrip]; return;
+  }
+  S.inflight = true; S.inflightKey = key; S.stripAfter = withStrip;
   const t0 = S.tClick || performance.now();
   try {
     const res = await api("/api/similarity", req);
     if (res.layer === S.layer) drawMaps(res, t0);
   } catch (e) { status(e.message, true); }
-  S.inflight = false;
-  if (withStrip) loadStrip();
+  S.inflight = false; S.inflightKey = null;
+  if (S.stripAfter) loadStrip();
   if (S.pending) { const [p, ws] = S.pending; S.pending = null; if (p.layer === S.layer) requestMaps(ws); }
 }
 function drawMaps(res, t0) {
@@ -231,7 +236,8 @@ function drawStrip(res) {
     const c = document.createElement("canvas");
     paint(c, l.width, l.height, decode(l.data), scaleFor(res.metric, [l]).color);
     const ctx = c.getContext("2d"); ctx.strokeStyle = "#e53935"; ctx.lineWidth = Math.max(0.1, l.width / 84);
-    if (res.image === res.ref_image) ctx.strokeRect(l.token[1], l.token[0], 1, 1);
+    ctx.setLineDash(res.image === res.ref_image ? [] : [1, 1]);
+    ctx.strokeRect(l.token[1], l.token[0], 1, 1);  // the clicked token (or its position on another image)
     const s = document.createElement("span"); s.textContent = `${l.index} ${l.layer}`;
     d.append(c, s); d.addEventListener("click", () => setLayer(l.layer)); box.appendChild(d);
   }
@@ -328,7 +334,10 @@ async function start() {
   $("run").onchange = (e) => setRun(e.target.value);
   $("layer").onchange = (e) => setLayer(e.target.value);
   $("metric").onchange = (e) => { S.metric = e.target.value; if (S.token) requestMaps(true); };
-  $("images").onchange = () => setRun(S.run);
+  $("images").onchange = () => {  // only when the selection changed (a blur after typing fires change again)
+    const imgs = parseImages($("images").value, runMeta().n_images);
+    if (imgs.join(",") !== S.images.join(",")) setRun(S.run);
+  };
   $("opacity").oninput = applyOpacity;
   $("strip-image").onchange = (e) => { S.stripImage = +e.target.value; loadStrip(); };
   $("to-ref").onclick = () => { if (S.run !== "baseline") { S.run = "baseline"; $("run").value = "baseline"; setRun("baseline"); } setLayer(S.meta.ref_layer); };
