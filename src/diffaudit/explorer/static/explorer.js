@@ -2,7 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const S = { meta: null, model: null, run: "baseline", layer: null, metric: "cosine", images: [0, 1, 2, 3],
-            token: null, pinned: false, maps: null, strip: null, norms: null, curves: null, stripImage: 0,
+            token: null, pinned: false, maps: null, strip: null, norms: null, curves: null, stripImage: -1,
             inflight: false, pending: null, timings: [], seq: 0 };
 window.explorer = S;
 
@@ -96,7 +96,8 @@ function setRun(run) {
   fillSelect($("layer"), layers.map((l) => [l.name, `${l.index}: ${l.name} (${l.height}x${l.width}x${l.channels})`]), S.layer);
   S.images = parseImages($("images").value, runMeta().n_images);
   if (!S.images.length) S.images = [0];
-  fillSelect($("strip-image"), S.images.map((i) => [i, `${i}`]), S.images.includes(+S.stripImage) ? S.stripImage : S.images[0]);
+  fillSelect($("strip-image"), [[-1, "the clicked image"], ...S.images.map((i) => [i, `${i}`])],
+             S.images.includes(+S.stripImage) ? S.stripImage : -1);
   S.stripImage = +$("strip-image").value;
   S.token = null; S.pinned = false; S.strip = null;
   $("strip").innerHTML = ""; $("strip-info").textContent = "(click a token)";
@@ -223,7 +224,8 @@ async function loadStrip() {
   if (!S.token) return;
   try {
     const res = await api("/api/strip", { model: S.model, run: S.run, layer: S.layer, ref: S.token.ref, y: S.token.y,
-                                          x: S.token.x, image: S.stripImage, metric: S.metric });
+                                          x: S.token.x, image: S.stripImage < 0 ? S.token.ref : S.stripImage,
+                                          metric: S.metric });
     S.strip = res; drawStrip(res);
   } catch (e) { status(e.message, true); }
 }
