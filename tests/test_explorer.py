@@ -464,3 +464,32 @@ def test_explorer_threads_do_not_leak(server):
     for _ in range(5):
         _get(url, "/api/meta")
     assert threading.active_count() <= before + 2
+
+
+def test_incomplete_store_and_broken_label_file(tmp_path):
+    """A store still being written is left out of the page with a note (requests on it: 409); a hand-broken
+    label file hides only the labels, not the norm maps, and refuses to be overwritten."""
+    root = tmp_path / "results"
+    ids = [f"{i:06d}" for i in range(4)]
+    _write_store(root / "ok" / "representations" / "full.zarr", {REF_LAYER: (4, 8)}, ids, seed=0)
+    w = StoreWriter(root / "busy" / "representations" / "full.zarr", layers=[REF_LAYER], image_ids=ids, labels=None,
+                    config={"t": "busy"})
+    w.write_batch(0, {REF_LAYER: np.ones((2, 4, 8, 8), np.float16)})  # 2 of 4 images, not finalized
+    bad = tmp_path / "labels" / "{model}.npy"
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "labels" / "ok.npy", np.array([[0, 3, 0]]))  # odd x: invalid
+    srv, url = serve_in_thread(Explorer(root, labels=str(bad)))
+    try:
+        st, meta = _get(url, "/api/meta")
+        assert st == 200 and list(meta["models"]) == ["ok"]
+        assert "busy/baseline" in meta["problems"][0] and "incomplete" in meta["problems"][0]
+        st, res = _get(url, "/api/norms?" + _q(model="busy", layer=REF_LAYER, images="0"))
+        assert st == 409 and "incomplete" in res["error"]
+        st, res = _get(url, "/api/norms?" + _q(model="ok", layer=REF_LAYER, images="0"))
+        assert st == 200 and "odd coordinates" in res["labels_error"] and len(res["maps"]) == 1
+        st, res = _post(url, "/api/labels", json.dumps({"model": "ok", "image": 0, "x": 2, "y": 2}).encode())
+        assert st == 409 and "odd coordinates" in res["error"]
+        assert np.load(tmp_path / "labels" / "ok.npy").tolist() == [[0, 3, 0]]  # left as it was
+    finally:
+        srv.shutdown()
+        srv.server_close()

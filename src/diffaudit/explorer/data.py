@@ -95,6 +95,12 @@ def detect_blocks(rep: np.ndarray, threshold: float) -> np.ndarray:
     return out[np.lexsort((out[:, 1], out[:, 0]))] if out.size else out.reshape(0, 2)
 
 
+def _f(x) -> float | None:
+    """A float for JSON, None when not finite (an overflowing float16 activation)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
 def encode(a: np.ndarray) -> str:
     """float32 array -> base64 of its little-endian bytes (the page decodes it into a Float32Array)."""
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
@@ -224,14 +230,27 @@ class Explorer:
         run = run or BASELINE
         if run not in self.runs[model]:
             raise RequestError(f"model {model!r} has no run {run!r} (has {sorted(self.runs[model])})", 404)
-        return self.runs[model][run]
+        r = self.runs[model][run]
+        self._open(r)
+        return r
+
+    def _open(self, r: Run) -> ReprStore:
+        """The run's store; a store that cannot be read (incomplete, foreign) is a 409 with its message."""
+        try:
+            return r.store
+        except DiffauditError as e:
+            raise RequestError(f"{r.model}/{r.name}: {e}", 409) from None
 
     def meta(self) -> dict:
-        models = {}
+        models, problems = {}, []
         for model, runs in self.runs.items():
-            models[model] = {}
             for name, r in runs.items():
-                s = r.store
+                try:
+                    s = self._open(r)
+                except RequestError as e:
+                    problems.append(str(e))
+                    continue
+                models.setdefault(model, {})
                 layers = []
                 for layer in s.layers:
                     _, c, h, w = s.shape(layer)
@@ -243,8 +262,8 @@ class Explorer:
                                        "has_ref_layer": self.ref_layer in s.layers}
         files = {im["id"]: im["file"] for im in self.images}
         return {"models": models, "metrics": list(METRICS), "ref_layer": self.ref_layer,
-                "threshold": self.threshold, "image_files": files,
-                "labels": {m: self._labels_display(m) for m in self.runs}}
+                "threshold": self.threshold, "image_files": files, "problems": problems,
+                "labels": {m: self._labels_display(m) for m in models}}
 
     # -- reading -------------------------------------------------------------------------------
     def _layer(self, r: Run, layer: str) -> str:
@@ -307,7 +326,7 @@ class Explorer:
                 mm[y, x] = np.inf
                 best = int(np.argmin(mm))
             out.append({"image": i, "data": encode(m), "best": [best // w, best % w],
-                        "min": float(m.min()), "max": float(m.max())})
+                        "min": _f(np.nanmin(m)), "max": _f(np.nanmax(m))})
         return {"layer": layer, "height": h, "width": w, "metric": metric, "ref_image": ref_image,
                 "token": [y, x], "maps": out}
 
@@ -330,7 +349,7 @@ class Explorer:
             mean = ref_rep.mean(axis=(1, 2), dtype=np.float32) if metric == "centred_cosine" else None
             m = similarity(self.chunk(r, lay, image), ref_rep[:, ly, lx], metric, mean)
             out.append({"layer": lay, "index": r.store.layer_index(lay), "height": h, "width": w,
-                        "token": [ly, lx], "data": encode(m), "min": float(m.min()), "max": float(m.max())})
+                        "token": [ly, lx], "data": encode(m), "min": _f(np.nanmin(m)), "max": _f(np.nanmax(m))})
         return {"image": image, "ref_image": ref_image, "metric": metric, "layers": out}
 
     def norms(self, model, run, layer, images) -> dict:
@@ -345,7 +364,11 @@ class Explorer:
         _, _, h, w = s.shape(layer)
         h_ref = reference_grid(s, self.ref_layer)
         has_ref = self.ref_layer in s.layers
-        labels = self.labels(model)["labels"]
+        labels_error = None
+        try:
+            labels = self.labels(model)["labels"]
+        except RequestError as e:  # a hand-edited, invalid file: show the maps and say why the labels are missing
+            labels, labels_error = [], str(e)
         paper = self._paper_labels(r)
         scale = h / h_ref
         k = max(1, int(2 * scale))
@@ -361,11 +384,11 @@ class Explorer:
             det = detect_blocks(self.chunk(r, self.ref_layer, i), self.threshold) if has_ref else np.zeros((0, 2))
             lab = [(int(a[1]), int(a[2])) for a in labels if a[0] == i]
             pap = [(int(a[1]), int(a[2])) for a in paper if a[0] == i]
-            out.append({"image": i, "data": encode(n), "max": float(n.max()), "mean": float(n.mean()),
+            out.append({"image": i, "data": encode(n), "max": _f(np.nanmax(n)), "mean": _f(np.nanmean(n)),
                         "detected": boxes(det.tolist()), "labelled": boxes(lab), "paper": boxes(pap),
                         "detected_xy": det.tolist(), "labelled_xy": [list(p) for p in lab]})
         return {"layer": layer, "height": h, "width": w, "ref_grid": h_ref, "is_ref_layer": layer == self.ref_layer,
-                "maps": out}
+                "labels_error": labels_error, "maps": out}
 
     def _paper_labels(self, r: Run) -> np.ndarray:
         """The authors' hand labels when the workflow found they apply (paper_reference/status.json)."""
@@ -394,7 +417,8 @@ class Explorer:
 
     # -- labels --------------------------------------------------------------------------------
     def labels_path(self, model: str) -> Path:
-        self.run(model)
+        if model not in self.runs:
+            raise RequestError(f"unknown model {model!r}; this results directory has {sorted(self.runs)}", 404)
         return Path(self.labels_template.format(results_dir=str(self.root), model=model))
 
     def _labels_display(self, model: str) -> str:

@@ -257,7 +257,8 @@ function drawNorms(res) {
   const box = $("norms"); box.innerHTML = "";
   const labelling = res.is_ref_layer && S.run === "baseline";
   $("norm-info").textContent = `${res.layer}, L2 norm over channels / image max` +
-    (labelling ? " · click toggles a 2x2 label" : " · labelling happens on the baseline's reference layer");
+    (labelling ? " · click toggles a 2x2 label" : " · labelling happens on the baseline's reference layer") +
+    (res.labels_error ? " · labels not shown: " + res.labels_error : "");
   $("to-ref").classList.toggle("active", labelling);
   for (const m of res.maps) {
     const [d, p] = panelEl(m.image, "norm");
@@ -344,6 +345,8 @@ async function start() {
   $("strip-image").onchange = (e) => { S.stripImage = +e.target.value; loadStrip(); };
   $("to-ref").onclick = () => { if (S.run !== "baseline") { S.run = "baseline"; $("run").value = "baseline"; setRun("baseline"); } setLayer(S.meta.ref_layer); };
   setModel(models[0]);
-  S.ready = true; status("ready: hover over an image");
+  S.ready = true;
+  status(S.meta.problems.length ? "left out: " + S.meta.problems.join("; ") : "ready: hover over an image",
+         S.meta.problems.length > 0);
 }
 start();
