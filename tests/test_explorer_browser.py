@@ -142,6 +142,18 @@ def test_click_a_token_paints_the_numpy_map(page, site):
     # timing is recorded
     t = page.evaluate("window.explorer.timings[window.explorer.timings.length - 1]")
     assert t["server_ms"] is not None and t["paint_ms"] > 0
+    # the arrow keys move the pinned token
+    page.locator("#hint").click()  # focus away from the metric select
+    page.keyboard.press("ArrowRight")
+    _settled(page, (5, 10))
+    _check_drawn(page, a, 1, 5, 10, "rel_norm")
+    # the view is in the address: a reload restores it
+    page.reload()
+    page.wait_for_function("window.explorer && window.explorer.ready === true")
+    _settled(page, (5, 10))
+    assert page.evaluate("[window.explorer.model, window.explorer.layer, window.explorer.metric, "
+                         "window.explorer.pinned]") == ["m1", layer, "rel_norm", True]
+    _check_drawn(page, a, 1, 5, 10, "rel_norm")
 
 
 def test_label_a_patch_saves_and_reloads(page, site):

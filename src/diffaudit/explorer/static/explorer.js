@@ -101,7 +101,7 @@ function setRun(run) {
   S.stripImage = +$("strip-image").value;
   S.token = null; S.pinned = false; S.strip = null;
   $("strip").innerHTML = ""; $("strip-info").textContent = "(click a token)";
-  buildPanels(); loadCurves(); loadNorms(); 
+  buildPanels(); loadCurves(); loadNorms(); writeHash();
   $("labels-path").textContent = "labels file: " + S.meta.labels[S.model];
 }
 function setLayer(layer, keepToken) {
@@ -112,7 +112,7 @@ function setLayer(layer, keepToken) {
     S.token.x = Math.min(lm.width - 1, Math.floor((S.token.x + 0.5) / old.width * lm.width));
   }
   S.layer = layer; $("layer").value = layer;
-  buildPanels(); drawCurves(); loadNorms();
+  buildPanels(); drawCurves(); loadNorms(); writeHash();
   document.querySelectorAll(".strip-item").forEach((el) => el.classList.toggle("current", el.dataset.layer === layer));
   if (S.token) requestMaps(true);
 }
@@ -204,6 +204,7 @@ function drawMaps(res, t0) {
     if (S.timings.length > 200) S.timings.shift();
     status(`token (${res.token[0]}, ${res.token[1]}) of image ${res.ref_image} ${lm.height}x${lm.width} · server ${res._server_ms?.toFixed(1)} ms · painted ${total.toFixed(0)} ms${S.pinned ? " · pinned" : ""}`);
     S.seq++;
+    writeHash();
   });
 }
 function drawColorbar(metric, sc) {
@@ -326,6 +327,29 @@ function drawCurves() {
   }
 }
 
+// ---- the view in the address (shareable, survives a reload) and the keyboard ----
+function readHash() {
+  const p = new URLSearchParams(location.hash.slice(1)), out = {};
+  for (const k of ["model", "run", "layer", "metric", "images", "token"]) if (p.get(k)) out[k] = p.get(k);
+  return out;
+}
+function writeHash() {
+  if (!S.ready) return;
+  const p = { model: S.model, run: S.run, layer: S.layer, metric: S.metric, images: S.images.join(",") };
+  if (S.token && S.pinned) p.token = `${S.token.ref},${S.token.y},${S.token.x}`;
+  history.replaceState(null, "", "#" + new URLSearchParams(p).toString());
+}
+function onKey(ev) {  // arrow keys move the pinned token
+  if (!S.token || !S.pinned || ["INPUT", "SELECT"].includes(document.activeElement.tagName)) return;
+  const d = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] }[ev.key];
+  if (!d) return;
+  ev.preventDefault();
+  const lm = layerMeta();
+  S.token = { ref: S.token.ref, y: Math.max(0, Math.min(lm.height - 1, S.token.y + d[0])),
+              x: Math.max(0, Math.min(lm.width - 1, S.token.x + d[1])) };
+  S.tClick = performance.now(); requestMaps(true);
+}
+
 // ---- start ----
 async function start() {
   try { S.meta = await api("/api/meta"); } catch (e) { status("cannot load: " + e.message, true); return; }
@@ -336,7 +360,7 @@ async function start() {
   $("model").onchange = (e) => setModel(e.target.value);
   $("run").onchange = (e) => setRun(e.target.value);
   $("layer").onchange = (e) => setLayer(e.target.value);
-  $("metric").onchange = (e) => { S.metric = e.target.value; if (S.token) requestMaps(true); };
+  $("metric").onchange = (e) => { S.metric = e.target.value; writeHash(); if (S.token) requestMaps(true); };
   $("images").onchange = () => {  // only when the selection changed (a blur after typing fires change again)
     const imgs = parseImages($("images").value, runMeta().n_images);
     if (imgs.join(",") !== S.images.join(",")) setRun(S.run);
@@ -344,7 +368,22 @@ async function start() {
   $("opacity").oninput = applyOpacity;
   $("strip-image").onchange = (e) => { S.stripImage = +e.target.value; loadStrip(); };
   $("to-ref").onclick = () => { if (S.run !== "baseline") { S.run = "baseline"; $("run").value = "baseline"; setRun("baseline"); } setLayer(S.meta.ref_layer); };
-  setModel(models[0]);
+  document.addEventListener("keydown", onKey);
+  const h = readHash();
+  if (h.images) $("images").value = h.images;
+  if (h.metric && S.meta.metrics.includes(h.metric)) { S.metric = h.metric; $("metric").value = h.metric; }
+  if (h.run) S.run = h.run;
+  if (h.layer) S.layer = h.layer;
+  const model = models.includes(h.model) ? h.model : models[0];
+  $("model").value = model;
+  setModel(model);
+  const tok = (h.token || "").split(",").map(Number);
+  if (tok.length === 3 && tok.every(Number.isInteger) && S.images.includes(tok[0])) {
+    const lm = layerMeta();
+    if (tok[1] < lm.height && tok[2] < lm.width) {
+      S.token = { ref: tok[0], y: tok[1], x: tok[2] }; S.pinned = true; requestMaps(true);
+    }
+  }
   S.ready = true;
   status(S.meta.problems.length ? "left out: " + S.meta.problems.join("; ") : "ready: hover over an image",
          S.meta.problems.length > 0);
