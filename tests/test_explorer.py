@@ -388,12 +388,15 @@ def test_raw_garbage_and_the_server_survives(server):
     for raw in [b"GARBAGE\r\n\r\n", b"GET /api/meta HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
                 b"POST /api/labels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n{}",
                 b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"]:
+        data = b""
         with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+            try:
+                s.sendall(raw)
+                s.shutdown(socket.SHUT_WR)
+                while chunk := s.recv(65536):
+                    data += chunk
+            except ConnectionResetError:  # the server may close a too-long request line before reading it all
+                pass
         if data:
             status = int(data.split(b" ", 2)[1])
             assert 400 <= status < 500, (raw[:40], data[:200])
