@@ -496,3 +496,23 @@ def test_incomplete_store_and_broken_label_file(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_anomalies_rule_takes_the_labels_file(results, tmp_path):
+    """Labels made in the explorer, named in ``anomalies.labels``, become the rule's ``user:`` rows."""
+    from diffaudit.config import load_config
+    from diffaudit.pipeline import anomalies
+
+    root, _ = results
+    labels = tmp_path / "{model}.npy"
+    ex = Explorer(root, labels=str(labels))
+    ex.toggle_label("m1", PLANT[0], PLANT[1], PLANT[2])
+    ex.toggle_label("m1", 3, 0, 6)
+    cfg = load_config(REPO / "params.yaml")
+    cfg["anomalies"]["labels"] = ["auto", str(tmp_path / "m1.npy")]
+    out = anomalies.run(cfg, "m1", [root / "m1" / "representations"], tmp_path / "table.csv")
+    table = pd.read_csv(out)
+    user = table[table["label_source"] == "user:m1.npy"]
+    assert len(user) == len(SIZES) and (user["n_anomalies"] == 2).all()
+    ref = user[user["layer"] == REF_LAYER].iloc[0]
+    assert ref["rel_norm_mean"] > 2  # the planted patch is one of the two
