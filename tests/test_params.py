@@ -146,6 +146,8 @@ def test_every_stage_param_is_what_snakemake_gives_the_rule(tmp_path):
             for name, value in job["params"].items():
                 if name == "model_source":  # the rule resolves the model's registry entry
                     expected[f"model_sources.{job['wildcards']['model']}"] = value
+                elif name == "experiment":  # an experiment's overrides; the baseline has none (and no DVC param)
+                    assert value == {} and not job["wildcards"].get("exp"), stage.name
                 elif name not in JOB_PARAMS:
                     expected[name.replace("__", ".")] = value
             if job["rule"] == "extract":  # the stage may also build the embedded model
@@ -156,7 +158,7 @@ def test_every_stage_param_is_what_snakemake_gives_the_rule(tmp_path):
             checked[job["rule"]] = checked.get(job["rule"], 0) + len(seen)
     assert not by_stage, f"jobs without a DVC stage: {sorted(by_stage)}"
     n_models = len(config["models"])
-    assert checked["extract"] == 5 * n_models and checked["position_probe"] == 4 * n_models
+    assert checked["extract"] == 5 * n_models and checked["position_probe"] == 5 * n_models
 
 
 def test_the_demo_params_file_of_the_dvc_tests_is_read_alike(tmp_path):
@@ -236,10 +238,11 @@ def test_merge_is_snakemakes_merge(override):
 
 
 def _sections(cfg: dict, prefix: str = ""):
-    """Every mapping whose keys the schema fixes (all but the model registry), with its dotted key."""
+    """Every mapping whose keys the schema fixes (all but the model registry, and the experiments, whose names
+    are free and whose keys diffaudit.experiments checks: tests/test_experiments.py), with its dotted key."""
     yield prefix or "<top level>", cfg
     for key, value in cfg.items():
-        if isinstance(value, dict) and key != "model_sources":
+        if isinstance(value, dict) and key not in ("model_sources", "experiments"):
             yield from _sections(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
 
 
@@ -292,8 +295,10 @@ def test_a_wrong_type_for_any_key_names_that_key(configs):
             validate(_set(cfg, key, {"not": "this"}))
         msg = str(err.value)
         named = msg.split(":", 1)[0].removeprefix("config key ")
-        # a model registry entry is one choice (hub id mapping or path), reported at the entry
-        ok = named == key or (key.startswith("model_sources.") and key.startswith(named + "."))
+        # a model registry entry is one choice (hub id mapping or path), reported at the entry; an empty
+        # `experiments` given a mapping of a non-mapping is reported at that experiment
+        ok = named == key or (key.startswith("model_sources.") and key.startswith(named + ".")) or (
+            key == "experiments" and named == "experiments.not")
         assert ok and "\n" not in msg, (key, msg)
 
 

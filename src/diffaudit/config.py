@@ -74,4 +74,10 @@ def validate(cfg: dict) -> dict:
             # YAML 1.1 (PyYAML, used by Snakemake) reads 1e-4 as text: its floats need a dot
             msg += f"; YAML reads {err.instance} as text, write it with a dot, e.g. {_dotted(err.instance)}"
         raise ConfigError(f"config key {key}: {msg}")
+    from .experiments import ExperimentError, validate as validate_experiments
+
+    try:  # the experiments' keys and values (their names the schema checks)
+        validate_experiments(cfg.get("experiments"))
+    except ExperimentError as exc:
+        raise ConfigError(f"config key {exc}") from exc
     return cfg

@@ -6,13 +6,12 @@ from pathlib import Path
 
 from diffaudit.config import validate
 from diffaudit.errors import DiffauditError
-from diffaudit.experiments import run_suffix, validate as validate_experiments
+from diffaudit.experiments import run_suffix
 from diffaudit.models import resolve_model
 from diffaudit.store import representation_parts, shard_ranges
 
 try:
     validate(config)
-    validate_experiments(config.get("experiments"))
     config.setdefault("experiments", {})  # no key = none (the outputs are the same)
     for _m in config["models"]:
         resolve_model(_m, config["model_sources"])
