@@ -162,8 +162,10 @@ def test_slurm_profile_dry_run(workdir, env, configfiles):
     cfgs = ["params.yaml"] + configfiles[1:]
     stats = job_stats(out)
     assert stats == expected_jobs(workdir, *cfgs)
-    if configfiles:  # the demo builds the embedded model; its comparison with the paper says why there is none
-        assert stats["build_mini"] == 1 and stats["paper_comparison"] == stats["paper_reference"] == 1
+    if configfiles:  # the demo builds the embedded model; its comparison with the paper says why there is none;
+        # its baseline and three experiments each extract and get a verdict
+        assert stats["build_mini"] == 1 and stats["paper_comparison"] == 1
+        assert stats["paper_reference"] == stats["extract"] == stats["run_summary"] == 4
     else:  # the paper: three models, from the hub
         assert "build_mini" not in stats and stats["paper_comparison"] == 3
         assert stats["position_probe"] == stats["quantitative_figure"] == stats["credibility"] == 3

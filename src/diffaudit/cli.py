@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError, run_task
@@ -41,7 +42,7 @@ def _cmd_extract(args):
 def _cmd_prefetch(args):
     """Everything the configured run downloads, fetched now (on a machine with internet)."""
     from .config import load_config
-    from .models import download_model, resolve_model
+    from .models import MINI_DIR, download_model, resolve_model
     from .pipeline.common import PAPER_CACHE
     from .paper_run import verdict
     from .reference import fetch_all
@@ -49,6 +50,9 @@ def _cmd_prefetch(args):
     cfg = load_config(*args.configfile)
     for model in cfg["models"]:
         spec = resolve_model(model, cfg["model_sources"])
+        if os.path.normpath(spec.source) == MINI_DIR:
+            print(f"{model}: the embedded model, built by the workflow (rule build_mini); nothing to download")
+            continue
         where = download_model(spec)
         print(f"{model}: {'local directory ' + spec.source if where is None else where}")
         if verdict(cfg, model)["applies"]:

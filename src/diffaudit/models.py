@@ -183,6 +183,8 @@ def model_revision(spec: ModelSpec, pipe) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 MINI_SEED = 0
+#: Where the workflow builds the embedded model (rule build_mini; `model_sources.mini` in params.yaml).
+MINI_DIR = "resources/models/mini"
 
 # SD-1.5 block layout (block types, depth, attention placement) with small widths. Layer names
 # and the 8x VAE downsampling are therefore exactly those of SD-1.5.

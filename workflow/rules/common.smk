@@ -7,7 +7,7 @@ from pathlib import Path
 from diffaudit.config import validate
 from diffaudit.errors import DiffauditError
 from diffaudit.experiments import run_suffix
-from diffaudit.models import resolve_model
+from diffaudit.models import MINI_DIR, resolve_model
 from diffaudit.store import representation_parts, shard_ranges
 
 try:
@@ -30,7 +30,6 @@ MODELS = list(config["models"])
 # baseline, the slash-prefixed experiments/{name} for an experiment).
 EXPERIMENTS = list(config.get("experiments") or {})
 RUNS = ["baseline"] + EXPERIMENTS
-MINI_DIR = "resources/models/mini"
 DATASET_DIR = f"{RESULTS}/dataset"
 # A model's extraction is one folder: the stores, or one sub-folder per shard (batch-aligned image ranges,
 # separate jobs), read back by the analyses as one dataset.
