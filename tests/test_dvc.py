@@ -133,10 +133,10 @@ SNAKEMAKE = (sys.executable, "-m", "snakemake")
 TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers", "credibility")
 
 
-def demo_repo(tmp_path: Path, **extraction):
+def demo_repo(tmp_path: Path, experiments=(), **extraction):
     """A fresh clone of this repository whose params.yaml alone is switched to the demo on 6 images (committed;
-    no `dvc init`, no new dvc.yaml). Returns ``(repo, cfg, run)``; ``run(*cmd)`` asserts success and returns
-    the output."""
+    no `dvc init`, no new dvc.yaml), with only the demo's ``experiments`` named (each costs a run). Returns
+    ``(repo, cfg, run)``; ``run(*cmd)`` asserts success and returns the output."""
     src = copy_repo(tmp_path / "src")
     subprocess.run(["git", "init", "-q"], cwd=src, check=True)
     subprocess.run(["git", "add", "-A"], cwd=src, check=True)
@@ -145,6 +145,7 @@ def demo_repo(tmp_path: Path, **extraction):
     subprocess.run(["git", "clone", "-q", str(src), str(repo)], check=True)
     cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
     cfg["dataset"]["n_images"] = 6
+    cfg["experiments"] = {name: cfg["experiments"][name] for name in experiments}
     cfg["extraction"].update(extraction)
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -162,9 +163,11 @@ def demo_repo(tmp_path: Path, **extraction):
 @pytest.mark.slow
 def test_dvc_repro_on_the_demo(tmp_path):
     """From scratch, then nothing to do, then one parameter re-runs only its analysis and what reads it."""
-    repo, cfg, run = demo_repo(tmp_path)
+    repo, cfg, run = demo_repo(tmp_path, experiments=("circular_independent",))
     first = run("dvc", "repro")
     assert "Running stage 'extract@mini'" in first and "Running stage 'cross_model_figure'" in first
+    assert "Running stage 'extract_experiment@mini-circular_independent'" in first
+    assert "Running stage 'experiment_comparison@mini'" in first
     assert "Nothing to be done" in run(sys.executable, "-m", "snakemake", "-n")
     # the paper's quantities as DVC plots, from the tidy per-layer summary (and the figures as images)
     shown = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=ENV, check=True,
@@ -180,8 +183,11 @@ def test_dvc_repro_on_the_demo(tmp_path):
     cfg["probe"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ran = set(re.findall(r"Running stage '([^']+)'", run("dvc", "repro")))
-    assert ran == {"position_probe@mini", "credibility@mini", "quantitative_figure@mini", "paper_comparison@mini",
-                   "cross_model_figure"}
+    experiments = {f"{stage}_experiment@mini-{name}" for name in cfg["experiments"]
+                   for stage in ("position_probe", "run_summary")}  # the demo's experiments are probed too
+    assert experiments and ran == {"position_probe@mini", "credibility@mini", "quantitative_figure@mini",
+                                   "paper_comparison@mini", "cross_model_figure", "run_summary@mini",
+                                   "experiment_comparison@mini"} | experiments
     # browsing versions: the committed revision and the workspace side by side
     diff = json.loads(subprocess.run(["dvc", "plots", "diff", "HEAD", "--json"], cwd=repo, env=ENV, check=True,
                                      capture_output=True, text=True).stdout)

@@ -49,6 +49,7 @@ def test_push_then_pull_into_a_fresh_clone(tmp_path):
     cfg = load_config(origin / "params.yaml", origin / "config" / "demo.yaml")
     cfg["dataset"]["n_images"] = 6
     cfg["dataset"]["size"] = 256  # small images: this test is about moving results, not about the numbers
+    cfg["experiments"] = {"circular": cfg["experiments"]["circular"]}  # one experiment's outputs move too
     (origin / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     store = tmp_path / "dvc-store"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
