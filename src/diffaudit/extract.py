@@ -1,4 +1,4 @@
-"""Extraction of U-Net representations: one U-Net pass per batch, forward hooks on all layers.
+"""Extraction of U-Net representations: one U-Net pass per batch, forward hooks on the chosen layers.
 
 Two fidelity modes (docs/method.md §1.2 and §1.5):
 
@@ -18,10 +18,16 @@ the chosen layers (images cropped by one token ring, keeping only the layers of 
 corner/border control needs.
 
 Footprint: before the first batch, :func:`run_extraction` computes the bytes its stores will hold (layer
-channels x height x width x images x itemsize per variant, the shapes from one batch-1 U-Net pass per variant on
-a zero latent, plus the stores' shard indexes and metadata; a resumed run counts only what is left), logs it and
-stops with :class:`InsufficientDiskSpaceError` when the target file system lacks the space.
+channels x height x width x images x itemsize per variant, the shapes from one batch-1 pass per variant of the
+U-Net's architecture on the ``meta`` device, plus the stores' shard indexes and metadata; a resumed run counts only
+what is left), logs it and stops with :class:`InsufficientDiskSpaceError` when the target file system lacks the space.
 ``diffaudit footprint`` (:mod:`diffaudit.footprint`) prints the paper run's footprint per model (docs/footprint.md).
+
+Speed (benchmarks/bench_extraction_variants.py), none of it changing a stored bit: each U-Net pass stops right after
+the last layer its variant needs (:func:`hooked_pass`; a crop variant keeps the layers of one resolution, so most of
+the up path is skipped), the maps are converted to the store dtype before the copy to the CPU, one writer thread
+serves all variants (a variant's last batch is written while the next one computes), and on the CPU glibc keeps freed
+activations for reuse instead of page-faulting fresh ones (:func:`cpu_heap_reuse`).
 """
 from __future__ import annotations
 
@@ -105,6 +111,61 @@ def deterministic_cudnn():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+# glibc mallopt parameters (malloc.h) and the values cpu_heap_reuse sets and restores.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_REUSE = {_M_MMAP_THRESHOLD: 2**31 - 1, _M_TRIM_THRESHOLD: 2**31 - 1}
+# Afterwards: the values glibc's dynamic thresholds settle at after large numpy/torch buffers (mmap threshold at its
+# 32 MiB ceiling, trim threshold twice that).
+_HEAP_AFTER = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
+_heap_lock = threading.Lock()
+_heap_depth = 0
+
+
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def cpu_heap_reuse(enabled: bool = True):
+    """On glibc, keep freed memory in the heap for reuse for the duration (a no-op elsewhere, or if not ``enabled``).
+
+    A U-Net pass on the CPU allocates and frees activations of tens to hundreds of MB at every layer. glibc serves
+    each block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on free, so every such
+    activation is page-faulted and zeroed by the kernel again (8 million page faults on the parity-sized run,
+    benchmarks/bench_extraction_variants.py). Raising the mmap and trim thresholds for the duration lets freed blocks
+    be reused; the peak RSS grows by what the heap keeps. Afterwards the heap is trimmed (memory goes back to the
+    system) and the thresholds are set to 32 and 64 MiB, where glibc's dynamic thresholds settle after large buffers.
+    Values computed are not affected."""
+    global _heap_depth
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        _heap_depth += 1
+        if _heap_depth == 1:
+            for param, value in _HEAP_REUSE.items():
+                libc.mallopt(param, value)
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_depth -= 1
+            if _heap_depth == 0:
+                for param, value in _HEAP_AFTER.items():
+                    libc.mallopt(param, value)
+                libc.malloc_trim(0)
+
+
 def crop_image(img, token_px: int):
     """Remove exactly one token ring: ``img.crop((t, t, S - t, S - t))``."""
     w, h = img.size
@@ -139,6 +200,10 @@ class Extractor:
         self.label_names = list(label_names)
         vae_factor = getattr(pipe, "vae_scale_factor", None)
         self.vae_factor = int(vae_factor or 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+        # {layer: times its module runs in one U-Net pass}, from this extractor's first complete pass (None before):
+        # what lets later passes stop after the last layer they need.
+        self._runs: dict[str, int] | None = None
+        self._meta = None  # see _shape_model
 
     # -- pieces ----------------------------------------------------------------------------------
     def prompt_embeds(self, batch: int, labels: Sequence[int] | None = None) -> torch.Tensor:
@@ -237,44 +302,85 @@ class Extractor:
     def run_batch(self, images, image_indices: Sequence[int], layers: Sequence[str] | None = None,
                   crop_px: int = 0, full_size: int | None = None, out_dtype=None,
                   labels: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """Representations ``{layer: (B, C, H, W)}`` on the CPU for one batch of images."""
+        """Representations ``{layer: (B, C, H, W)}`` on the CPU for one batch of images (``out_dtype``: converted
+        to it before the copy; default: the compute dtype).
+
+        The U-Net pass stops right after the last of ``layers`` in execution order (nothing after it can change
+        what was captured), once a complete pass of this extractor has shown that every layer runs once."""
         layers = self.layers if layers is None else list(layers)
         captured: dict[str, torch.Tensor] = {}
 
-        def make_hook(name):
-            def hook(_module, _inputs, output):
-                out = output[0] if isinstance(output, tuple) else output
-                captured[name] = out.detach().to("cpu", dtype=out_dtype or out.dtype)
-            return hook
+        def capture(name, out):
+            captured[name] = out.detach().to("cpu", dtype=out_dtype or out.dtype)
 
         with deterministic_cudnn():
             lat, t = self.latents(images, image_indices, crop_px=crop_px, full_size=full_size)
             emb = self.prompt_embeds(len(images), labels)
-            handles = [self.modules[name].register_forward_hook(make_hook(name)) for name in layers]
             try:
                 with conv_padding(self.unet, self.switches["padding_mode"]):
-                    self.unet(lat, t, encoder_hidden_states=emb)
+                    self._pass(layers, capture, lat, t, emb)
             except RuntimeError as exc:
                 if "Padding size should be less" in str(exc):
                     raise ValueError(f"padding_mode {self.switches['padding_mode']!r} needs every feature map larger "
                                      f"than its padding, but at {images[0].size[0]} px a map of the U-Net is too "
                                      "small; use a larger resolution (or circular/replicate padding)") from exc
                 raise
-            finally:
-                for h in handles:
-                    h.remove()
         return {name: captured[name] for name in layers}
+
+    def _pass(self, layers: Sequence[str], on_output: Callable, lat, t, emb) -> None:
+        """One hooked U-Net pass for ``layers``, stopped early once this extractor knows how often each of its layers
+        runs (learned from its first complete pass, which hooks all of them)."""
+        if self._runs is None:
+            self._runs = hooked_pass(self.unet, self.modules, layers, on_output, None, lat, t,
+                                     encoder_hidden_states=emb)
+        else:
+            hooked_pass(self.unet, {name: self.modules[name] for name in layers}, layers, on_output, self._runs,
+                        lat, t, encoder_hidden_states=emb)
 
     @torch.no_grad()
     def layer_shapes(self, image_px: int, layers: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
-        """``{layer: (C, H, W)}`` for square images of ``image_px`` pixels (exact: one U-Net pass of batch 1)."""
+        """``{layer: (C, H, W)}`` for square images of ``image_px`` pixels. Exact: one batch-1 pass on a zero latent
+        of the U-Net's architecture on the ``meta`` device (shapes without compute), or of the U-Net itself where
+        that cannot be built or run; a padding mode too large for a map fails either way."""
         layers = self.layers if layers is None else list(layers)
         h = int(image_px) // self.vae_factor
+        emb = self._encode([experiments.class_prompt(self.settings.prompt, "")])
+        twin = self._shape_model()
+        if twin is not None:
+            unet, modules = twin
+            lat = torch.zeros((1, unet.config.in_channels, h, h), device="meta", dtype=self.dtype)
+            try:
+                with conv_padding(unet, self.switches["padding_mode"]):
+                    return probe_shapes(unet, {name: modules[name] for name in layers}, lat,
+                                        torch.tensor(int(self.settings.timestep), dtype=torch.long),
+                                        torch.zeros(emb.shape, device="meta", dtype=emb.dtype))
+            except Exception:  # noqa: BLE001 - whatever the meta pass cannot do, the real pass below does or reports
+                pass
         lat = torch.zeros((1, self.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
-        emb = self._encode([experiments.class_prompt(self.settings.prompt, "")])
+        shapes: dict[str, tuple[int, int, int]] = {}
+
+        def record(name, out):
+            shapes[name] = tuple(int(d) for d in out.shape[1:])
+
         with deterministic_cudnn(), conv_padding(self.unet, self.switches["padding_mode"]):
-            return probe_shapes(self.unet, {name: self.modules[name] for name in layers}, lat, t, emb)
+            self._pass(layers, record, lat, t, emb)
+        return {name: shapes[name] for name in layers}
+
+    def _shape_model(self):
+        """``(U-Net, {layer: module})``: the U-Net's architecture (its class and config) on the ``meta`` device, built
+        once; None if it cannot be built (e.g. a compiled U-Net)."""
+        if self._meta is None:
+            from .models import diffusers_errors_only
+
+            try:
+                with diffusers_errors_only(), torch.device("meta"):
+                    twin = type(self.unet).from_config(self.unet.config)
+                twin = twin.to(dtype=self.dtype).eval()
+                self._meta = (twin, resolve_layers(twin, self.layers))
+            except Exception:  # noqa: BLE001 - the real U-Net is probed instead
+                self._meta = False
+        return self._meta or None
 
 
 @contextmanager
@@ -306,24 +412,63 @@ def random_unet(unet):
     return fresh.to(device=unet.device, dtype=unet.dtype).eval()
 
 
+class _StopForward(BaseException):
+    """Raised by the forward hook of the last layer a pass needs, caught by :func:`hooked_pass` (a BaseException, so
+    that no ``except Exception`` on the way can swallow it)."""
+
+
+def hooked_pass(unet, modules: dict, wanted: Sequence[str], on_output: Callable[[str, torch.Tensor], None],
+                runs: dict[str, int] | None, *args, **kwargs) -> dict[str, int] | None:
+    """``unet(*args, **kwargs)`` with a forward hook on each of ``modules`` (``{name: module}``) that calls
+    ``on_output(name, output)`` for the names in ``wanted`` (the first element of a tuple output).
+
+    With ``runs`` (``{name: times the module runs in a complete pass}``, e.g. what an earlier call returned) saying that
+    each wanted module runs exactly once, the pass stops right after the last of them has run: nothing the U-Net
+    computes afterwards can change what was captured, so the outputs are exactly those of a complete pass.
+    Returns ``{name: times run}`` for ``modules`` after a complete pass, ``None`` after a stopped one. The hooks are
+    removed whatever happens.
+    """
+    wanted_set = set(wanted)
+    left = set(wanted_set)
+    stop = runs is not None and bool(left) and all(runs.get(name) == 1 for name in left)
+    counts = dict.fromkeys(modules, 0)
+
+    def make_hook(name):
+        def hook(_module, _inputs, output):
+            counts[name] += 1
+            if name not in wanted_set:
+                return
+            on_output(name, output[0] if isinstance(output, tuple) else output)
+            left.discard(name)
+            if stop and not left:
+                raise _StopForward
+        return hook
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        try:
+            unet(*args, **kwargs)
+        except _StopForward:
+            return None
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
 def probe_shapes(unet, modules: dict, latent: torch.Tensor, timestep, encoder_hidden_states):
     """``{name: (C, H, W)}`` of the outputs of ``modules`` in one U-Net pass on ``latent`` (any device, also
     ``meta``); nothing is copied."""
     shapes: dict[str, tuple[int, int, int]] = {}
 
-    def make_hook(name):
-        def hook(_module, _inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            shapes[name] = tuple(int(d) for d in out.shape[1:])
-        return hook
+    def record(name, out):
+        shapes[name] = tuple(int(d) for d in out.shape[1:])
 
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            unet(latent, timestep, encoder_hidden_states=encoder_hidden_states)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        hooked_pass(unet, modules, list(modules), record, None, latent, timestep,
+                    encoder_hidden_states=encoder_hidden_states)
     return {name: shapes[name] for name in modules}
 
 
@@ -348,9 +493,14 @@ def token_sizes(shapes: dict[str, tuple[int, int, int]], image_size: int) -> dic
 
 
 class _BackgroundWriter:
-    """Writes batches on a thread so the U-Net can run meanwhile; at most one batch is queued."""
+    """Writes batches on a thread so the U-Net can run meanwhile; at most one batch is queued.
 
-    def __init__(self, writer: StoreWriter):
+    One writer thread can serve several stores in turn (``put(..., writer=)``, ``finalize(writer)``):
+    :func:`run_extraction` keeps one for all variants, so a variant's last batch is written while the next variant
+    computes. An error of the thread is raised by the next ``put``/``finalize``/``close``; once one occurred, nothing
+    more is written."""
+
+    def __init__(self, writer: StoreWriter | None = None):
         self.writer = writer
         self.q: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
@@ -364,20 +514,74 @@ class _BackgroundWriter:
                 return
             if self.error is None:
                 try:
-                    self.writer.write_batch(*item)
+                    item()
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     self.error = exc
 
-    def put(self, start: int, batch: dict[str, np.ndarray]):
+    def _submit(self, job: Callable[[], None]):
         if self.error:
             raise self.error
-        self.q.put((start, batch))
+        self.q.put(job)
+
+    def put(self, start: int, batch: dict[str, np.ndarray], writer: StoreWriter | None = None):
+        w = writer or self.writer
+        self._submit(lambda: w.write_batch(start, batch))
+
+    def finalize(self, writer: StoreWriter | None = None):
+        """Mark the store complete once its queued batches are written."""
+        self._submit((writer or self.writer).finalize)
 
     def close(self):
         self.q.put(None)
         self.thread.join()
         if self.error:
             raise self.error
+
+
+def _torch_dtype(dtype) -> torch.dtype | None:
+    """The torch dtype of a numpy store dtype (None if torch has none)."""
+    return getattr(torch, np.dtype(dtype).name, None) if np.dtype(dtype).kind in "fiub" else None
+
+
+def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundWriter, *,
+                     images_fn: Callable[[int, int], list], labels: Sequence[int] | None, layers: Sequence[str],
+                     crop_px: int, full_size: int | None, progress: bool, desc: str, stop_after: int | None,
+                     index_offset: int) -> bool:
+    """Queue the batches ``writer`` still lacks on ``bg`` (and its finalisation after the last one); False if
+    ``stop_after`` stopped it first."""
+    from tqdm.auto import tqdm
+
+    s = extractor.settings
+    n = writer.n_images
+    start0 = writer.n_complete
+    out_dtype = _torch_dtype(s.store_dtype)  # converted in one pass before the copy (identical to numpy's astype)
+    bar = tqdm(total=n, initial=start0, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
+    done_batches = 0
+    try:
+        for start in range(start0, n, s.batch_size):
+            stop = min(start + s.batch_size, n)
+            imgs = images_fn(start, stop)
+            if crop_px:
+                imgs = [crop_image(im, crop_px) for im in imgs]
+            reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
+                                       crop_px=crop_px, full_size=full_size, out_dtype=out_dtype,
+                                       labels=None if labels is None else list(labels[start:stop]))
+            bg.put(start, {k: v.numpy() for k, v in reps.items()}, writer=writer)
+            bar.update(stop - start)
+            done_batches += 1
+            if stop_after is not None and done_batches >= stop_after and stop < n:
+                return False
+    finally:
+        bar.close()
+    bg.finalize(writer)
+    return True
+
+
+def _variant_writer(extractor: Extractor, path: Path, *, image_ids, labels, layers, layer_indices, config,
+                    attrs) -> StoreWriter:
+    s = extractor.settings
+    return StoreWriter(path, layers=layers, image_ids=image_ids, labels=labels, config=config, attrs=attrs,
+                       shard_images=s.batch_size, dtype=s.store_dtype, layer_indices=layer_indices)
 
 
 def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[int, int], list],
@@ -389,37 +593,17 @@ def extract_variant(extractor: Extractor, path: Path, *, images_fn: Callable[[in
 
     ``index_offset`` is the dataset index of the first image (for shards): corrected-mode noise is seeded by it.
     """
-    from tqdm.auto import tqdm
-
-    s = extractor.settings
-    writer = StoreWriter(path, layers=layers, image_ids=image_ids, labels=labels, config=config, attrs=attrs,
-                         shard_images=s.batch_size, dtype=s.store_dtype, layer_indices=layer_indices)
-    n = len(image_ids)
+    writer = _variant_writer(extractor, path, image_ids=image_ids, labels=labels, layers=layers,
+                             layer_indices=layer_indices, config=config, attrs=attrs)
     if writer.complete:
         return writer
-    start0 = writer.n_complete
-    bar = tqdm(total=n, initial=start0, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     bg = _BackgroundWriter(writer)
-    done_batches = 0
     try:
-        for start in range(start0, n, s.batch_size):
-            stop = min(start + s.batch_size, n)
-            imgs = images_fn(start, stop)
-            if crop_px:
-                imgs = [crop_image(im, crop_px) for im in imgs]
-            reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
-                                       crop_px=crop_px, full_size=full_size,
-                                       labels=None if labels is None else list(labels[start:stop]))
-            bg.put(start, {k: v.numpy() for k, v in reps.items()})
-            bar.update(stop - start)
-            done_batches += 1
-            if stop_after is not None and done_batches >= stop_after:
-                break
+        _extract_batches(extractor, writer, bg, images_fn=images_fn, labels=labels, layers=layers, crop_px=crop_px,
+                         full_size=full_size, progress=progress, desc=desc, stop_after=stop_after,
+                         index_offset=index_offset)
     finally:
         bg.close()
-        bar.close()
-    if writer.n_complete == n:
-        writer.finalize()
     return writer
 
 
@@ -594,20 +778,36 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
                        "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
         attrs = {**base_config, "library_versions": library_versions(), **describe_switches(settings)}
         name = provenance.get("model", "")
-        plan = plan_variants(extractor.layer_shapes, layers, image_size, settings.crops)
-        extra = {v.name: ({"variant": v.name, "crop_px": v.crop_px} if v.crop_px else {"variant": v.name})
-                 for v in plan}
-        configs = {v: {**base_config, **e} for v, e in extra.items()}
-        check_disk_space(extraction_footprint(plan, work, image_ids, configs, settings))
-        work.mkdir(parents=True, exist_ok=True)
-        for v in plan:
-            w = extract_variant(extractor, store_path(work, v.name), images_fn=dataset_images, image_ids=image_ids,
-                                labels=labels, layers=v.layers, layer_indices=v.layer_indices,
-                                config=configs[v.name], attrs={**attrs, **extra[v.name]}, crop_px=v.crop_px,
-                                full_size=image_size if v.crop_px else None, progress=progress,
-                                desc=f"{name} {v.name}", stop_after=stop_after, index_offset=index_offset)
-            if not w.complete:
-                return work
+        with cpu_heap_reuse(extractor.device.type == "cpu"):
+            # the first probe (all layers) is a complete pass; the crops' probes and every batch stop after the
+            # last layer they need
+            plan = plan_variants(extractor.layer_shapes, layers, image_size, settings.crops)
+            extra = {v.name: ({"variant": v.name, "crop_px": v.crop_px} if v.crop_px else {"variant": v.name})
+                     for v in plan}
+            configs = {v: {**base_config, **e} for v, e in extra.items()}
+            check_disk_space(extraction_footprint(plan, work, image_ids, configs, settings))
+            work.mkdir(parents=True, exist_ok=True)
+            writers = []
+            # one writer thread for every variant: a variant's last batch is written while the next one computes
+            bg = _BackgroundWriter()
+            try:
+                for v in plan:
+                    w = _variant_writer(extractor, store_path(work, v.name), image_ids=image_ids, labels=labels,
+                                        layers=v.layers, layer_indices=v.layer_indices, config=configs[v.name],
+                                        attrs={**attrs, **extra[v.name]})
+                    writers.append(w)
+                    if w.complete:
+                        continue
+                    if not _extract_batches(extractor, w, bg, images_fn=dataset_images, labels=labels,
+                                            layers=v.layers, crop_px=v.crop_px,
+                                            full_size=image_size if v.crop_px else None, progress=progress,
+                                            desc=f"{name} {v.name}", stop_after=stop_after,
+                                            index_offset=index_offset):
+                        break
+            finally:
+                bg.close()
+        if len(writers) < len(plan) or not all(w.complete for w in writers):
+            return work
     if out_dir.exists():
         shutil.rmtree(out_dir)
     work.rename(out_dir)
