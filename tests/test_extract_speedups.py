@@ -81,6 +81,7 @@ def test_meta_probe_shapes_equal_the_real_passes(mini_pipe, padding_mode):
             handle.remove()
         assert meta == real.layer_shapes(px)
     assert calls == []  # the real U-Net did not run for the meta probes
+    assert ex._meta_runs is not None and set(ex._meta_runs.values()) == {1}  # later meta probes stop early
     assert ex._shape_model() is not None and real._shape_model() is None
     assert next(ex._shape_model()[0].parameters()).device.type == "meta"
     assert _hooks(mini_pipe.unet) == 0

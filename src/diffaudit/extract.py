@@ -204,6 +204,7 @@ class Extractor:
         # what lets later passes stop after the last layer they need.
         self._runs: dict[str, int] | None = None
         self._meta = None  # see _shape_model
+        self._meta_runs: dict[str, int] | None = None  # as _runs, for the meta twin
 
     # -- pieces ----------------------------------------------------------------------------------
     def prompt_embeds(self, batch: int, labels: Sequence[int] | None = None) -> torch.Tensor:
@@ -327,15 +328,17 @@ class Extractor:
                 raise
         return {name: captured[name] for name in layers}
 
-    def _pass(self, layers: Sequence[str], on_output: Callable, lat, t, emb) -> None:
-        """One hooked U-Net pass for ``layers``, stopped early once this extractor knows how often each of its layers
-        runs (learned from its first complete pass, which hooks all of them)."""
-        if self._runs is None:
-            self._runs = hooked_pass(self.unet, self.modules, layers, on_output, None, lat, t,
-                                     encoder_hidden_states=emb)
+    def _pass(self, layers: Sequence[str], on_output: Callable, lat, t, emb, twin=None) -> None:
+        """One hooked pass for ``layers`` of the U-Net (or of its ``meta`` twin, :meth:`_shape_model`), stopped early
+        once this extractor knows how often each of its layers runs in that model (learned from the model's first
+        complete pass here, which hooks all of them)."""
+        unet, modules, key = (self.unet, self.modules, "_runs") if twin is None else (*twin, "_meta_runs")
+        runs = getattr(self, key)
+        if runs is None:
+            setattr(self, key, hooked_pass(unet, modules, layers, on_output, None, lat, t, encoder_hidden_states=emb))
         else:
-            hooked_pass(self.unet, {name: self.modules[name] for name in layers}, layers, on_output, self._runs,
-                        lat, t, encoder_hidden_states=emb)
+            hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, lat, t,
+                        encoder_hidden_states=emb)
 
     @torch.no_grad()
     def layer_shapes(self, image_px: int, layers: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
@@ -345,24 +348,23 @@ class Extractor:
         layers = self.layers if layers is None else list(layers)
         h = int(image_px) // self.vae_factor
         emb = self._encode([experiments.class_prompt(self.settings.prompt, "")])
-        twin = self._shape_model()
-        if twin is not None:
-            unet, modules = twin
-            lat = torch.zeros((1, unet.config.in_channels, h, h), device="meta", dtype=self.dtype)
-            try:
-                with conv_padding(unet, self.switches["padding_mode"]):
-                    return probe_shapes(unet, {name: modules[name] for name in layers}, lat,
-                                        torch.tensor(int(self.settings.timestep), dtype=torch.long),
-                                        torch.zeros(emb.shape, device="meta", dtype=emb.dtype))
-            except Exception:  # noqa: BLE001 - whatever the meta pass cannot do, the real pass below does or reports
-                pass
-        lat = torch.zeros((1, self.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
-        t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
         shapes: dict[str, tuple[int, int, int]] = {}
 
         def record(name, out):
             shapes[name] = tuple(int(d) for d in out.shape[1:])
 
+        twin = self._shape_model()
+        if twin is not None:
+            lat = torch.zeros((1, twin[0].config.in_channels, h, h), device="meta", dtype=self.dtype)
+            try:
+                with conv_padding(twin[0], self.switches["padding_mode"]):
+                    self._pass(layers, record, lat, torch.tensor(int(self.settings.timestep), dtype=torch.long),
+                               torch.zeros(emb.shape, device="meta", dtype=emb.dtype), twin=twin)
+                return {name: shapes[name] for name in layers}
+            except Exception:  # noqa: BLE001 - whatever the meta pass cannot do, the real pass below does or reports
+                shapes.clear()
+        lat = torch.zeros((1, self.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
+        t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
         with deterministic_cudnn(), conv_padding(self.unet, self.switches["padding_mode"]):
             self._pass(layers, record, lat, t, emb)
         return {name: shapes[name] for name in layers}
@@ -375,8 +377,7 @@ class Extractor:
 
             try:
                 with diffusers_errors_only(), torch.device("meta"):
-                    twin = type(self.unet).from_config(self.unet.config)
-                twin = twin.to(dtype=self.dtype).eval()
+                    twin = type(self.unet).from_config(self.unet.config).to(dtype=self.dtype).eval()
                 self._meta = (twin, resolve_layers(twin, self.layers))
             except Exception:  # noqa: BLE001 - the real U-Net is probed instead
                 self._meta = False
