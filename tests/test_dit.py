@@ -189,7 +189,7 @@ def test_conditioning_records_t5(tiny_pipes):
     assert cond["pooled_projections"].shape == (2, 32 + 48)
     assert cond["encoder_hidden_states"][:, 77:].abs().amax() > 0
     cond0, used0 = dit.encode_prompt(sd3, ["a cat", ""], use_t5=False)
-    assert not used0 and sd3.text_encoder_3 is not None
+    assert not used0 and sd3.text_encoder_3 is not None and sd3.config.text_encoder_3[1] == "T5EncoderModel"
     assert cond0["encoder_hidden_states"][:, 77:].abs().amax() == 0
     assert torch.equal(cond0["encoder_hidden_states"][:, :77], cond["encoder_hidden_states"][:, :77])
     no_t5 = dit.build_tiny_pipeline("sd3", with_t5=False)
@@ -234,20 +234,36 @@ def _sdhelper_tiny_width(width: int):
         torch.Tensor.reshape = original
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_paper_mode_equals_sdhelper_img2repr(family, tiny_dirs, tiny_pipes):
-    """Every block (FLUX: single-stream ones too, which sdhelper does not list but hooks the same way), 3 images at
-    128 px, fp32 on CPU, <= 1e-5 x max|value|."""
+@pytest.fixture(scope="session")
+def sdhelper_sds(tiny_dirs) -> dict:
+    """sdhelper on each tiny model; its SD3/FLUX branch is chosen by name (a path would take its U-Net branch)."""
     sdhelper = pytest.importorskip("sdhelper")
-    sd = sdhelper.SD(str(tiny_dirs[family]), disable_progress_bar=True)
-    sd.model_name = SDHELPER_NAMES[family]  # its SD3/FLUX branch is chosen by name; a path would take the U-Net one
+    sds = {}
+    for family, d in tiny_dirs.items():
+        sds[family] = sdhelper.SD(str(d), disable_progress_bar=True)
+        sds[family].model_name = SDHELPER_NAMES[family]
+    return sds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", [(128, 128), (128, 96)], ids=["square", "wide"])
+def test_paper_mode_equals_sdhelper_img2repr(family, size, sdhelper_sds, tiny_pipes):
+    """Every block (FLUX: single-stream ones too, which sdhelper does not list but hooks the same way), 3 images,
+    fp32 on CPU, <= 1e-5 x max|value|; non-square images too (FLUX: with sdhelper's transposed image ids)."""
+    from PIL import Image
+
+    sd = sdhelper_sds[family]
     assert sd.device == "cpu" and sd.dtype == torch.float32
     layers = [n for n in dit.paper_layers(sd.pipeline.transformer) if n != dit.PATCH_EMBEDDING[family]]
     assert sd.available_extract_positions == [n for n in layers if n.startswith("transformer_blocks")]
-    images = random_images(3, 128, seed=1)
+    images = [im.resize(size, Image.BILINEAR) for im in random_images(3, 128, seed=1)]
     with _sdhelper_tiny_width(sd.pipeline.transformer.config.num_attention_heads
                               * sd.pipeline.transformer.config.attention_head_dim):
         ref = sd.img2repr(images, layers, step=50, seed=42, batch_size=len(images))
     ours = dit.paper_representations(tiny_pipes[family], images, layers, step=50, seed=42)
     assert_equals_sdhelper(ours, ref, layers, family)
+    assert ours[layers[0]].shape[-2:] == (size[1] // 16, size[0] // 16)
     assert all(float(ours[n].abs().max()) > 0 for n in layers)
+    if family == "flux" and size[0] != size[1]:  # the true image ids give other maps
+        true_ids = dit.paper_representations(tiny_pipes[family], images, layers[:1], sdhelper_image_ids=False)
+        assert not torch.allclose(true_ids[layers[0]], ours[layers[0]], rtol=1e-3, atol=0)

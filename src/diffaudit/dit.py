@@ -270,14 +270,15 @@ def encode_prompt(pipe, prompts: Sequence[str], use_t5: bool = True) -> tuple[di
             return dict(encoder_hidden_states=embeds, pooled_projections=pooled, txt_ids=txt_ids), True
         t5 = pipe.text_encoder_3
         t5_used = use_t5 and t5 is not None
+        # the pipeline's own T5-free path: hide T5 for the call. object.__setattr__ because the pipeline's
+        # __setattr__ rewrites its config and cannot restore it (setting the module back leaves [None, None]).
         if not t5_used and t5 is not None:
-            pipe.text_encoder_3 = None  # the pipeline's own T5-free path; restored below
+            object.__setattr__(pipe, "text_encoder_3", None)
         try:
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                                       do_classifier_free_guidance=False)
         finally:
-            if t5 is not None:
-                pipe.text_encoder_3 = t5
+            object.__setattr__(pipe, "text_encoder_3", t5)
     return dict(encoder_hidden_states=embeds, pooled_projections=pooled), t5_used
 
 
@@ -318,15 +319,16 @@ def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tens
 
 def transformer_inputs(pipe, noised_latents: torch.Tensor, sigma: float, cond: dict,
                        guidance: float = 3.5) -> dict:
-    """Keyword arguments of one ``pipe.transformer`` call at noise level ``sigma`` on ``(B, 16, h, w)`` latents, as
-    the pipelines build them: SD3 ``timestep = 1000 sigma``; FLUX packs 2x2 patches (``_pack_latents``), adds the
-    image position ids (``_prepare_latent_image_ids``: row, column), ``timestep = sigma`` and ``guidance`` only for
-    guidance-distilled models (FLUX.1-dev; schnell has ``guidance_embeds=False``)."""
+    """Keyword arguments of one ``pipe.transformer`` call (``return_dict=False``: it returns a tuple) at noise level
+    ``sigma`` on ``(B, 16, h, w)`` latents, as the pipelines build them: SD3 ``timestep = 1000 sigma`` in float32
+    (the scheduler's dtype, also under float16); FLUX packs 2x2 patches (``_pack_latents``), adds the image position
+    ids (``_prepare_latent_image_ids``: row, column), ``timestep = sigma`` in the latents' dtype, and ``guidance``
+    only for guidance-distilled models (FLUX.1-dev; schnell has ``guidance_embeds=False``)."""
     b, c, h, w = noised_latents.shape
     dev, dtype = noised_latents.device, noised_latents.dtype
     if family_of(pipe) == "sd3":
-        return dict(hidden_states=noised_latents, timestep=torch.full((b,), sigma * 1000, dtype=dtype, device=dev),
-                    return_dict=False, **cond)
+        t = torch.full((b,), sigma * 1000, dtype=torch.float32, device=dev)
+        return dict(hidden_states=noised_latents, timestep=t, return_dict=False, **cond)
     grid_hw(pipe, (h, w))
     tr = pipe.transformer
     g = torch.full((b,), guidance, dtype=dtype, device=dev) if tr.config.guidance_embeds else None
@@ -367,15 +369,17 @@ def paper_noise_level(pipe, family: str, step: int) -> tuple[float, float]:
 
 
 def paper_representations(pipe, images: Sequence, layers: Sequence[str], step: int = 50, seed: int = 42,
-                          prompt: str = "") -> dict[str, torch.Tensor]:
+                          prompt: str = "", sdhelper_image_ids: bool = True) -> dict[str, torch.Tensor]:
     """What sdhelper 1.0.0's ``img2repr(images, layers, step, seed=seed, batch_size=len(images))`` returns for an SD3
     or FLUX pipeline, with our hooks: ``{layer: (B, C, gh, gw)}`` (any layer of :func:`paper_layers`; sdhelper's
     ``output[1]`` only works for blocks).
 
     ``torch.manual_seed(seed)``; ``image_processor.preprocess`` ([-1, 1]); a VAE posterior sample from the global RNG;
     one noise tensor shared by the batch; ``scale_noise`` at :func:`paper_noise_level`; the empty prompt through the
-    pipeline's ``encode_prompt`` (with T5 where the pipeline has it). FLUX image ids are (row, column) of the real
-    grid: sdhelper passes width and height swapped to ``prepare_latents``, which matters for non-square images only.
+    pipeline's ``encode_prompt`` (with T5 where the pipeline has it). sdhelper passes width and height swapped to
+    FLUX's ``prepare_latents``, so its image position ids are those of the transposed grid laid over the tokens in
+    row-major order; ``sdhelper_image_ids=False`` uses the true (row, column) ids instead (the same for square
+    images).
     """
     family = family_of(pipe)
     tr = pipe.transformer
@@ -391,8 +395,14 @@ def paper_representations(pipe, images: Sequence, layers: Sequence[str], step: i
     x = noised(latents, noise, sigma)
     cond, _ = encode_prompt(pipe, [prompt] * len(images))
     kwargs = transformer_inputs(pipe, x, sigma, cond)
-    kwargs["timestep"] = torch.full_like(kwargs["timestep"], model_t)  # sdhelper's float32 schedule value
     grid = grid_hw(pipe, tuple(latents.shape[-2:]))
+    if family == "sd3":  # the schedule's float32 value itself, not 1000 x its sigma
+        kwargs["timestep"] = torch.full_like(kwargs["timestep"], model_t)
+    else:  # sdhelper divides in the latents' dtype
+        kwargs["timestep"] = torch.full_like(kwargs["timestep"], step + 1) / 1000
+        if sdhelper_image_ids:
+            ids = kwargs["img_ids"]
+            kwargs["img_ids"] = pipe._prepare_latent_image_ids(len(images), grid[1], grid[0], ids.device, ids.dtype)
     n_text = cond["encoder_hidden_states"].shape[1]
     out: dict[str, torch.Tensor] = {}
 
