@@ -67,11 +67,13 @@ def test_tiny_forward_is_fast(tiny_pipes):
         cond, _ = dit.encode_prompt(pipe, [""])
         x = torch.randn(1, 16, 16, 16)
         kwargs = dit.transformer_inputs(pipe, x, 0.5, cond)
+        times = []
         with torch.no_grad():
-            pipe.transformer(**kwargs)
-            t0 = time.perf_counter()
-            out = pipe.transformer(**kwargs)[0]
-        assert time.perf_counter() - t0 < 1.0, family
+            for _ in range(3):  # the best of three: a busy machine's thread contention is not the model's size
+                t0 = time.perf_counter()
+                out = pipe.transformer(**kwargs)[0]
+                times.append(time.perf_counter() - t0)
+        assert min(times) < 1.0, (family, times)
         assert out.shape[0] == 1
 
 
