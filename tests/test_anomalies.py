@@ -192,3 +192,25 @@ def test_paper_labels_load_from_the_reference_copies():
         pytest.skip("reference label copies not available")
     for model in ("sd15", "sd21", "sdturbo"):
         assert load_label_file(ref / f"high_norm_anomalies_{model}.npy", n_images=500).shape[1] == 3
+
+
+def test_auto_reference_layer_is_the_one_with_the_strongest_outliers(tmp_path):
+    """`ref_layer: auto`: the layer whose largest 2x2 block stands out most against the median token norm; latent-space
+    maps with few channels (conv_out's 4) are no candidates even with larger outliers."""
+    rng = np.random.default_rng(0)
+    shapes = {"plain": (64, 8), "planted": (64, 8), "weak": (64, 8), "conv_out": (4, 8), "odd": (64, 7)}
+    data = {}
+    for layer, (c, h) in shapes.items():
+        x = rng.standard_normal((6, c, h, h))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        if layer in ("planted", "weak", "conv_out", "odd"):
+            x[:, :, 2:4, 4:6] *= {"planted": 5.0, "weak": 2.5, "conv_out": 50.0, "odd": 80.0}[layer]
+        data[layer] = x.astype(np.float16)
+    w = StoreWriter(tmp_path / "s.zarr", layers=list(shapes), image_ids=[f"i{i}" for i in range(6)], labels=None,
+                    config={}, layer_indices=list(range(5)), attrs={"image_size": 64})
+    w.write_batch(0, data)
+    w.finalize()
+    store = ReprStore(tmp_path / "s.zarr")
+    assert an.strongest_outlier_layer(store) == "planted"
+    found = detect_anomalies(store, layer="planted")
+    assert {tuple(r[1:]) for r in found} == {(4, 2)} and len(found) == 6

@@ -146,6 +146,38 @@ def test_offline_demo(repo_copy, tmp_path):
     assert len(mine) == 45 and (mine["n_anomalies"] == 2).all()
 
 
+def test_offline_demo_sdxl(repo_copy):
+    """The SDXL family end to end (config/demo-sdxl.yaml, 8 images at 256 px): the embedded mini-sdxl is built and
+    loaded like a hub model; `layers: paper` is SDXL's list; every table and figure; the detector picks its layer."""
+    snakemake(repo_copy, "config/demo-sdxl.yaml")
+    assert (repo_copy / "resources" / "models" / "mini-sdxl" / "model_index.json").is_file()
+    tables = repo_copy / "results" / "demo-sdxl" / "mini-sdxl"
+    rep = tables / "representations"
+    assert sorted(p.name for p in rep.glob("*.zarr")) == ["crop16.zarr", "crop32.zarr", "crop8.zarr", "full.zarr"]
+    full = ReprStore(rep / "full.zarr")
+    assert full.n_images == 8 and len(full.layers) == 34 and full.attrs["image_size"] == 256
+    assert full.layers[1:4] == ["down_blocks[0].resnets[0]", "down_blocks[0].resnets[1]",
+                                "down_blocks[0].downsamplers[0]"]
+    assert full.attrs["family"] == "sdxl" and "nothing_at_all" in full.attrs["added_conditioning"]
+    assert full.shape("mid_block.attentions[0]")[-1] == 8  # 256 px / 8 (VAE) / 4 (two downsamplers)
+    probe = pd.read_csv(tables / "position_probe_summary.csv")
+    assert probe["layer"].drop_duplicates().tolist() == full.layers and set(probe["granularity"]) == {8, 16, 32}
+    sim = pd.read_csv(tables / "token_group_similarity.csv")
+    assert sim["layer"].tolist() == full.layers
+    detector = json.loads((tables / "anomaly_detector.json").read_text())
+    assert detector["ref_layer_choice"].startswith("auto") and detector["ref_layer"] in full.layers
+    assert full.shape(detector["ref_layer"])[1] >= 32  # not a latent-space output such as conv_out
+    anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
+    assert set(anom["label_source"]) == {"auto"} and anom["layer"].drop_duplicates().tolist() == full.layers
+    assert len(pd.read_csv(tables / "credibility.csv")) == 34
+    figures = repo_copy / "results" / "demo-sdxl" / "figures"
+    for stem in ["quantitative_mini-sdxl", "cross_model", "mini-sdxl/qualitative_token_similarity",
+                 "mini-sdxl/qualitative_corner", "mini-sdxl/qualitative_norms", "mini-sdxl/qualitative_pca",
+                 "experiments_mini-sdxl"]:
+        for ext in (".png", ".svg"):
+            assert (figures / (stem + ext)).stat().st_size > 1000, stem + ext
+
+
 @pytest.mark.parametrize("case", ["unknown_model", "corrupt_image", "too_few", "unknown_layer", "bad_key"])
 def test_bad_input_gives_one_clear_line(case, repo_copy, mini_dir, tmp_path):
     imgs = mixed_folder(tmp_path / "imgs", 3)

@@ -10,19 +10,23 @@ from .errors import UserError, run_task
 
 def _cmd_layers(args):
     from .config import load_config
-    from .layers import hookable_layers
-    from .models import load_pipeline, resolve_model
+    from .layers import hookable_layers, paper_layers
+    from .models import load_pipeline, pipeline_family, resolve_model
 
     cfg = load_config(*args.configfile)
     pipe = load_pipeline(resolve_model(args.model, cfg["model_sources"]), device="cpu")
-    for name in hookable_layers(pipe.unet):
+    names = hookable_layers(pipe.unet) if args.all else paper_layers(pipe.unet)
+    if not args.all:
+        print(f"# {args.model} ({pipeline_family(pipe)}): `layers: paper` = these {len(names)} layers "
+              "(--all: every hookable submodule)", file=sys.stderr)
+    for name in names:
         print(name)
 
 
 def _cmd_build_mini(args):
-    from .models import save_mini_model
+    from .models import save_embedded_model
 
-    print(save_mini_model(args.out, seed=args.seed))
+    print(save_embedded_model(args.name, args.out, seed=args.seed))
 
 
 def _cmd_dataset(args):
@@ -42,7 +46,7 @@ def _cmd_extract(args):
 def _cmd_prefetch(args):
     """Everything the configured run downloads, fetched now (on a machine with internet)."""
     from .config import load_config
-    from .models import MINI_DIR, download_model, resolve_model
+    from .models import download_model, embedded_model, resolve_model
     from .pipeline.common import PAPER_CACHE
     from .paper_run import verdict
     from .reference import fetch_all
@@ -50,8 +54,8 @@ def _cmd_prefetch(args):
     cfg = load_config(*args.configfile)
     for model in cfg["models"]:
         spec = resolve_model(model, cfg["model_sources"])
-        if os.path.normpath(spec.source) == MINI_DIR:
-            print(f"{model}: the embedded model, built by the workflow (rule build_mini); nothing to download")
+        if embedded_model(spec.source):
+            print(f"{model}: an embedded model, built by the workflow (rule build_mini); nothing to download")
             continue
         where = download_model(spec)
         print(f"{model}: {'local directory ' + spec.source if where is None else where}")
@@ -119,13 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     cfg_kw = dict(nargs="+", default=["params.yaml"], help="config files, merged in order (default params.yaml)")
 
-    s = sub.add_parser("layers", help="list every hookable layer name of a model")
+    s = sub.add_parser("layers", help="list the layers `layers: paper` means for a model (--all: every hookable "
+                                      "layer name)")
     s.add_argument("model")
+    s.add_argument("--all", action="store_true", help="every hookable submodule, not only the paper's choice")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_layers)
 
-    s = sub.add_parser("build-mini", help="write the embedded mini model (diffusers directory)")
+    s = sub.add_parser("build-mini", help="write an embedded model (diffusers directory)")
     s.add_argument("out")
+    s.add_argument("--name", default="mini", help="mini (SD-1.5 layout, default) or mini-sdxl (SDXL layout)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_build_mini)
 

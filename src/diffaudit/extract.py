@@ -47,6 +47,7 @@ import torch
 from . import experiments
 from .errors import DiffauditError
 from .layers import resolve_layers
+from .models import pipeline_family
 from .store import STORE_FORMAT, StoreWriter, fingerprint, store_path
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class Extractor:
         self.pipe = pipe
         self.settings = settings
         self.switches = settings.switches
+        self.family = pipeline_family(pipe)
         self.unet = random_unet(pipe.unet) if self.switches["weights"] == "random" else pipe.unet
         self.layers = list(layers)
         self.modules = resolve_layers(self.unet, self.layers)
@@ -207,13 +209,14 @@ class Extractor:
         self._meta_runs: dict[str, int] | None = None  # as _runs, for the meta twin
 
     # -- pieces ----------------------------------------------------------------------------------
-    def prompt_embeds(self, batch: int, labels: Sequence[int] | None = None) -> torch.Tensor:
-        """Text conditioning for a batch: the prompt for every image, or, when it names the class
-        (``{class}``), each image's own prompt."""
+    def conditioning(self, batch: int, labels: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning for a batch, ``(token embeddings, pooled embedding or None)``: the prompt for every
+        image, or, when it names the class (``{class}``), each image's own prompt. The pooled embedding is SDXL's
+        (its second text tower's projection)."""
         template = self.settings.prompt
         if experiments.CLASS_PLACEHOLDER not in template:
             if batch not in self._prompt_cache:
-                self._prompt_cache[batch] = self._encode([template] * batch)
+                self._prompt_cache[batch] = self._conditioning([template] * batch)
             return self._prompt_cache[batch]
         if labels is None or len(labels) != batch:
             raise ValueError(f"prompt {template!r} names each image's class, but the images' labels are not known")
@@ -221,14 +224,21 @@ class Extractor:
         for label in labels:
             if label not in self._prompt_cache:
                 name = self.label_names[label] if 0 <= label < len(self.label_names) else str(label)
-                self._prompt_cache[label] = self._encode([experiments.class_prompt(template, name)])
+                self._prompt_cache[label] = self._conditioning([experiments.class_prompt(template, name)])
             rows.append(self._prompt_cache[label])
-        return torch.cat(rows)
+        pooled = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
+        return torch.cat([r[0] for r in rows]), pooled
+
+    def _conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pipeline's own ``encode_prompt`` (its real text encoders), without classifier-free guidance: SD-1/2
+        return the token embeddings; SDXL the concatenation of both towers' penultimate states and the pooled
+        embedding (third of its four results)."""
+        out = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)
+        return out[0], (out[2] if self.family == "sdxl" else None)
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        emb, *_ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-        return emb
+        return self._conditioning(prompts)[0]
 
     def _pixels(self, images) -> torch.Tensor:
         sizes = {im.size for im in images}
@@ -316,10 +326,10 @@ class Extractor:
 
         with deterministic_cudnn():
             lat, t = self.latents(images, image_indices, crop_px=crop_px, full_size=full_size)
-            emb = self.prompt_embeds(len(images), labels)
+            cond = self.conditioning(len(images), labels)
             try:
                 with conv_padding(self.unet, self.switches["padding_mode"]):
-                    self._pass(layers, capture, lat, t, emb)
+                    self._pass(layers, capture, lat, t, cond)
             except RuntimeError as exc:
                 if "Padding size should be less" in str(exc):
                     raise ValueError(f"padding_mode {self.switches['padding_mode']!r} needs every feature map larger "
@@ -328,17 +338,22 @@ class Extractor:
                 raise
         return {name: captured[name] for name in layers}
 
-    def _pass(self, layers: Sequence[str], on_output: Callable, lat, t, emb, twin=None) -> None:
+    def _pass(self, layers: Sequence[str], on_output: Callable, lat, t, cond, twin=None) -> None:
         """One hooked pass for ``layers`` of the U-Net (or of its ``meta`` twin, :meth:`_shape_model`), stopped early
         once this extractor knows how often each of its layers runs in that model (learned from the model's first
-        complete pass here, which hooks all of them)."""
+        complete pass here, which hooks all of them). ``cond``: :meth:`conditioning`."""
         unet, modules, key = (self.unet, self.modules, "_runs") if twin is None else (*twin, "_meta_runs")
         runs = getattr(self, key)
-        if runs is None:
-            setattr(self, key, hooked_pass(unet, modules, layers, on_output, None, lat, t, encoder_hidden_states=emb))
-        else:
-            hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, lat, t,
-                        encoder_hidden_states=emb)
+        emb, pooled = cond
+        kwargs = dict(encoder_hidden_states=emb)
+        paper_sdxl = self.family == "sdxl" and self.settings.mode == "paper"
+        if self.family == "sdxl" and not paper_sdxl:
+            kwargs["added_cond_kwargs"] = sdxl_added_conditioning(pooled, lat.shape[-2:], self.vae_factor)
+        with no_added_conditioning(unet, paper_sdxl):
+            if runs is None:
+                setattr(self, key, hooked_pass(unet, modules, layers, on_output, None, lat, t, **kwargs))
+            else:
+                hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, lat, t, **kwargs)
 
     @torch.no_grad()
     def layer_shapes(self, image_px: int, layers: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
@@ -347,7 +362,7 @@ class Extractor:
         that cannot be built or run; a padding mode too large for a map fails either way."""
         layers = self.layers if layers is None else list(layers)
         h = int(image_px) // self.vae_factor
-        emb = self._encode([experiments.class_prompt(self.settings.prompt, "")])
+        emb, pooled = self._conditioning([experiments.class_prompt(self.settings.prompt, "")])
         shapes: dict[str, tuple[int, int, int]] = {}
 
         def record(name, out):
@@ -358,15 +373,17 @@ class Extractor:
             lat = torch.zeros((1, twin[0].config.in_channels, h, h), device="meta", dtype=self.dtype)
             try:
                 with conv_padding(twin[0], self.switches["padding_mode"]):
-                    self._pass(layers, record, lat, torch.tensor(int(self.settings.timestep), dtype=torch.long),
-                               torch.zeros(emb.shape, device="meta", dtype=emb.dtype), twin=twin)
+                    meta = (torch.zeros(emb.shape, device="meta", dtype=emb.dtype),
+                            None if pooled is None else torch.zeros(pooled.shape, device="meta", dtype=pooled.dtype))
+                    self._pass(layers, record, lat, torch.tensor(int(self.settings.timestep), dtype=torch.long), meta,
+                               twin=twin)
                 return {name: shapes[name] for name in layers}
             except Exception:  # noqa: BLE001 - whatever the meta pass cannot do, the real pass below does or reports
                 shapes.clear()
         lat = torch.zeros((1, self.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
         with deterministic_cudnn(), conv_padding(self.unet, self.switches["padding_mode"]):
-            self._pass(layers, record, lat, t, emb)
+            self._pass(layers, record, lat, t, (emb, pooled))
         return {name: shapes[name] for name in layers}
 
     def _shape_model(self):
@@ -402,6 +419,33 @@ def conv_padding(unet, mode: str):
     finally:
         for m, s in zip(convs, saved):
             m.padding_mode = s
+
+
+def sdxl_added_conditioning(pooled: torch.Tensor, latent_hw, vae_factor: int) -> dict:
+    """SDXL's added conditioning as its pipeline builds it for an image of the latent's size: the pooled text
+    embedding and the six ``time_ids`` (original size, crop top-left (0, 0), target size; sizes = the image's
+    (height, width) in pixels)."""
+    h, w = (int(d) * int(vae_factor) for d in latent_hw)
+    ids = torch.tensor([h, w, 0, 0, h, w], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": ids.expand(pooled.shape[0], 6)}
+
+
+@contextmanager
+def no_added_conditioning(unet, enabled: bool = True):
+    """sdhelper 1.0.0's SDXL quirk for the duration (paper mode): ``unet.config.addition_embed_type`` reads
+    ``'nothing_at_all'``, so the U-Net adds no pooled-text/size embedding to its time embedding (the authors' tool sets
+    it for good; here it is restored afterwards). Nothing happens unless ``enabled``."""
+    if not enabled:
+        yield
+        return
+    cfg = unet.config
+    saved = cfg.addition_embed_type
+    # FrozenDict: the item stays, the attribute (what the forward reads) changes, as in sdhelper
+    object.__setattr__(cfg, "addition_embed_type", "nothing_at_all")
+    try:
+        yield
+    finally:
+        object.__setattr__(cfg, "addition_embed_type", saved)
 
 
 def random_unet(unet):
@@ -777,7 +821,8 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
         extractor = Extractor(pipe, layers, settings, label_names=label_names)
         base_config = {**provenance, **settings.config(), "device": extractor.device.type,
                        "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
-        attrs = {**base_config, "library_versions": library_versions(), **describe_switches(settings)}
+        attrs = {**base_config, "library_versions": library_versions(), **describe_switches(settings),
+                 **describe_family(extractor)}
         name = provenance.get("model", "")
         with cpu_heap_reuse(extractor.device.type == "cpu"):
             # the first probe (all layers) is a complete pass; the crops' probes and every batch stop after the
@@ -835,6 +880,18 @@ def describe_switches(settings: ExtractionSettings) -> dict:
         out["padding_mode"] = sw["padding_mode"]
     if sw["weights"] == "random":
         out["weights_seed"] = experiments.RANDOM_WEIGHTS_SEED
+    return out
+
+
+def describe_family(extractor: Extractor) -> dict:
+    """The model family and how the extraction conditioned it, for the stores' attributes."""
+    out = {"family": extractor.family}
+    if extractor.family == "sdxl":
+        out["added_conditioning"] = (
+            "none (paper mode: sdhelper 1.0.0 sets addition_embed_type to 'nothing_at_all')"
+            if extractor.settings.mode == "paper" else
+            "pooled text embedding + time_ids (original size = target size = the image's, crop (0, 0))")
+        out["vae_dtype"] = str(extractor.pipe.vae.dtype).replace("torch.", "")
     return out
 
 

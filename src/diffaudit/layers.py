@@ -136,13 +136,58 @@ def resolve_layers(unet: torch.nn.Module, names: list[str] | tuple[str, ...]) ->
     return resolved
 
 
-def expand_layers(spec: str | list[str]) -> list[str]:
-    """A config ``layers`` value: a named set (``paper``) or an explicit list of names."""
+def unet_layers(unet: torch.nn.Module) -> list[str]:
+    """Every resnet, attention, down/upsampler and the in/out convolutions of a diffusers U-Net, in execution order:
+    the paper's choice of layers, for any U-Net layout (SDXL's three levels, attention-free blocks, ...)."""
+    names = ["conv_in"]
+
+    def block(prefix: str, blk) -> None:
+        resnets = getattr(blk, "resnets", None) or []
+        attentions = getattr(blk, "attentions", None) or []
+        if prefix == "mid_block":  # resnet, then (attention, resnet) pairs
+            names.append(f"{prefix}.resnets[0]")
+            for i in range(1, len(resnets)):
+                if i - 1 < len(attentions):
+                    names.append(f"{prefix}.attentions[{i - 1}]")
+                names.append(f"{prefix}.resnets[{i}]")
+            return
+        for i in range(len(resnets)):
+            names.append(f"{prefix}.resnets[{i}]")
+            if i < len(attentions):
+                names.append(f"{prefix}.attentions[{i}]")
+        for kind in ("downsamplers", "upsamplers"):
+            for i in range(len(getattr(blk, kind, None) or [])):
+                names.append(f"{prefix}.{kind}[{i}]")
+
+    for i, blk in enumerate(unet.down_blocks):
+        block(f"down_blocks[{i}]", blk)
+    if getattr(unet, "mid_block", None) is not None:
+        block("mid_block", unet.mid_block)
+    for i, blk in enumerate(unet.up_blocks):
+        block(f"up_blocks[{i}]", blk)
+    names.append("conv_out")
+    return names
+
+
+def paper_layers(model: torch.nn.Module) -> list[str]:
+    """``layers: paper`` for ``model``: the paper's 45 layers on an SD-1/2 U-Net (they omit
+    ``up_blocks[0].resnets[2]``), else every layer of :func:`unet_layers` (the same choice on the model's layout)."""
+    every = unet_layers(model)
+    if every == [*PAPER_LAYERS[:23], "up_blocks[0].resnets[2]", *PAPER_LAYERS[23:]]:
+        return list(PAPER_LAYERS)
+    return every
+
+
+def expand_layers(spec: str | list[str], model: torch.nn.Module | None = None) -> list[str]:
+    """A config ``layers`` value: a named set (``paper``: the paper's list, or with ``model`` its analogue for the
+    model's layout, :func:`paper_layers`) or an explicit list of names."""
     if isinstance(spec, str):
         if spec not in LAYER_SETS:
             raise UnknownLayerError(
                 f"unknown layer set {spec!r}; use one of {sorted(LAYER_SETS)} or a list of layer names"
             )
+        if spec == "paper" and model is not None:
+            return paper_layers(model)
         return list(LAYER_SETS[spec])
     if not spec:
         raise UnknownLayerError("the layer list is empty")

@@ -135,11 +135,35 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
             pipe = AutoPipelineForText2Image.from_pretrained(spec.source, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every loader failure is reported the same way
             raise _load_error(spec, exc) from exc
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-            raise ModelLoadError(f"model {spec.describe()} is not a U-Net latent diffusion pipeline "
-                                 f"({type(pipe).__name__}); only Stable-Diffusion-style pipelines are supported")
+        try:
+            family = pipeline_family(pipe)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model {spec.describe()}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device, dtype)
+        pipe = pipe.to(device, dtype)
+        if family == "sdxl" and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16; its pipeline (and sdhelper) upcast it
+        return pipe
+
+
+#: The model families the extraction knows (docs/families.md): how the backbone is called and conditioned.
+FAMILIES = ("sd", "sdxl")
+
+
+def pipeline_family(pipe) -> str:
+    """``sd`` (the SD-1/2 U-Net: text conditioning only) or ``sdxl`` (a U-Net with SDXL's ``text_time`` added
+    conditioning: two text towers, pooled embedding and size/crop ids); anything else is refused in one line."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(pipe, "vae"):
+        raise ModelLoadError(f"{type(pipe).__name__} is not a latent diffusion pipeline with a U-Net; supported "
+                             f"families: {', '.join(FAMILIES)}")
+    added = unet.config.get("addition_embed_type")
+    if added is None:
+        return "sd"
+    if added == "text_time" and hasattr(pipe, "text_encoder_2"):
+        return "sdxl"
+    raise ModelLoadError(f"{type(pipe).__name__}: a U-Net with added conditioning {added!r} is not supported "
+                         f"(supported families: {', '.join(FAMILIES)})")
 
 
 def download_model(spec: ModelSpec) -> str | None:
@@ -183,8 +207,20 @@ def model_revision(spec: ModelSpec, pipe) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 MINI_SEED = 0
-#: Where the workflow builds the embedded model (rule build_mini; `model_sources.mini` in params.yaml).
-MINI_DIR = "resources/models/mini"
+#: Where the workflow builds the embedded models (rule build_mini; `model_sources.<name>` in params.yaml).
+EMBEDDED_ROOT = "resources/models"
+#: The embedded models (small widths, seeded weights, built offline): name -> family (:func:`pipeline_family`).
+EMBEDDED_MODELS: dict[str, str] = {"mini": "sd", "mini-sdxl": "sdxl"}
+MINI_DIR = f"{EMBEDDED_ROOT}/mini"
+
+
+def embedded_model(source: str) -> str | None:
+    """The embedded model a ``model_sources`` value points to (its build directory), else ``None``."""
+    norm = os.path.normpath(str(source))
+    for name in EMBEDDED_MODELS:
+        if norm == f"{EMBEDDED_ROOT}/{name}":
+            return name
+    return None
 
 # SD-1.5 block layout (block types, depth, attention placement) with small widths. Layer names
 # and the 8x VAE downsampling are therefore exactly those of SD-1.5.
@@ -224,8 +260,35 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
 SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0 and sdxl-turbo): three levels (no attention at the first, 1/2/10
+# transformer layers), two text towers (CLIP ViT-L 768 + OpenCLIP bigG 1280, concatenated to 2048) and the
+# "text_time" added conditioning (pooled bigG embedding + 6 size/crop numbers, 256 Fourier features each).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), norm_num_groups=32, cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT = SD15_TEXT
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+# mini-sdxl: SDXL's layout (levels, attention placement, two text towers, text_time conditioning) with small widths.
+MINI_SDXL_UNET = dict(
+    SDXL_UNET, sample_size=32, block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8), norm_num_groups=32, cross_attention_dim=96, addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 64,
+)
+MINI_SDXL_VAE = dict(MINI_VAE, sample_size=256, scaling_factor=0.13025, force_upcast=True)
+MINI_SDXL_TEXT_2 = dict(MINI_TEXT, hidden_size=64, hidden_act="gelu", projection_dim=64)
+MINI_SDXL_TEXT = dict(MINI_TEXT, hidden_size=32, intermediate_size=64)
 ARCHITECTURES = {"mini": (MINI_UNET, MINI_VAE, MINI_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT),
                  "sd21": (SD21_UNET, SD15_VAE, SD21_TEXT)}
+#: SDXL-layout architectures: (unet, vae, text encoder, text encoder 2).
+SDXL_ARCHITECTURES = {"mini-sdxl": (MINI_SDXL_UNET, MINI_SDXL_VAE, MINI_SDXL_TEXT, MINI_SDXL_TEXT_2),
+                      "sdxl": (SDXL_UNET, SDXL_VAE, SDXL_TEXT, SDXL_TEXT_2)}
 # Token vocabulary of the real CLIP / OpenCLIP tokenizers (the mini tokenizer is smaller).
 CLIP_VOCAB_SIZE = 49408
 
@@ -248,10 +311,15 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", SD21_SCHEDULER),           # sd21
     "euler": ("EulerDiscreteScheduler", SDTURBO_SCHEDULER),  # sdturbo
 }
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json: Euler, leading spacing, epsilon.
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, prediction_type="epsilon", interpolation_type="linear",
+                      use_karras_sigmas=False, timestep_spacing="leading")
 MODEL_SCHEDULERS: dict[str, str] = {"sd14": "pndm", "sd15": "pndm", "sd21": "ddim", "sdturbo": "euler"}
 #: Architecture (a key of :data:`ARCHITECTURES`) of each registered model (sd-turbo has SD-2.1's networks).
 MODEL_ARCHITECTURES: dict[str, str] = {"sd14": "sd15", "sd15": "sd15", "sd21": "sd21", "sdturbo": "sd21",
-                                       "mini": "mini"}
+                                       "mini": "mini", "sdxl": "sdxl", "sdxl-turbo": "sdxl",
+                                       "mini-sdxl": "mini-sdxl"}
 
 
 def make_scheduler(name: str = "pndm"):
@@ -331,12 +399,66 @@ def build_mini_pipeline(seed: int = MINI_SEED, unet_overrides: dict | None = Non
                                    requires_safety_checker=False)
 
 
+def build_mini_sdxl_pipeline(seed: int = MINI_SEED, arch: str = "mini-sdxl"):
+    """Build the ``mini-sdxl`` pipeline: SDXL's layout (:data:`MINI_SDXL_UNET`), two CLIP text towers (the second
+    with a projection: the pooled embedding), the text_time conditioning, SDXL's Euler scheduler; seeded weights,
+    in memory, float32. ``arch="sdxl"`` builds the full-width SDXL architecture (seeded weights, for benchmarks)."""
+    unet_cfg, vae_cfg, text_cfg, text2_cfg = SDXL_ARCHITECTURES[arch]
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = write_mini_tokenizer_files(Path(tmp))
+        tokenizers = [CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77,
+                                    pad_token="<|endoftext|>") for _ in range(2)]
+    tok = tokenizers[0]
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_cfg)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **text_cfg))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **text2_cfg))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                     scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+                                     force_zeros_for_empty_prompt=True)
+
+
+def save_embedded_model(name: str, out_dir: str | Path, seed: int = MINI_SEED) -> Path:
+    """Build the embedded model ``name`` (a key of :data:`EMBEDDED_MODELS`) and write it to ``out_dir``."""
+    if name == "mini":
+        return save_mini_model(out_dir, seed=seed)
+    if name == "mini-sdxl":
+        quiet_libraries()
+        pipe = build_mini_sdxl_pipeline(seed=seed)
+        unet_cfg, vae_cfg, text_cfg, text2_cfg = SDXL_ARCHITECTURES[name]
+        info = {"seed": seed, "family": "sdxl", "unet": unet_cfg, "vae": vae_cfg, "text": text_cfg,
+                "text_2": text2_cfg}
+        return _save_pipeline(pipe, Path(out_dir), info)
+    raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+
+
 def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: dict | None = None,
                     scheduler: str = "pndm") -> Path:
     """Build ``mini`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
     quiet_libraries()
-    out_dir = Path(out_dir)
     pipe = build_mini_pipeline(seed=seed, unet_overrides=unet_overrides, scheduler=scheduler)
+    info = {"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})}, "vae": MINI_VAE, "text": MINI_TEXT}
+    if scheduler != "pndm":  # the default model's file stays as it was
+        info["scheduler"] = scheduler
+    return _save_pipeline(pipe, Path(out_dir), info)
+
+
+def _save_pipeline(pipe, out_dir: Path, info: dict) -> Path:
+    """``save_pretrained`` in float16 safetensors plus MINI_MODEL.json (what was built), atomically: written to
+    ``<out_dir>.tmp`` and renamed."""
     with diffusers_errors_only():
         pipe.to(torch.float16)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -345,9 +467,6 @@ def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: 
 
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    info = {"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})}, "vae": MINI_VAE, "text": MINI_TEXT}
-    if scheduler != "pndm":  # the default model's file stays as it was
-        info["scheduler"] = scheduler
     (tmp / "MINI_MODEL.json").write_text(json.dumps(info, indent=1))
     if out_dir.exists():
         import shutil

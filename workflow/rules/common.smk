@@ -7,7 +7,7 @@ from pathlib import Path
 from diffaudit.config import validate
 from diffaudit.errors import DiffauditError
 from diffaudit.experiments import run_suffix
-from diffaudit.models import MINI_DIR, resolve_model
+from diffaudit.models import EMBEDDED_MODELS, EMBEDDED_ROOT, embedded_model, resolve_model
 from diffaudit.store import representation_parts, shard_ranges
 
 try:
@@ -38,6 +38,7 @@ REPR_PARTS = representation_parts(N_SHARDS)
 # The authors' files for a model (sha256-checked) and status.json: whether they apply to this run.
 PAPER_REF_DIR = f"{RESULTS}/{{model}}{{exp}}/paper_reference"
 LOGS = f"{RESULTS}/logs"
+EMBEDDED_PATTERN = "|".join(map(re.escape, EMBEDDED_MODELS))
 
 wildcard_constraints:
     model="|".join(map(str, MODELS)),
@@ -90,9 +91,9 @@ def shard_index(part):
 
 
 def model_inputs(wildcards):
-    """The locally built model directory, when the model is the embedded one."""
-    spec = resolve_model(wildcards.model, config["model_sources"])
-    return [MINI_DIR] if os.path.normpath(spec.source) == MINI_DIR else []
+    """The locally built model directory, when the model is an embedded one."""
+    name = embedded_model(resolve_model(wildcards.model, config["model_sources"]).source)
+    return [f"{EMBEDDED_ROOT}/{name}"] if name else []
 
 
 def label_files(wildcards):

@@ -1,14 +1,16 @@
-# The embedded offline model `mini`: an SD-1.5-shaped pipeline with seeded weights, saved with
-# save_pretrained and loaded back through the same from_pretrained path as hub models.
+# The embedded offline models (`mini`: SD-1.5's layout; `mini-sdxl`: SDXL's): small pipelines with seeded
+# weights, saved with save_pretrained and loaded back through the same from_pretrained path as hub models.
 
 
 rule build_mini:
     output:
-        directory(MINI_DIR),
+        directory(f"{EMBEDDED_ROOT}/{{embedded}}"),
     params:
         **declare("mini"),
     log:
-        f"{LOGS}/build_mini.log",
+        f"{LOGS}/build_{{embedded}}.log",
+    wildcard_constraints:
+        embedded=EMBEDDED_PATTERN,
     conda:
         "../envs/diffaudit.yaml"
     script:

@@ -249,6 +249,37 @@ def detect_anomalies(store: ReprStore, layer: str = REF_LAYER, threshold: float 
     return out.reshape(-1, 3)
 
 
+#: Fewest channels of a candidate reference layer for ``ref_layer: auto``.
+AUTO_REF_MIN_CHANNELS = 32
+
+
+def strongest_outlier_layer(store: ReprStore, chunk_images: int = 20) -> str:
+    """``anomalies.ref_layer: auto``: the layer whose high-norm 2x2 blocks stand out most, for models without a
+    labelled layer (other families, own pipelines). Score of a layer: the mean over images of (largest even-aligned
+    2x2 block mean token norm) / (the image's median token norm), the quantity :func:`detect_anomalies` thresholds.
+    Candidates: layers with even-sized maps of at least 4x4 tokens and at least :data:`AUTO_REF_MIN_CHANNELS`
+    channels (not the 4- or 16-channel latent-space outputs such as ``conv_out``); ties go to the earlier layer."""
+    best, best_score = None, -np.inf
+    for layer in store.layers:
+        _, c, h, w = store.shape(layer)
+        if h % 2 or w % 2 or min(h, w) < 4 or c < AUTO_REF_MIN_CHANNELS:
+            continue
+        scores = []
+        for _, chunk in store.iter_chunks(layer, chunk_images=chunk_images, dtype=np.float32):
+            norms = _token_norms(chunk)
+            b = norms.shape[0]
+            med = np.median(norms.reshape(b, -1), axis=1)
+            top = norms.reshape(b, h // 2, 2, w // 2, 2).mean(axis=(2, 4)).reshape(b, -1).max(axis=1)
+            scores.append(top / np.maximum(med, np.finfo(np.float32).tiny))
+        score = float(np.concatenate(scores).mean())
+        if score > best_score:
+            best, best_score = layer, score
+    if best is None:
+        raise UserError(f"anomalies.ref_layer auto: no layer of {store.path} has an even-sized map of at least 4x4 "
+                        f"tokens and {AUTO_REF_MIN_CHANNELS} channels; set anomalies.ref_layer to a layer name")
+    return best
+
+
 def precision_recall(detected, reference) -> dict:
     """Exact-match agreement on ``(image, x, y)``; precision/recall/f1 are NaN when undefined (0/0)."""
     det = {tuple(int(v) for v in r) for r in np.asarray(detected).reshape(-1, 3)}

@@ -53,14 +53,20 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
 
     import pandas as pd
 
-    from ..analyses.anomalies import detect_anomalies, load_label_file, precision_recall, relative_norms
+    from ..analyses.anomalies import (detect_anomalies, load_label_file, precision_recall, relative_norms,
+                                      strongest_outlier_layer)
     from ..analyses.bootstrap import Bootstrap
     from ..store import open_model_stores
 
-    a = cfg["anomalies"]
     full, _ = open_model_stores(rep_dirs)
+    a = dict(cfg["anomalies"])
+    chosen = a["ref_layer"] == "auto"
+    if chosen:
+        a["ref_layer"] = strongest_outlier_layer(full)
+        logging.getLogger(__name__).info("%s: anomalies.ref_layer auto -> %s", model, a["ref_layer"])
     if a["ref_layer"] not in full.layers:
-        raise UserError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers`")
+        raise UserError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers` "
+                        "(or set anomalies.ref_layer: auto)")
     tables, labels = [], {}
     sources, skipped = label_sources(a, model, paper_dir)
     if skipped is not None:
@@ -78,6 +84,7 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
         evals = {f"auto_vs_{s}": precision_recall(labels["auto"], lab)
                  for s, lab in labels.items() if s != "auto" and "auto" in labels}
         summary = {"threshold": a["threshold"], "ref_layer": a["ref_layer"],
+                   "ref_layer_choice": "auto (strongest 2x2 high-norm outliers)" if chosen else "configured",
                    "n_labels": {s: int(len(v)) for s, v in labels.items()}, "detector_vs_hand_labels": evals,
                    "paper_labels": ({"used": "paper" in labels} if skipped is None
                                     else {"used": False, "reason": skipped})}

@@ -1,4 +1,4 @@
-"""Rule ``build_mini``: the embedded offline model, saved with ``save_pretrained``."""
+"""Rule ``build_mini``: an embedded offline model (``mini``, ``mini-sdxl``), saved with ``save_pretrained``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +6,11 @@ from pathlib import Path
 from . import common
 
 
-def run(cfg: dict, out_dir: str | Path) -> Path:
-    from ..models import save_mini_model
+def run(cfg: dict, out_dir: str | Path, name: str = "mini") -> Path:
+    from ..models import save_embedded_model
 
-    return save_mini_model(out_dir, seed=int(cfg["mini"]["seed"]))
+    return save_embedded_model(name, out_dir, seed=int(cfg["mini"]["seed"]))
 
 
 def from_snakemake(smk):
-    return run(common.task_config(smk), smk.output[0])
+    return run(common.task_config(smk), smk.output[0], smk.wildcards.embedded)

@@ -30,7 +30,6 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
                                   store_dtype=ex["store_dtype"], crops=ex["crops"],
                                   **{k: ex[k] for k in experiments.CAUSES if k in ex and k not in (
                                       "timestep", "seed", "prompt")})
-    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides))
     index = load_index(dataset_dir)
     n_req = int(cfg["dataset"]["n_images"])
     if len(index) < n_req:
@@ -44,6 +43,7 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
     spec = resolve_model(model, cfg["model_sources"])
     device = common.device(cfg)
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]))
+    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), pipe.unet)
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
     provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}

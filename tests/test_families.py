@@ -1,0 +1,130 @@
+"""Model families beyond SD-1/2: the SDXL U-Net (two text towers, pooled text + size conditioning) on the embedded
+`mini-sdxl`, built offline and loaded back like a hub model; the layer list each family's `layers: paper` means."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from conftest import assert_equals_sdhelper, extract_batched, random_images
+from diffaudit.extract import ExtractionSettings, Extractor, sdxl_added_conditioning
+from diffaudit.layers import PAPER_LAYERS, expand_layers, paper_layers, resolve_layers
+from diffaudit.models import (ModelLoadError, ModelSpec, build_mini_pipeline, load_pipeline, pipeline_family,
+                              save_embedded_model)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return save_embedded_model("mini-sdxl", tmp_path_factory.mktemp("models") / "mini-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(sdxl_dir):
+    return load_pipeline(ModelSpec("mini-sdxl", str(sdxl_dir)), device="cpu")
+
+
+def test_families_are_recognised_and_others_refused(sdxl_pipe, mini_pipe):
+    assert pipeline_family(mini_pipe) == "sd" and pipeline_family(sdxl_pipe) == "sdxl"
+    assert type(sdxl_pipe).__name__ == "StableDiffusionXLPipeline"
+    other = types.SimpleNamespace(unet=types.SimpleNamespace(config={"addition_embed_type": "image"}), vae=None)
+    with pytest.raises(ModelLoadError, match="added conditioning 'image' is not supported"):
+        pipeline_family(other)
+    with pytest.raises(ModelLoadError, match="not a latent diffusion pipeline with a U-Net"):
+        pipeline_family(types.SimpleNamespace(transformer=None, vae=None))
+
+
+def test_sdxl_vae_is_upcast_where_the_pipeline_upcasts_it(sdxl_dir):
+    pipe = load_pipeline(ModelSpec("mini-sdxl", str(sdxl_dir)), device="cpu", dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+
+
+def test_paper_layers_follow_the_layout(sdxl_pipe, mini_pipe):
+    assert paper_layers(mini_pipe.unet) == list(PAPER_LAYERS)  # the authors' 45 (without up_blocks[0].resnets[2])
+    assert expand_layers("paper", mini_pipe.unet) == list(PAPER_LAYERS) == expand_layers("paper")
+    layers = expand_layers("paper", sdxl_pipe.unet)
+    assert len(layers) == 34 and layers[:4] == ["conv_in", "down_blocks[0].resnets[0]", "down_blocks[0].resnets[1]",
+                                                "down_blocks[0].downsamplers[0]"]  # SDXL's first level: no attention
+    assert "down_blocks[3].resnets[0]" not in layers and "up_blocks[0].resnets[2]" in layers
+    assert not any(name.startswith("up_blocks[2].attentions") for name in layers)
+    # the list is in execution order: the order the hooked modules run in one pass
+    order = []
+    handles = [m.register_forward_hook(lambda *_a, n=n: order.append(n))
+               for n, m in resolve_layers(sdxl_pipe.unet, layers).items()]
+    try:
+        Extractor(sdxl_pipe, layers, ExtractionSettings(mode="corrected")).run_batch(random_images(1, 64), [0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert order == layers
+
+
+def test_sdxl_paper_mode_equals_sdhelper_img2repr(sdxl_dir, sdxl_pipe):
+    """sdhelper 1.0.0 on an SDXL pipeline: both text towers' embeddings, no added conditioning
+    (addition_embed_type = 'nothing_at_all'), Euler input scaling; <= 1e-5 x max|value| on every layer."""
+    sdhelper = pytest.importorskip("sdhelper")
+    layers = paper_layers(sdxl_pipe.unet)
+    images = random_images(3, 128, seed=5)
+    ours = extract_batched(Extractor(sdxl_pipe, layers, ExtractionSettings(mode="paper")), images, 3)
+    assert sdxl_pipe.unet.config.addition_embed_type == "text_time"  # our quirk lasts for the pass only
+    sd = sdhelper.SD(str(sdxl_dir), disable_progress_bar=True)
+    ref = sd.img2repr(images, layers, 50, seed=42, batch_size=3)
+    assert_equals_sdhelper(ours, ref, layers, "sdxl")
+
+
+def test_sdxl_corrected_mode_passes_the_pipelines_added_conditioning(sdxl_pipe):
+    """time_ids as StableDiffusionXLPipeline builds them (original = target = the image's size, crop (0, 0)), the
+    pooled embedding of the second tower; the pass equals a direct U-Net call with them, and differs from the
+    paper quirk's (no added conditioning) on the same latents."""
+    pipe = sdxl_pipe
+    emb, _, pooled, _ = pipe.encode_prompt(prompt=[""] * 2, device="cpu", num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+    cond = sdxl_added_conditioning(pooled, (12, 16), pipe.vae_scale_factor)
+    want = pipe._get_add_time_ids((96, 128), (0, 0), (96, 128), dtype=pooled.dtype,
+                                  text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert torch.equal(cond["time_ids"], want.expand(2, 6)) and torch.equal(cond["text_embeds"], pooled)
+
+    images = random_images(2, 128, seed=6)
+    layer = "mid_block.attentions[0]"
+    ex = Extractor(pipe, [layer], ExtractionSettings(mode="corrected", seed=3))
+    got = ex.run_batch(images, [0, 1])[layer]
+    lat, t = ex.latents(images, [0, 1])
+    seen = {}
+    handle = ex.modules[layer].register_forward_hook(lambda _m, _i, out: seen.update(x=out[0]))
+    try:
+        pipe.unet(lat, t, encoder_hidden_states=emb,
+                  added_cond_kwargs=sdxl_added_conditioning(pooled, lat.shape[-2:], pipe.vae_scale_factor))
+        assert torch.allclose(got, seen["x"], atol=1e-6 * float(got.abs().max()))
+        seen.clear()
+        pipe.unet(lat, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": 0 * pooled,
+                                                                         "time_ids": 0 * cond["time_ids"]})
+        assert not torch.allclose(got, seen["x"], atol=1e-3 * float(got.abs().max()))
+    finally:
+        handle.remove()
+
+
+def test_sdxl_crops_and_meta_shapes(sdxl_pipe):
+    """The crop rings follow SDXL's three levels (8, 16, 32 px at 256 px); the meta-device shape probe equals a
+    real pass, also with the added conditioning."""
+    from diffaudit.extract import plan_variants
+
+    layers = paper_layers(sdxl_pipe.unet)
+    for mode in ("paper", "corrected"):
+        ex = Extractor(sdxl_pipe, layers, ExtractionSettings(mode=mode))
+        meta = ex.layer_shapes(256)
+        assert ex._meta_runs is not None  # the meta twin ran (no silent fallback to the real U-Net)
+        real = Extractor(sdxl_pipe, layers, ExtractionSettings(mode=mode))
+        real._meta = False  # no meta twin: the real U-Net runs
+        assert meta == real.layer_shapes(256)
+    plan = plan_variants(ex.layer_shapes, layers, 256, True)
+    assert [v.crop_px for v in plan] == [0, 8, 16, 32]
+    assert {ex.layer_shapes(256)[n][-1] for n in plan[3].layers} == {8}
+
+
+def test_sd_family_unchanged_by_the_family_code(mini_pipe):
+    """SD-1/2 passes get no added conditioning and keep their config untouched."""
+    ex = Extractor(mini_pipe, ["mid_block"], ExtractionSettings(mode="paper"))
+    assert ex.family == "sd"
+    out = ex.run_batch(random_images(1, 64), [0])["mid_block"]
+    assert out.shape[0] == 1 and mini_pipe.unet.config.get("addition_embed_type") is None
+    assert not hasattr(build_mini_pipeline().unet.config, "nothing_at_all")
