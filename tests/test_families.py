@@ -128,3 +128,74 @@ def test_sd_family_unchanged_by_the_family_code(mini_pipe):
     out = ex.run_batch(random_images(1, 64), [0])["mid_block"]
     assert out.shape[0] == 1 and mini_pipe.unet.config.get("addition_embed_type") is None
     assert not hasattr(build_mini_pipeline().unet.config, "nothing_at_all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion transformers (SD3, FLUX) through the extraction
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dit_pipes(tmp_path_factory):
+    """mini-sd3 and mini-flux built as the workflow builds them and loaded through load_pipeline (fp32 on CPU)."""
+    root = tmp_path_factory.mktemp("dit")
+    return {f: load_pipeline(ModelSpec(f"mini-{f}", str(save_embedded_model(f"mini-{f}", root / f"mini-{f}"))),
+                             device="cpu") for f in ("sd3", "flux")}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_dit_paper_mode_equals_sdhelpers_recipe(family, dit_pipes):
+    """The extraction's paper mode on a DiT is bitwise diffaudit.dit.paper_representations (which tests/test_dit.py
+    holds equal to sdhelper 1.0.0's img2repr), on every layer incl. the patch embedding and FLUX's single blocks."""
+    from diffaudit import dit
+
+    pipe = dit_pipes[family]
+    assert pipeline_family(pipe) == family
+    layers = expand_layers("paper", pipe.transformer)
+    assert layers[0] == dit.PATCH_EMBEDDING[family] and len(layers) == (4 if family == "sd3" else 5)
+    images = random_images(3, 128, seed=8)
+    ours = extract_batched(Extractor(pipe, layers, ExtractionSettings(mode="paper")), images, 3)
+    ref = dit.paper_representations(pipe, images, layers, step=50, seed=42)
+    for layer in layers:
+        assert ours[layer].shape == (3, 32, 8, 8) and torch.equal(ours[layer], ref[layer]), layer
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_dit_noise_level_pixels_and_shapes(family, dit_pipes):
+    """Corrected mode: sigma as noisy as the DDPM timestep (or extraction.sigma); [-1, 1] pixels in both modes;
+    a token is 16 px (2x2 latent patch), so the only crop variant removes 16 px; meta shapes equal real ones."""
+    from diffaudit import dit
+    from diffaudit.extract import plan_variants
+
+    pipe = dit_pipes[family]
+    layers = expand_layers("paper", pipe.transformer)
+    ex = Extractor(pipe, layers, ExtractionSettings(mode="corrected", timestep=50))
+    assert ex.sigma == pytest.approx(dit.sigma_for_ddpm_timestep(50)) and ex.switches["pixel_range"] == "symmetric"
+    assert Extractor(pipe, layers, ExtractionSettings(mode="corrected", sigma=0.3)).sigma == 0.3
+    assert Extractor(pipe, layers, ExtractionSettings(mode="paper")).switches["pixel_range"] == "symmetric"
+    lo = ex.run_batch(random_images(2, 64, seed=1), [0, 1])[layers[-1]]
+    hi = Extractor(pipe, layers, ExtractionSettings(mode="corrected", sigma=0.9)).run_batch(
+        random_images(2, 64, seed=1), [0, 1])[layers[-1]]
+    assert not torch.allclose(lo, hi)
+    meta = ex.layer_shapes(256)
+    assert ex._meta_runs is not None and set(meta.values()) == {(32, 16, 16)}
+    real = Extractor(pipe, layers, ExtractionSettings(mode="corrected"))
+    real._meta = False
+    assert real.layer_shapes(256) == meta
+    assert [v.crop_px for v in plan_variants(ex.layer_shapes, layers, 256, True)] == [0, 16]
+    assert ex.t5_used is True  # both tiny pipelines carry a T5 encoder
+
+
+def test_dit_stores_record_family_noise_level_and_t5(dit_pipes, tmp_path):
+    from diffaudit.extract import run_extraction
+    from diffaudit.store import ReprStore
+
+    images = random_images(2, 64, seed=2)
+    out = run_extraction(dit_pipes["sd3"], dataset_images=lambda a, b: images[a:b], image_ids=["a", "b"],
+                         labels=[0, 0], layers=["pos_embed", "transformer_blocks[2]"],
+                         settings=ExtractionSettings(mode="corrected", crops=False), out_dir=tmp_path / "rep",
+                         provenance={"model": "mini-sd3"}, image_size=64, progress=False)
+    attrs = ReprStore(out / "full.zarr").attrs
+    assert attrs["family"] == "sd3" and attrs["t5_used"] is True and attrs["pixel_range"] == "[-1, 1]"
+    assert attrs["noise_level"]["from"] == "equal SNR with the DDPM timestep"
+    assert attrs["noise_level"]["sigma"] == pytest.approx(0.18406, abs=1e-5)
+    assert attrs["scale_model_input"] is False

@@ -178,6 +178,32 @@ def test_offline_demo_sdxl(repo_copy):
             assert (figures / (stem + ext)).stat().st_size > 1000, stem + ext
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_offline_demo_dit(family, repo_copy):
+    """SD3 and FLUX end to end (config/demo-{sd3,flux}.yaml, 8 images at 256 px): a 16x16 patch grid in every layer,
+    one crop variant (16 px), every table and figure."""
+    snakemake(repo_copy, f"config/demo-{family}.yaml")
+    model = f"mini-{family}"
+    tables = repo_copy / "results" / f"demo-{family}" / model
+    rep = tables / "representations"
+    assert sorted(p.name for p in rep.glob("*.zarr")) == ["crop16.zarr", "full.zarr"]
+    full = ReprStore(rep / "full.zarr")
+    first = {"sd3": "pos_embed", "flux": "x_embedder"}[family]
+    assert full.layers[0] == first and full.layers[1] == "transformer_blocks[0]" and full.n_images == 8
+    assert {full.shape(layer)[2:] for layer in full.layers} == {(16, 16)}
+    assert full.attrs["family"] == family and full.attrs["t5_used"] is True
+    assert full.attrs["noise_level"]["from"].startswith("sdhelper")
+    probe = pd.read_csv(tables / "position_probe_summary.csv")
+    assert probe["layer"].drop_duplicates().tolist() == full.layers and set(probe["granularity"]) == {8, 16}
+    assert pd.read_csv(tables / "token_group_similarity.csv")["layer"].tolist() == full.layers
+    assert json.loads((tables / "anomaly_detector.json").read_text())["ref_layer"] in full.layers
+    figures = repo_copy / "results" / f"demo-{family}" / "figures"
+    for stem in [f"quantitative_{model}", "cross_model", f"{model}/qualitative_token_similarity",
+                 f"{model}/qualitative_corner", f"{model}/qualitative_norms", f"{model}/qualitative_pca"]:
+        for ext in (".png", ".svg"):
+            assert (figures / (stem + ext)).stat().st_size > 1000, stem + ext
+
+
 @pytest.mark.parametrize("case", ["unknown_model", "corrupt_image", "too_few", "unknown_layer", "bad_key"])
 def test_bad_input_gives_one_clear_line(case, repo_copy, mini_dir, tmp_path):
     imgs = mixed_folder(tmp_path / "imgs", 3)

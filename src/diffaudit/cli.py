@@ -11,11 +11,12 @@ from .errors import UserError, run_task
 def _cmd_layers(args):
     from .config import load_config
     from .layers import hookable_layers, paper_layers
-    from .models import load_pipeline, pipeline_family, resolve_model
+    from .models import backbone, load_pipeline, pipeline_family, resolve_model
 
     cfg = load_config(*args.configfile)
     pipe = load_pipeline(resolve_model(args.model, cfg["model_sources"]), device="cpu")
-    names = hookable_layers(pipe.unet) if args.all else paper_layers(pipe.unet)
+    net = backbone(pipe)
+    names = hookable_layers(net) if args.all else paper_layers(net)
     if not args.all:
         print(f"# {args.model} ({pipeline_family(pipe)}): `layers: paper` = these {len(names)} layers "
               "(--all: every hookable submodule)", file=sys.stderr)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     s = sub.add_parser("build-mini", help="write an embedded model (diffusers directory)")
     s.add_argument("out")
-    s.add_argument("--name", default="mini", help="mini (SD-1.5 layout, default) or mini-sdxl (SDXL layout)")
+    s.add_argument("--name", default="mini", help="mini (SD-1.5 layout, default), mini-sdxl, mini-sd3 or mini-flux")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_build_mini)
 

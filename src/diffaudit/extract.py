@@ -47,7 +47,7 @@ import torch
 from . import experiments
 from .errors import DiffauditError
 from .layers import resolve_layers
-from .models import pipeline_family
+from .models import DIT_FAMILIES, backbone, pipeline_family
 from .store import STORE_FORMAT, StoreWriter, fingerprint, store_path
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class ExtractionSettings:
     latent: str | None = None
     resolution: int | None = None
     weights: str | None = None
+    # Diffusion transformers, corrected mode: the flow-matching noise level (None: as noisy as ``timestep``).
+    sigma: float | None = None
 
     @property
     def switches(self) -> dict:
@@ -94,6 +96,8 @@ class ExtractionSettings:
             raise ValueError(f"timestep must be in [0, 999], got {self.timestep}")
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sigma is not None and not 0 < float(self.sigma) <= 1:
+            raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
 
 
 class InsufficientDiskSpaceError(DiffauditError, OSError):
@@ -187,13 +191,30 @@ class Extractor:
         self.settings = settings
         self.switches = settings.switches
         self.family = pipeline_family(pipe)
-        self.unet = random_unet(pipe.unet) if self.switches["weights"] == "random" else pipe.unet
+        self.dit = self.family in DIT_FAMILIES
+        net = backbone(pipe)
+        # ``unet``: the denoising network, U-Net or transformer (the name predates the transformers)
+        self.unet = random_unet(net) if self.switches["weights"] == "random" else net
+        self.latent_channels = int(pipe.vae.config.latent_channels)
+        if self.dit:
+            from . import dit
+
+            self.switches = dict(self.switches)
+            if settings.pixel_range is None:  # the DiT pipelines (and sdhelper) feed [-1, 1] pixels in both modes
+                self.switches["pixel_range"] = "symmetric"
+            if settings.mode == "paper":
+                self.sigma, self.model_timestep = dit.paper_noise_level(pipe, self.family, int(settings.timestep))
+            else:
+                self.sigma = (float(settings.sigma) if settings.sigma is not None
+                              else dit.sigma_for_ddpm_timestep(int(settings.timestep)))
+                self.model_timestep = self.sigma * 1000 if self.family == "sd3" else self.sigma
+        self.t5_used: bool | None = None
         self.layers = list(layers)
         self.modules = resolve_layers(self.unet, self.layers)
         self.device = self.unet.device
         self.dtype = self.unet.dtype
-        # sdhelper noises with a DDIM scheduler rebuilt from the model's scheduler config, for every model.
-        self.ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+        # sdhelper noises with a DDIM scheduler rebuilt from the model's scheduler config, for every U-Net model.
+        self.ddim = None if self.dit else DDIMScheduler.from_config(pipe.scheduler.config)
         # ``scale_model_input`` of the pipeline's scheduler, on a private copy whose step index is cleared before
         # every call: Euler keeps the step index of the first timestep it sees, so a scheduler used before (or
         # shared between timesteps) would silently scale with another timestep's sigma.
@@ -226,6 +247,8 @@ class Extractor:
                 name = self.label_names[label] if 0 <= label < len(self.label_names) else str(label)
                 self._prompt_cache[label] = self._conditioning([experiments.class_prompt(template, name)])
             rows.append(self._prompt_cache[label])
+        if isinstance(rows[0], dict):  # a transformer's conditioning (txt_ids: one table for every image)
+            return {k: v if k == "txt_ids" else torch.cat([r[k] for r in rows]) for k, v in rows[0].items()}
         pooled = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
         return torch.cat([r[0] for r in rows]), pooled
 
@@ -233,12 +256,18 @@ class Extractor:
         """The pipeline's own ``encode_prompt`` (its real text encoders), without classifier-free guidance: SD-1/2
         return the token embeddings; SDXL the concatenation of both towers' penultimate states and the pooled
         embedding (third of its four results)."""
+        if self.dit:  # SD3 / FLUX: the transformer's keyword arguments (T5 where the pipeline has it)
+            from . import dit
+
+            cond, self.t5_used = dit.encode_prompt(self.pipe, prompts)
+            return cond
         out = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)
         return out[0], (out[2] if self.family == "sdxl" else None)
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        return self._conditioning(prompts)[0]
+        cond = self._conditioning(prompts)
+        return cond["encoder_hidden_states"] if isinstance(cond, dict) else cond[0]
 
     def _pixels(self, images) -> torch.Tensor:
         sizes = {im.size for im in images}
@@ -264,7 +293,7 @@ class Extractor:
     def _cpu_noise(self, seed: int, full_latent_hw: tuple[int, int], crop_latent_px: int) -> torch.Tensor:
         h, w = full_latent_hw
         g = torch.Generator("cpu").manual_seed(seed)
-        eps = torch.randn((self.unet.config.in_channels, h, w), generator=g, dtype=torch.float32)
+        eps = torch.randn((self.latent_channels, h, w), generator=g, dtype=torch.float32)
         k = crop_latent_px
         return eps[:, k:h - k, k:w - k] if k else eps
 
@@ -292,7 +321,10 @@ class Extractor:
             lat = dist.sample()
         else:
             lat = dist.sample(generator=torch.Generator(self.device).manual_seed(int(self.settings.seed)))
-        lat = lat.to(dtype=self.dtype) * sf
+        if self.dit:  # flow-matching VAEs are shifted, then scaled
+            lat = (lat.to(dtype=self.dtype) - vae.config.shift_factor) * sf
+        else:
+            lat = lat.to(dtype=self.dtype) * sf
         if paper and sw["noise"] == "shared":
             noise = torch.randn_like(lat[None, 0]).expand(lat.shape)
         else:
@@ -304,6 +336,10 @@ class Extractor:
                 noise = self.corrected_noise(image_indices, (full, full), crop_px // factor)
             else:
                 noise = self.shared_noise(lat.shape[0], (full, full), crop_px // factor)
+        if self.dit:
+            from . import dit
+
+            return dit.noised(lat, noise, self.sigma), t
         lat = self.ddim.add_noise(lat, noise, t)
         if paper:
             lat = self.scale_model_input(lat, t)
@@ -344,6 +380,14 @@ class Extractor:
         complete pass here, which hooks all of them). ``cond``: :meth:`conditioning`."""
         unet, modules, key = (self.unet, self.modules, "_runs") if twin is None else (*twin, "_meta_runs")
         runs = getattr(self, key)
+        if self.dit:
+            kwargs, select = self._dit_call(lat, cond)
+            if runs is None:
+                setattr(self, key, hooked_pass(unet, modules, layers, on_output, None, select=select, **kwargs))
+            else:
+                hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, select=select,
+                            **kwargs)
+            return
         emb, pooled = cond
         kwargs = dict(encoder_hidden_states=emb)
         paper_sdxl = self.family == "sdxl" and self.settings.mode == "paper"
@@ -355,6 +399,25 @@ class Extractor:
             else:
                 hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, lat, t, **kwargs)
 
+    def _dit_call(self, lat: torch.Tensor, cond: dict) -> tuple[dict, Callable]:
+        """The transformer's keyword arguments for noised latents ``lat`` (:func:`diffaudit.dit.transformer_inputs`;
+        in paper mode sdhelper's timestep and, for FLUX, its transposed image ids), and the hook's selection of the
+        image tokens as a ``(B, C, y, x)`` map on the patch grid."""
+        from . import dit
+
+        kwargs = dit.transformer_inputs(self.pipe, lat, self.sigma, cond)
+        grid = dit.grid_hw(self.pipe, tuple(lat.shape[-2:]))
+        if self.settings.mode == "paper":
+            if self.family == "sd3":  # the schedule's float32 value itself
+                kwargs["timestep"] = torch.full_like(kwargs["timestep"], self.model_timestep)
+            else:  # sdhelper: (step + 1) / 1000 in the latents' dtype, image ids of the transposed grid
+                kwargs["timestep"] = torch.full_like(kwargs["timestep"], int(self.settings.timestep) + 1) / 1000
+                ids = kwargs["img_ids"]
+                kwargs["img_ids"] = self.pipe._prepare_latent_image_ids(lat.shape[0], grid[1], grid[0], ids.device,
+                                                                        ids.dtype)
+        n_text = cond["encoder_hidden_states"].shape[1]
+        return kwargs, lambda name, out: dit.image_map(name, out, grid, n_text)
+
     @torch.no_grad()
     def layer_shapes(self, image_px: int, layers: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
         """``{layer: (C, H, W)}`` for square images of ``image_px`` pixels. Exact: one batch-1 pass on a zero latent
@@ -362,28 +425,31 @@ class Extractor:
         that cannot be built or run; a padding mode too large for a map fails either way."""
         layers = self.layers if layers is None else list(layers)
         h = int(image_px) // self.vae_factor
-        emb, pooled = self._conditioning([experiments.class_prompt(self.settings.prompt, "")])
+        cond = self._conditioning([experiments.class_prompt(self.settings.prompt, "")])
         shapes: dict[str, tuple[int, int, int]] = {}
 
         def record(name, out):
             shapes[name] = tuple(int(d) for d in out.shape[1:])
 
+        def on_meta(x):
+            return torch.zeros(x.shape, device="meta", dtype=x.dtype) if isinstance(x, torch.Tensor) else x
+
         twin = self._shape_model()
         if twin is not None:
-            lat = torch.zeros((1, twin[0].config.in_channels, h, h), device="meta", dtype=self.dtype)
+            lat = torch.zeros((1, self.latent_channels, h, h), device="meta", dtype=self.dtype)
+            meta = ({k: on_meta(v) for k, v in cond.items()} if isinstance(cond, dict)
+                    else tuple(on_meta(v) for v in cond))
             try:
                 with conv_padding(twin[0], self.switches["padding_mode"]):
-                    meta = (torch.zeros(emb.shape, device="meta", dtype=emb.dtype),
-                            None if pooled is None else torch.zeros(pooled.shape, device="meta", dtype=pooled.dtype))
                     self._pass(layers, record, lat, torch.tensor(int(self.settings.timestep), dtype=torch.long), meta,
                                twin=twin)
                 return {name: shapes[name] for name in layers}
             except Exception:  # noqa: BLE001 - whatever the meta pass cannot do, the real pass below does or reports
                 shapes.clear()
-        lat = torch.zeros((1, self.unet.config.in_channels, h, h), device=self.device, dtype=self.dtype)
+        lat = torch.zeros((1, self.latent_channels, h, h), device=self.device, dtype=self.dtype)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
         with deterministic_cudnn(), conv_padding(self.unet, self.switches["padding_mode"]):
-            self._pass(layers, record, lat, t, (emb, pooled))
+            self._pass(layers, record, lat, t, cond)
         return {name: shapes[name] for name in layers}
 
     def _shape_model(self):
@@ -463,9 +529,10 @@ class _StopForward(BaseException):
 
 
 def hooked_pass(unet, modules: dict, wanted: Sequence[str], on_output: Callable[[str, torch.Tensor], None],
-                runs: dict[str, int] | None, *args, **kwargs) -> dict[str, int] | None:
+                runs: dict[str, int] | None, *args, select: Callable | None = None, **kwargs) -> dict[str, int] | None:
     """``unet(*args, **kwargs)`` with a forward hook on each of ``modules`` (``{name: module}``) that calls
-    ``on_output(name, output)`` for the names in ``wanted`` (the first element of a tuple output).
+    ``on_output(name, output)`` for the names in ``wanted`` (the first element of a tuple output, or what
+    ``select(name, output)`` makes of the raw output: a transformer block's image tokens as a map).
 
     With ``runs`` (``{name: times the module runs in a complete pass}``, e.g. what an earlier call returned) saying that
     each wanted module runs exactly once, the pass stops right after the last of them has run: nothing the U-Net
@@ -483,7 +550,10 @@ def hooked_pass(unet, modules: dict, wanted: Sequence[str], on_output: Callable[
             counts[name] += 1
             if name not in wanted_set:
                 return
-            on_output(name, output[0] if isinstance(output, tuple) else output)
+            if select is not None:
+                on_output(name, select(name, output))
+            else:
+                on_output(name, output[0] if isinstance(output, tuple) else output)
             left.discard(name)
             if stop and not left:
                 raise _StopForward
@@ -821,13 +891,14 @@ def run_extraction(pipe, *, dataset_images: Callable[[int, int], list], image_id
         extractor = Extractor(pipe, layers, settings, label_names=label_names)
         base_config = {**provenance, **settings.config(), "device": extractor.device.type,
                        "compute_dtype": str(extractor.dtype).replace("torch.", ""), "image_size": image_size}
-        attrs = {**base_config, "library_versions": library_versions(), **describe_switches(settings),
-                 **describe_family(extractor)}
+        attrs = {**base_config, "library_versions": library_versions(),
+                 **describe_switches(settings, extractor.switches, extractor.dit)}
         name = provenance.get("model", "")
         with cpu_heap_reuse(extractor.device.type == "cpu"):
             # the first probe (all layers) is a complete pass; the crops' probes and every batch stop after the
             # last layer they need
             plan = plan_variants(extractor.layer_shapes, layers, image_size, settings.crops)
+            attrs.update(describe_family(extractor))  # after the first conditioning (what it used: T5 or not)
             extra = {v.name: ({"variant": v.name, "crop_px": v.crop_px} if v.crop_px else {"variant": v.name})
                      for v in plan}
             configs = {v: {**base_config, **e} for v, e in extra.items()}
@@ -866,16 +937,17 @@ def _resized(images_fn: Callable[[int, int], list], size: int) -> Callable[[int,
     return lambda a, b: [im.resize((size, size), Image.BICUBIC) for im in images_fn(a, b)]
 
 
-def describe_switches(settings: ExtractionSettings) -> dict:
+def describe_switches(settings: ExtractionSettings, switches: dict | None = None, dit: bool = False) -> dict:
     """What the extraction did, in words, for the stores' attributes (the switches an experiment set are in the
-    config as well)."""
-    sw, paper = settings.switches, settings.mode == "paper"
+    config as well). ``switches``: what the extractor used, where the family changes a mode default; ``dit``: a
+    diffusion transformer (flow-matching noise, no input scaling)."""
+    sw, paper = switches or settings.switches, settings.mode == "paper"
     out = {"pixel_range": "[0, 1] (x/255)" if sw["pixel_range"] == "unit" else "[-1, 1]",
            "latent": "VAE posterior sample" if sw["latent"] == "sample" else "VAE posterior mean",
            "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper and sw["noise"] == "shared"
                      else "one tensor shared by every image, CPU generator seeded by seed" if sw["noise"] == "shared"
                      else "independent per image, CPU generator seeded by seed*1000003+image_index"),
-           "scale_model_input": paper}
+           "scale_model_input": paper and not dit}
     if settings.padding_mode is not None:
         out["padding_mode"] = sw["padding_mode"]
     if sw["weights"] == "random":
@@ -886,6 +958,12 @@ def describe_switches(settings: ExtractionSettings) -> dict:
 def describe_family(extractor: Extractor) -> dict:
     """The model family and how the extraction conditioned it, for the stores' attributes."""
     out = {"family": extractor.family}
+    if extractor.dit:
+        out["noise_level"] = {"sigma": float(extractor.sigma), "model_timestep": float(extractor.model_timestep),
+                              "from": ("sdhelper 1.0.0's step (paper mode)" if extractor.settings.mode == "paper"
+                                       else "extraction.sigma" if extractor.settings.sigma is not None
+                                       else "equal SNR with the DDPM timestep")}
+        out["t5_used"] = extractor.t5_used
     if extractor.family == "sdxl":
         out["added_conditioning"] = (
             "none (paper mode: sdhelper 1.0.0 sets addition_embed_type to 'nothing_at_all')"

@@ -171,7 +171,12 @@ def unet_layers(unet: torch.nn.Module) -> list[str]:
 
 def paper_layers(model: torch.nn.Module) -> list[str]:
     """``layers: paper`` for ``model``: the paper's 45 layers on an SD-1/2 U-Net (they omit
-    ``up_blocks[0].resnets[2]``), else every layer of :func:`unet_layers` (the same choice on the model's layout)."""
+    ``up_blocks[0].resnets[2]``), else every layer of :func:`unet_layers` (the same choice on the model's layout);
+    on a diffusion transformer the patch embedding and every block (:func:`diffaudit.dit.paper_layers`)."""
+    if hasattr(model, "transformer_blocks"):
+        from .dit import paper_layers as dit_layers
+
+        return dit_layers(model)
     every = unet_layers(model)
     if every == [*PAPER_LAYERS[:23], "up_blocks[0].resnets[2]", *PAPER_LAYERS[23:]]:
         return list(PAPER_LAYERS)

@@ -147,16 +147,26 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
 
 
 #: The model families the extraction knows (docs/families.md): how the backbone is called and conditioned.
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+#: The diffusion-transformer families (flow matching; :mod:`diffaudit.dit`).
+DIT_FAMILIES = ("sd3", "flux")
 
 
 def pipeline_family(pipe) -> str:
-    """``sd`` (the SD-1/2 U-Net: text conditioning only) or ``sdxl`` (a U-Net with SDXL's ``text_time`` added
-    conditioning: two text towers, pooled embedding and size/crop ids); anything else is refused in one line."""
+    """``sd`` (the SD-1/2 U-Net: text conditioning only), ``sdxl`` (a U-Net with SDXL's ``text_time`` added
+    conditioning: two text towers, pooled embedding and size/crop ids), ``sd3`` (MMDiT) or ``flux`` (double- and
+    single-stream transformer); anything else is refused in one line."""
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "vae"):
+        from .dit import family_of
+
+        try:
+            return family_of(pipe)
+        except ValueError as exc:
+            raise ModelLoadError(f"{exc}; supported families: {', '.join(FAMILIES)}") from None
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(pipe, "vae"):
-        raise ModelLoadError(f"{type(pipe).__name__} is not a latent diffusion pipeline with a U-Net; supported "
-                             f"families: {', '.join(FAMILIES)}")
+        raise ModelLoadError(f"{type(pipe).__name__} is not a latent diffusion pipeline with a U-Net or a supported "
+                             f"transformer; supported families: {', '.join(FAMILIES)}")
     added = unet.config.get("addition_embed_type")
     if added is None:
         return "sd"
@@ -164,6 +174,11 @@ def pipeline_family(pipe) -> str:
         return "sdxl"
     raise ModelLoadError(f"{type(pipe).__name__}: a U-Net with added conditioning {added!r} is not supported "
                          f"(supported families: {', '.join(FAMILIES)})")
+
+
+def backbone(pipe) -> torch.nn.Module:
+    """The denoising network whose layers are extracted: the U-Net, or the transformer of a DiT pipeline."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
 
 
 def download_model(spec: ModelSpec) -> str | None:
@@ -210,7 +225,7 @@ MINI_SEED = 0
 #: Where the workflow builds the embedded models (rule build_mini; `model_sources.<name>` in params.yaml).
 EMBEDDED_ROOT = "resources/models"
 #: The embedded models (small widths, seeded weights, built offline): name -> family (:func:`pipeline_family`).
-EMBEDDED_MODELS: dict[str, str] = {"mini": "sd", "mini-sdxl": "sdxl"}
+EMBEDDED_MODELS: dict[str, str] = {"mini": "sd", "mini-sdxl": "sdxl", "mini-sd3": "sd3", "mini-flux": "flux"}
 MINI_DIR = f"{EMBEDDED_ROOT}/mini"
 
 
@@ -442,6 +457,10 @@ def save_embedded_model(name: str, out_dir: str | Path, seed: int = MINI_SEED) -
         info = {"seed": seed, "family": "sdxl", "unet": unet_cfg, "vae": vae_cfg, "text": text_cfg,
                 "text_2": text2_cfg}
         return _save_pipeline(pipe, Path(out_dir), info)
+    if name in ("mini-sd3", "mini-flux"):
+        from .dit import save_tiny_model
+
+        return save_tiny_model(EMBEDDED_MODELS[name], out_dir, seed=seed)
     raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
 
 

@@ -1,4 +1,4 @@
-# The embedded offline models (`mini`: SD-1.5's layout; `mini-sdxl`: SDXL's): small pipelines with seeded
+# The embedded offline models (mini: SD-1.5's layout; mini-sdxl, mini-sd3, mini-flux): small pipelines with seeded
 # weights, saved with save_pretrained and loaded back through the same from_pretrained path as hub models.
 
 

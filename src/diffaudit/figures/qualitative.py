@@ -216,6 +216,11 @@ def resolve_layer(store: ReprStore, layer: str, spatial: int | None = None, pref
     """
     if layer in store.layers:
         return layer, ""
+    if spatial is None and not any(_BLOCK.match(l) or l.startswith("mid_block") for l in store.layers):
+        # not a U-Net (a diffusion transformer: every block on one patch grid): the block at mid depth
+        chosen = store.layers[len(store.layers) // 2]
+        h, w = store.shape(chosen)[2:]
+        return chosen, f"{layer} is a U-Net layer; showing {chosen} ({h}x{w}), the stored layer at mid depth"
     if spatial is None:
         factor = sd_downsampling(layer)
         size = _image_size(store)

@@ -1,4 +1,5 @@
-"""Rule ``build_mini``: an embedded offline model (``mini``, ``mini-sdxl``), saved with ``save_pretrained``."""
+"""Rule ``build_mini``: an embedded offline model (``mini``, ``mini-sdxl``, ``mini-sd3``, ``mini-flux``), saved with
+``save_pretrained``."""
 from __future__ import annotations
 
 from pathlib import Path

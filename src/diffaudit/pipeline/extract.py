@@ -20,14 +20,14 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
     from ..datasets import load_images, load_index, load_label_names
     from ..extract import ExtractionSettings, run_extraction
     from ..layers import expand_layers
-    from ..models import compute_dtype, load_pipeline, model_revision, resolve_model
+    from ..models import backbone, compute_dtype, load_pipeline, model_revision, resolve_model
     from ..store import shard_ranges
 
     overrides = cfg.get("experiment") or {}
     ex = experiments.effective_extraction(cfg["extraction"], overrides)
     settings = ExtractionSettings(mode=ex["mode"], timestep=ex["timestep"], seed=ex["seed"],
                                   batch_size=ex["batch_size"], prompt=ex["prompt"], precision=ex["precision"],
-                                  store_dtype=ex["store_dtype"], crops=ex["crops"],
+                                  store_dtype=ex["store_dtype"], crops=ex["crops"], sigma=ex.get("sigma"),
                                   **{k: ex[k] for k in experiments.CAUSES if k in ex and k not in (
                                       "timestep", "seed", "prompt")})
     index = load_index(dataset_dir)
@@ -43,7 +43,7 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
     spec = resolve_model(model, cfg["model_sources"])
     device = common.device(cfg)
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]))
-    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), pipe.unet)
+    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), backbone(pipe))
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
     provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
