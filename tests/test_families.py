@@ -199,3 +199,41 @@ def test_dit_stores_record_family_noise_level_and_t5(dit_pipes, tmp_path):
     assert attrs["noise_level"]["from"] == "equal SNR with the DDPM timestep"
     assert attrs["noise_level"]["sigma"] == pytest.approx(0.18406, abs=1e-5)
     assert attrs["scale_model_input"] is False
+
+
+def test_gpu_memory_check_and_offload_refusals(sdxl_dir, sdxl_pipe):
+    """A device that cannot hold the weights is refused before anything moves, with what to do; with offload only the
+    largest component must fit; offload needs CUDA."""
+    from diffaudit.models import GPU_HEADROOM_BYTES, check_gpu_memory, weight_bytes
+
+    spec = ModelSpec("mini-sdxl", str(sdxl_dir))
+    sizes = weight_bytes(sdxl_pipe, torch.float16, vae_float32=True)
+    assert set(sizes) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    n_vae = sum(p.numel() for p in sdxl_pipe.vae.parameters())
+    assert sizes["vae"] >= 4 * n_vae and sizes["unet"] >= 2 * sum(p.numel() for p in sdxl_pipe.unet.parameters())
+    total = sum(sizes.values()) + GPU_HEADROOM_BYTES
+    check_gpu_memory(spec, sdxl_pipe, "cuda", torch.float16, free_bytes=total, vae_float32=True)
+    with pytest.raises(ModelLoadError, match=r"needs about .* GB on cuda.*set extraction.offload: true"):
+        check_gpu_memory(spec, sdxl_pipe, "cuda", torch.float16, free_bytes=total - 1, vae_float32=True)
+    largest = max(sizes.values()) + GPU_HEADROOM_BYTES
+    check_gpu_memory(spec, sdxl_pipe, "cuda:0", torch.float16, offload=True, free_bytes=largest, vae_float32=True)
+    with pytest.raises(ModelLoadError, match="largest component"):
+        check_gpu_memory(spec, sdxl_pipe, "cuda:0", torch.float16, offload=True, free_bytes=largest - 1,
+                         vae_float32=True)
+    with pytest.raises(ModelLoadError, match="extraction.offload needs a CUDA device"):
+        load_pipeline(spec, device="cpu", offload=True)
+
+
+def test_model_cpu_offload_captures_the_same_maps():
+    """diffusers' model CPU offload (hooks that move each component to the execution device when it runs; here the
+    CPU stands in for the GPU) leaves the extraction's hooks and values unchanged."""
+    from diffaudit.models import build_mini_sdxl_pipeline
+
+    pipe = build_mini_sdxl_pipeline()
+    layers = ["down_blocks[1].attentions[0]", "mid_block.attentions[0]", "conv_out"]
+    images = random_images(2, 64, seed=4)
+    plain = Extractor(pipe, layers, ExtractionSettings(mode="corrected")).run_batch(images, [0, 1])
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.unet, "_hf_hook")
+    offloaded = Extractor(pipe, layers, ExtractionSettings(mode="corrected")).run_batch(images, [0, 1])
+    assert all(torch.equal(plain[k], offloaded[k]) for k in layers)

@@ -211,7 +211,10 @@ class Extractor:
         self.t5_used: bool | None = None
         self.layers = list(layers)
         self.modules = resolve_layers(self.unet, self.layers)
-        self.device = self.unet.device
+        # where the passes run: with model CPU offload the weights rest on the CPU between passes
+        self.device = torch.device(getattr(pipe, "_execution_device", None) or self.unet.device)
+        if self.unet is not net and self.unet.device != self.device:
+            self.unet.to(self.device)  # a random-weights copy has no offload hook: it lives on the device
         self.dtype = self.unet.dtype
         # sdhelper noises with a DDIM scheduler rebuilt from the model's scheduler config, for every U-Net model.
         self.ddim = None if self.dit else DDIMScheduler.from_config(pipe.scheduler.config)

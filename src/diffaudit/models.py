@@ -110,11 +110,15 @@ def compute_dtype(device: str, precision: str = "auto") -> torch.dtype:
     raise ValueError(f"precision must be auto, float16 or float32, got {precision!r}")
 
 
-def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None):
+def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None,
+                  offload: bool = False, free_bytes: int | None = None):
     """Load a Stable Diffusion pipeline as sdhelper 1.0.0 does.
 
-    The weights are loaded as float16 (as the authors did) and then moved to ``device`` in ``dtype``.
-    Any failure (gated, missing, no network, not a diffusers directory) becomes one ``ModelLoadError``.
+    The weights are loaded as float16 (as the authors did) and then moved to ``device`` in ``dtype``; with
+    ``offload`` (CUDA only) each component is moved to the GPU only while it runs (diffusers' model CPU offload; the
+    extraction's hooks sit on the backbone's submodules and capture as before). On CUDA the weights must fit the
+    device's free memory (``free_bytes``: what it has, default asked from CUDA), else one ``ModelLoadError`` says
+    what to do. Any failure (gated, missing, no network, not a diffusers directory) becomes one ``ModelLoadError``.
     """
     quiet_libraries()
     from diffusers import AutoPipelineForText2Image
@@ -140,10 +144,57 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {spec.describe()}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(device, dtype)
-        if family == "sdxl" and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        upcast = family == "sdxl" and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False)
+        if str(device).startswith("cuda"):
+            check_gpu_memory(spec, pipe, device, dtype, offload, free_bytes, vae_float32=upcast)
+        elif offload:
+            raise ModelLoadError(f"model {spec.describe()}: extraction.offload needs a CUDA device, not {device!r}")
+        if offload:
+            pipe.to(dtype=dtype)
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe = pipe.to(device, dtype)
+        if upcast:
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16; its pipeline (and sdhelper) upcast it
         return pipe
+
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+
+def weight_bytes(pipe, dtype: torch.dtype, vae_float32: bool = False) -> dict[str, int]:
+    """Bytes of each component's weights (and buffers) in ``dtype`` (the VAE in float32 if ``vae_float32``)."""
+    out = {}
+    for name, module in _components(pipe).items():
+        n = sum(t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+        width = 4 if name == "vae" and vae_float32 else torch.finfo(dtype).bits // 8
+        out[name] = n * width
+    return out
+
+
+#: Room left on the GPU beside the weights for the activations of a batch and the CUDA context.
+GPU_HEADROOM_BYTES = 2**30
+
+
+def check_gpu_memory(spec: ModelSpec, pipe, device: str, dtype: torch.dtype, offload: bool = False,
+                     free_bytes: int | None = None, vae_float32: bool = False) -> None:
+    """Refuse, with what to do, when the device cannot hold the weights (all components, or with ``offload`` the
+    largest one) plus :data:`GPU_HEADROOM_BYTES`."""
+    sizes = weight_bytes(pipe, dtype, vae_float32)
+    need = (max(sizes.values()) if offload else sum(sizes.values())) + GPU_HEADROOM_BYTES
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    if need <= free_bytes:
+        return
+    gb = 1e9
+    parts = ", ".join(f"{k} {v / gb:.1f}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))
+    hint = ("use a GPU with more free memory" if offload else
+            "set extraction.offload: true (each component on the GPU only while it runs) or use a larger GPU")
+    raise ModelLoadError(f"model {spec.describe()} needs about {need / gb:.1f} GB on {device} "
+                         f"({'largest component' if offload else 'weights'}: {parts} GB, + "
+                         f"{GPU_HEADROOM_BYTES / gb:.1f} GB for activations), but only {free_bytes / gb:.1f} GB are "
+                         f"free; {hint}")
 
 
 #: The model families the extraction knows (docs/families.md): how the backbone is called and conditioned.

@@ -42,7 +42,8 @@ def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, pro
         index = index.iloc[first:last]
     spec = resolve_model(model, cfg["model_sources"])
     device = common.device(cfg)
-    pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]))
+    pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]),
+                         offload=bool(ex.get("offload", False)))
     layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), backbone(pipe))
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
     provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
