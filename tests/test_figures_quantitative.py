@@ -376,3 +376,154 @@ def test_several_seeds_keep_the_sd_band_under_the_interval_band(tables):
     final8 = p[(p.epoch == 5) & (p.granularity == 8)]
     lo, hi = 100 * 1.1 * final8.ci_low, 100 * 1.1 * final8.ci_high  # the seeds' mean limits
     assert band_limits(acc_bands[1]) == pytest.approx((lo.min(), hi.max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families with different layer lists: SDXL U-Nets, diffusion transformers, relative depth
+# ---------------------------------------------------------------------------------------------
+
+def sdxl_layers() -> list[str]:
+    """The 34 layers of an SDXL U-Net (three levels, no attention at the first; diffaudit.layers.unet_layers)."""
+    names = ["conv_in", "down_blocks[0].resnets[0]", "down_blocks[0].resnets[1]", "down_blocks[0].downsamplers[0]"]
+    names += ["down_blocks[1].resnets[0]", "down_blocks[1].attentions[0]", "down_blocks[1].resnets[1]",
+              "down_blocks[1].attentions[1]", "down_blocks[1].downsamplers[0]"]
+    names += ["down_blocks[2].resnets[0]", "down_blocks[2].attentions[0]", "down_blocks[2].resnets[1]",
+              "down_blocks[2].attentions[1]"]
+    names += ["mid_block.resnets[0]", "mid_block.attentions[0]", "mid_block.resnets[1]"]
+    for b in (0, 1):
+        names += [n for j in range(3) for n in (f"up_blocks[{b}].resnets[{j}]", f"up_blocks[{b}].attentions[{j}]")]
+        names.append(f"up_blocks[{b}].upsamplers[0]")
+    names += [f"up_blocks[2].resnets[{j}]" for j in range(3)] + ["conv_out"]
+    return names
+
+
+def dit_layers(joint: int = 12, single: int = 0, embed: str = "pos_embed") -> list[str]:
+    """An SD3-like (``pos_embed`` + joint blocks) or FLUX-like (``x_embedder`` + joint + single blocks) list."""
+    return ([embed] + [f"transformer_blocks[{i}]" for i in range(joint)]
+            + [f"single_transformer_blocks[{i}]" for i in range(single)])
+
+
+def synthetic_summary(layers, seed: int = 0, spatial: int = 32) -> pd.DataFrame:
+    """A ``layer_summary/{model}.csv`` table over ``layers`` (accuracy as a fraction, ratios, norms)."""
+    rng = np.random.default_rng(seed)
+    n = len(layers)
+    d = pd.DataFrame({"layer_index": np.arange(n), "layer": list(layers), "spatial": spatial})
+    for g in (8, 16, 32, 64):
+        d[f"acc_{g}x{g}"] = rng.uniform(0.05, 0.6, n)
+    d["corner_ratio"], d["border_ratio"] = rng.uniform(0.7, 1.8, n), rng.uniform(0.7, 1.8, n)
+    d["rel_norm_mean"], d["rel_norm_source"] = rng.uniform(0.8, 3.5, n), "paper"
+    return d
+
+
+def model_line(ax, model: str, quantity: str):
+    return line(ax, f"_{model} {quantity}")
+
+
+def test_transformer_layer_names_get_labels():
+    assert (layer_block("pos_embed"), layer_type("pos_embed")) == ("in", "embed")
+    assert (layer_block("x_embedder"), layer_type("x_embedder")) == ("in", "embed")
+    assert (layer_block("transformer_blocks[3]"), layer_type("transformer_blocks[3]")) == ("tb3", "block")
+    assert (layer_block("single_transformer_blocks[0]"), layer_type("single_transformer_blocks[0]")) == ("stb0",
+                                                                                                        "block")
+    assert layer_type("transformer_blocks[3].attn") == "attn" and layer_block("transformer_blocks[3].attn") == "tb3"
+    assert q._segments("single_transformer_blocks[10]") == [("single_transformer_blocks", [10])]
+    assert [q.layer_label(n) for n in dit_layers(2, 1, "x_embedder")] == ["embed", "tb0", "tb1", "stb0"]
+    # a DiT's axis groups its blocks by stream: in | joint | single
+    assert block_spans(dit_layers(4, 3, "x_embedder")) == [("in", 0, 0), ("joint", 1, 4), ("single", 5, 7)]
+    assert block_boundaries(dit_layers(12)) == [1]
+    assert q.model_family(dit_layers(12)) == "DiT" and q.model_family(sdxl_layers()) == "U-Net"
+    assert q.model_family(["conv_in", "conv_out"]) == ""
+
+
+def test_sdxl_list_matches_the_unet_layout():
+    assert len(sdxl_layers()) == 34 and len(set(sdxl_layers())) == 34
+    assert [b for b, _, _ in block_spans(sdxl_layers())] == ["in", "dn0", "dn1", "dn2", "mid", "up0", "up1", "up2",
+                                                           "out"]
+
+
+@pytest.mark.parametrize("layers, blocks", [
+    (dit_layers(12), ["in", "joint"]),
+    (dit_layers(4, 8, "x_embedder"), ["in", "joint", "single"]),
+    (sdxl_layers(), ["in", "dn0", "dn1", "dn2", "mid", "up0", "up1", "up2", "out"]),
+])
+def test_single_model_figure_of_other_families(tmp_path, layers, blocks):
+    t = q.tables_from_summary(synthetic_summary(layers))
+    png, svg = plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"],
+                                 tmp_path / "q", "m")
+    check_written(png, svg)
+    fig = quantitative_figure(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], "m")
+    bottom = fig.axes[2]
+    assert [x.get_text() for x in bottom.get_xticklabels(minor=True) if x.get_text()] == blocks
+    assert [x.get_text() for x in bottom.get_xticklabels() if x.get_text()] == [q.layer_label(n) for n in layers]
+    np.testing.assert_array_equal(line(fig.axes[0], "8×8").get_xdata(), np.arange(len(layers)))
+
+
+def test_relative_depth():
+    np.testing.assert_allclose(q.relative_depth(["a", "b", "c", "d", "e"]), [0, 0.25, 0.5, 0.75, 1])
+    assert q.relative_depth(["a"]).tolist() == [0.0] and q.relative_depth([]).size == 0
+    assert q.relative_depth(PAPER_LAYERS)[18] == pytest.approx(18 / 44)
+
+
+@pytest.fixture(scope="module")
+def families():
+    """layer_summary tables of an SD-1.5 (45 layers), SDXL (34), SD3-like (13) and FLUX-like (1 + 6 + 12) model;
+    the SD3-like model has accuracy 0.9 at its middle layer (position 6 of 13), above every other value."""
+    lists = {"sd15": list(PAPER_LAYERS), "sdxl": sdxl_layers(), "sd3": dit_layers(12),
+             "flux": dit_layers(6, 12, "x_embedder")}
+    summaries = {m: synthetic_summary(names, seed=i) for i, (m, names) in enumerate(lists.items())}
+    summaries["sd3"].loc[6, "acc_8x8"] = 0.9
+    return lists, summaries
+
+
+def test_cross_model_relative_depth_axis(tmp_path, families):
+    lists, summaries = families
+    by_model = {m: q.tables_from_summary(s) for m, s in summaries.items()}
+    png, svg = plot_cross_model(by_model, tmp_path / "cross_families")
+    check_written(png, svg)
+    texts = svg_texts(svg)
+    for t in (q.RELATIVE_XLABEL, "sd15 (U-Net, 45 layers)", "sdxl (U-Net, 34 layers)", "sd3 (DiT, 13 layers)",
+              "flux (DiT, 19 layers)", "U-Net mid_block", "8×8", "native", "0", "0.25", "0.5", "0.75", "1"):
+        assert t in texts, t
+    assert "layers:" not in texts and "blocks:" not in texts
+
+    fig = cross_model_figure(by_model)
+    ax_acc, ax_sim, ax_norm = fig.axes[:3]
+    assert ax_norm.get_xlabel() == q.RELATIVE_XLABEL
+    assert ax_norm.get_xticks().tolist() == [0, 0.25, 0.5, 0.75, 1]
+    for m, names in lists.items():
+        s = summaries[m]
+        n_sim = len(names) - ("conv_out" in names)  # conv_out left out of the similarity panel
+        for ax, quantity, n in ((ax_acc, "8×8", len(names)), (ax_acc, "native", len(names)),
+                                (ax_norm, "norm", len(names)), (ax_sim, "corner", n_sim)):
+            x = model_line(ax, m, quantity).get_xdata()
+            assert len(x) == n, (m, quantity)
+            assert x[0] == 0.0 and np.all(np.diff(x) > 0), (m, quantity)  # first layer at 0, in layer order
+        x8 = model_line(ax_acc, m, "8×8").get_xdata()
+        assert x8[-1] == 1.0
+        np.testing.assert_allclose(x8, q.relative_depth(names))
+        np.testing.assert_allclose(model_line(ax_acc, m, "8×8").get_ydata(), 100 * s["acc_8x8"].to_numpy())
+        np.testing.assert_allclose(model_line(ax_norm, m, "norm").get_ydata(), s["rel_norm_mean"].to_numpy())
+        assert model_line(ax_acc, m, "8×8").get_marker() == "o"  # lines with small markers
+    # the planted value: the middle of 13 layers is at x = 0.5
+    sd3 = model_line(ax_acc, "sd3", "8×8")
+    k = int(np.argmax(sd3.get_ydata()))
+    assert sd3.get_ydata()[k] == pytest.approx(90.0) and sd3.get_xdata()[k] == 0.5
+    # the U-Nets' mid_block (first mid_block layer) in the model's colour, in every panel
+    colors = {m: tuple(model_line(ax_acc, m, "8×8").get_color()) for m in lists}
+    for ax in (ax_acc, ax_sim, ax_norm):
+        mids = {tuple(ln.get_color()): ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_label() == "_mid_block"}
+        assert mids == pytest.approx({colors["sd15"]: 18 / 44, colors["sdxl"]: 13 / 33})
+
+
+def test_cross_model_shared_layer_list_keeps_the_layer_axis(families):
+    lists, summaries = families
+    by_model = {m: q.tables_from_summary(summaries[m]) for m in ("sdxl",)}
+    by_model["sdxl-turbo"] = q.tables_from_summary(synthetic_summary(sdxl_layers(), seed=7))
+    fig = cross_model_figure(by_model)
+    bottom = fig.axes[2]
+    assert bottom.get_xlabel() == "" and "layers:" in [t.get_text() for t in fig.texts]
+    np.testing.assert_array_equal(model_line(fig.axes[0], "sdxl", "8×8").get_xdata(), np.arange(34))
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "_mid_block"]
+    # a model without any table does not force the relative axis either
+    by_model["empty"] = {}
+    assert cross_model_figure(by_model).axes[2].get_xlabel() == ""

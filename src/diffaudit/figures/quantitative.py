@@ -28,7 +28,15 @@ the right of the panels so they never cover data. The y-limits are the paper's (
 0.46..2.8, norm 0.45..5.8) and widen when data (or the overlay) fall outside them.
 
 :func:`plot_cross_model` draws one line per model in each panel: accuracy at 8x8 (solid) and at the layer's native
-granularity (dashed), corner ratio, and anomaly relative norm.
+granularity (dashed), corner ratio, and anomaly relative norm. When all models share one ordered layer list they sit
+on that layer axis (as above); when the lists differ (model families with different layer counts: SD-1/2 U-Nets 45
+layers, SDXL 34, SD3 / FLUX transformers), every model is drawn on a relative depth axis instead, its layer i of n
+at x = i / (n - 1) (0 = first layer, 1 = last; :func:`relative_depth`), with each U-Net's ``mid_block`` marked.
+
+Layer names of diffusion transformers are labelled too: the patch embedding (``pos_embed``, ``x_embedder``) is type
+``embed`` in block ``in``, ``transformer_blocks[i]`` / ``single_transformer_blocks[i]`` are whole blocks (type
+``block``) named tb{i} / stb{i}, grouped on the layer axis as "joint" and "single" (:func:`block_group`,
+:func:`layer_label`).
 
 Both write ``<out_stem>.png`` (dpi 150) and ``<out_stem>.svg`` with ``bbox_inches="tight"``; SVGs are
 deterministic (fixed ``svg.hashsalt``, no date) and keep their text as text (``svg.fonttype="none"``).
@@ -77,6 +85,11 @@ TABLE_KEYS = ("position_probe", "token_group_similarity", "anomaly_rel_norm")
 
 _SEG = re.compile(r"^([A-Za-z_]\w*)((?:\[\d+\])*)$")
 _TYPE_OF_LIST = {"resnets": "res", "attentions": "attn", "downsamplers": "down", "upsamplers": "up"}
+#: The patch embeddings of diffusion transformers (SD3 ``pos_embed``, FLUX ``x_embedder``): their first layer.
+PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed")
+#: DiT block lists -> (per-block label prefix, label of a run of them on the layer axis): SD3's MMDiT blocks and
+#: FLUX's double-stream blocks are "joint" (text and image streams), FLUX's single-stream blocks "single".
+_DIT_BLOCKS = {"transformer_blocks": ("tb", "joint"), "single_transformer_blocks": ("stb", "single")}
 
 
 def _segments(name: str) -> list[tuple[str, list[int]]]:
@@ -91,15 +104,17 @@ def _segments(name: str) -> list[tuple[str, list[int]]]:
 
 
 def layer_block(name: str) -> str:
-    """Block label of a layer: in, dn0..dn3, mid, up0..up3, out (else the name's first attribute).
+    """Block label of a layer: in, dn0..dn3, mid, up0..up3, out, tb{i}, stb{i} (else the name's first attribute).
 
     ``conv_in`` -> in; ``down_blocks[i]...`` -> dn{i}; ``mid_block...`` -> mid; ``up_blocks[i]...`` -> up{i};
-    ``conv_out``, ``conv_norm_out``, ``conv_act`` -> out; anything else (e.g. ``time_embedding.linear_1``) -> its
-    first attribute name.
+    ``conv_out``, ``conv_norm_out``, ``conv_act`` -> out; on diffusion transformers the patch embedding
+    (``pos_embed`` of SD3, ``x_embedder`` of FLUX) -> in, ``transformer_blocks[i]...`` -> tb{i},
+    ``single_transformer_blocks[i]...`` -> stb{i}; anything else (e.g. ``time_embedding.linear_1``) -> its first
+    attribute name.
     """
     segs = _segments(name)
     head, idx = segs[0]
-    if head == "conv_in":
+    if head == "conv_in" or (head in PATCH_EMBEDDINGS and len(segs) == 1):
         return "in"
     if head in ("conv_out", "conv_norm_out", "conv_act"):
         return "out"
@@ -107,6 +122,8 @@ def layer_block(name: str) -> str:
         return "mid"
     if head in ("down_blocks", "up_blocks") and idx:
         return f"{'dn' if head == 'down_blocks' else 'up'}{idx[0]}"
+    if head in _DIT_BLOCKS and idx:
+        return f"{_DIT_BLOCKS[head][0]}{idx[0]}"
     return head
 
 
@@ -115,7 +132,8 @@ def layer_type(name: str) -> str:
 
     The first ``resnets``/``attentions``/``downsamplers``/``upsamplers`` segment decides (so a sub-module such as
     ``up_blocks[1].attentions[0].proj_out`` is still ``attn``); ``conv_in``/``conv_out`` are ``conv``; a whole
-    block (``down_blocks[1]``, ``mid_block``) is ``block``.
+    block (``down_blocks[1]``, ``mid_block``, a DiT's ``transformer_blocks[i]`` or ``single_transformer_blocks[i]``)
+    is ``block``; a DiT's patch embedding (``pos_embed``, ``x_embedder``) is ``embed``.
     """
     segs = _segments(name)
     for attr, _ in segs[1:]:
@@ -124,22 +142,43 @@ def layer_type(name: str) -> str:
     head, idx = segs[0]
     if head.startswith("conv"):
         return "conv"
-    if len(segs) == 1 and (head == "mid_block" or (head in ("down_blocks", "up_blocks") and idx)):
+    if len(segs) == 1 and head in PATCH_EMBEDDINGS:
+        return "embed"
+    if len(segs) == 1 and (head == "mid_block" or (head in ("down_blocks", "up_blocks", *_DIT_BLOCKS) and idx)):
         return "block"
     last = segs[-1][0]
     return last if len(last) <= 6 else last[:5] + "."
 
 
+def block_group(name: str) -> str:
+    """The group a layer belongs to on the layer axis: its :func:`layer_block`, except that a diffusion
+    transformer's blocks group by stream (``transformer_blocks[i]`` -> joint, ``single_transformer_blocks[i]`` ->
+    single), so a DiT's axis reads in | joint | single rather than one group per block."""
+    head, idx = _segments(name)[0]
+    if head in _DIT_BLOCKS and idx:
+        return _DIT_BLOCKS[head][1]
+    return layer_block(name)
+
+
+def layer_label(name: str) -> str:
+    """The per-layer tick label: :func:`layer_type`, but a whole DiT block is named by its block (tb3, stb0)."""
+    t = layer_type(name)
+    if t == "block" and _segments(name)[0][0] in _DIT_BLOCKS:
+        return layer_block(name)
+    return t
+
+
 def block_boundaries(names: Sequence[str]) -> list[int]:
-    """Positions i in ``names`` where the block changes from ``names[i-1]`` to ``names[i]``."""
-    blocks = [layer_block(n) for n in names]
+    """Positions i in ``names`` where the block (:func:`block_group`) changes from ``names[i-1]`` to
+    ``names[i]``."""
+    blocks = [block_group(n) for n in names]
     return [i for i in range(1, len(blocks)) if blocks[i] != blocks[i - 1]]
 
 
 def block_spans(names: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Runs of consecutive layers of one block: (block, first position, last position)."""
+    """Runs of consecutive layers of one block (:func:`block_group`): (block, first position, last position)."""
     cuts = [0, *block_boundaries(names), len(names)]
-    return [(layer_block(names[a]), a, b - 1) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return [(block_group(names[a]), a, b - 1) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +437,7 @@ def _setup_layer_axis(fig: Figure, axes, axis: LayerAxis) -> None:
     spacing = ax_w_pt / (hi - lo)
     fs = float(np.clip(spacing * 0.95, 5.0, 10.0))
     bottom.set_xticks(xs)
-    bottom.set_xticklabels([layer_type(n) for n in axis.names], rotation=90, fontsize=fs)
+    bottom.set_xticklabels([layer_label(n) for n in axis.names], rotation=90, fontsize=fs)
     centers = [(xs[a] + xs[b]) / 2 for _, a, b in spans]
     bottom.xaxis.remove_overlapping_locs = False
     bottom.set_xticks(centers, minor=True)
@@ -637,6 +676,28 @@ def tables_from_summary(summary: pd.DataFrame) -> dict[str, pd.DataFrame | None]
             "anomaly_rel_norm": an if len(an) else None}
 
 
+def relative_depth(names: Sequence[str]) -> np.ndarray:
+    """x of each layer on the relative depth axis: position i of n (in the given order) -> i / (n - 1), so the first
+    layer is at 0 and the last at 1 (a single layer at 0)."""
+    n = len(names)
+    return np.arange(n, dtype=float) / (n - 1) if n > 1 else np.zeros(n)
+
+
+def model_family(names: Sequence[str]) -> str:
+    """``U-Net`` or ``DiT`` from a layer list (block names), else ``""``."""
+    heads = {_segments(n)[0][0] for n in names}
+    if heads & {"down_blocks", "up_blocks", "mid_block"}:
+        return "U-Net"
+    if heads & {*_DIT_BLOCKS, *PATCH_EMBEDDINGS}:
+        return "DiT"
+    return ""
+
+
+RELATIVE_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+RELATIVE_XLABEL = "relative depth (0 = first layer, 1 = last)"
+MID_STYLE = dict(ls=":", lw=1.0, alpha=0.8, zorder=1)
+
+
 def plot_cross_model(tables_by_model: Mapping[str, Mapping[str, pd.DataFrame | None]], out_stem
                      ) -> tuple[Path, Path]:
     """:func:`cross_model_figure` written to ``<out_stem>.png`` and ``.svg``; returns both paths."""
@@ -647,16 +708,35 @@ def cross_model_figure(tables_by_model: Mapping[str, Mapping[str, pd.DataFrame |
     """One line per model in each panel: accuracy at 8x8 (solid) and native (dashed), corner ratio, rel. norm.
 
     ``tables_by_model``: model -> {``position_probe``, ``token_group_similarity``, ``anomaly_rel_norm``} (any
-    may be missing). Layers are matched by name; x = ``layer_index`` if that is consistent across models.
+    may be missing). When every model has the same ordered layer list (its layers by ``layer_index``), layers are
+    matched by name on the shared layer axis (x = ``layer_index`` if that is consistent across models; layer types
+    and blocks below the bottom panel). When the lists differ (model families with different layer counts: SD-1/2
+    U-Nets with 45 layers, SDXL with 34, SD3 / FLUX transformers), each model is drawn on a relative depth axis
+    instead: its layer i of n at x = i / (n - 1) (:func:`relative_depth`; 0 = first layer, 1 = last), lines with
+    small markers, every U-Net's first ``mid_block`` layer marked by a dotted vertical line and a triangle above the
+    top panel in the model's colour, and the family and layer count of each model in the legend.
     The anomaly panel uses the ``paper`` label source where a model has it, else its first source (named in the
-    legend).
+    legend). Each line carries the (legend-hidden) label ``_<model> <quantity>`` (quantity: 8×8, native, corner,
+    norm).
     """
     models = list(tables_by_model)
     tabs = {m: {k: _for_model((tables_by_model[m] or {}).get(k), m) for k in TABLE_KEYS} for m in models}
-    axis = layer_axis([t for m in models for t in tabs[m].values()])
-    markers = 0 < len(axis) <= 15
+    own = {m: layer_axis(list(tabs[m].values())).names for m in models}
+    relative = len({tuple(v) for v in own.values() if v}) > 1
     colors = dict(zip(models, matplotlib.colormaps["tab10"](np.arange(len(models)) % 10)))
-    fig, axes = _new_figure(axis)
+    if relative:
+        axis_of = {m: LayerAxis(own[m], relative_depth(own[m])) for m in models}
+        markers = True
+        fig = Figure(figsize=(FIGSIZE[0] + 1.0, FIGSIZE[1]))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(3, 1, sharex=True)
+        fig.subplots_adjust(hspace=0.05)
+    else:
+        axis = layer_axis([t for m in models for t in tabs[m].values()])
+        axis_of = dict.fromkeys(models, axis)
+        markers = 0 < len(axis) <= 15
+        fig, axes = _new_figure(axis)
+    style = dict(ms=2.5) if relative else {}
     ax_acc, ax_sim, ax_norm = axes
     ax_acc.set_ylabel("test accuracy")
     ax_sim.set_ylabel("corner\nrel. similarity")
@@ -665,20 +745,20 @@ def cross_model_figure(tables_by_model: Mapping[str, Mapping[str, pd.DataFrame |
     acc_vals, sim_vals, norm_vals = [], [], []
     acc_models, sim_models, norm_handles = [], [], []
     for m in models:
-        t, c = tabs[m], colors[m]
+        t, c, axis = tabs[m], colors[m], axis_of[m]
         if t["position_probe"] is not None:
             wide, _ = final_accuracy(t["position_probe"])
             if 8 in wide.columns:
                 x, y = _series(axis, wide[8])
-                _line(ax_acc, x, y, markers, color=c, lw=1.5, zorder=3)
+                _line(ax_acc, x, y, markers, color=c, lw=1.5, zorder=3, label=f"_{m} 8×8", **style)
                 acc_vals.append(y)
             x, y = _series(axis, _native_accuracy(t["position_probe"]))
-            _line(ax_acc, x, y, markers, color=c, lw=1.2, ls="--", zorder=3)
+            _line(ax_acc, x, y, markers, color=c, lw=1.2, ls="--", zorder=3, label=f"_{m} native", **style)
             acc_vals.append(y)
             acc_models.append(m)
         if t["token_group_similarity"] is not None:
             x, y = _series(axis, similarity_ratios(t["token_group_similarity"])["corner_ratio"])
-            _line(ax_sim, x, y, markers, color=c, lw=1.5, zorder=3)
+            _line(ax_sim, x, y, markers, color=c, lw=1.5, zorder=3, label=f"_{m} corner", **style)
             sim_vals.append(y)
             sim_models.append(m)
         if t["anomaly_rel_norm"] is not None:
@@ -686,17 +766,34 @@ def cross_model_figure(tables_by_model: Mapping[str, Mapping[str, pd.DataFrame |
             src = "paper" if "paper" in by_source else next(iter(by_source))
             x, y = _series(axis, by_source[src]["rel_norm_mean"])
             label = m if src == "paper" else f"{m} ({src} labels)"
-            _line(ax_norm, x, y, markers, color=c, lw=1.5, ls=_source_style(src), zorder=3)
+            _line(ax_norm, x, y, markers, color=c, lw=1.5, ls=_source_style(src), zorder=3, label=f"_{m} norm",
+                  **style)
             norm_handles.append((Line2D([], [], color=c, lw=1.5, ls=_source_style(src)), label))
             norm_vals.append(y)
 
+    def model_label(m) -> str:
+        if not relative:
+            return m
+        fam = model_family(own[m])
+        return f"{m} ({fam + ', ' if fam else ''}{len(own[m])} layers)"
+
     def model_handles(ms):
-        return [Patch(color=colors[m]) for m in ms], list(ms)
+        return [Patch(color=colors[m]) for m in ms], [model_label(m) for m in ms]
+
+    mids = {}
+    if relative:  # each U-Net's first mid_block layer
+        for m in models:
+            at = [i for i, n in enumerate(own[m]) if layer_block(n) == "mid"]
+            if at:
+                mids[m] = float(axis_of[m].xs[at[0]])
 
     if acc_models:
         h, lab = model_handles(acc_models)
         h += [Line2D([], [], color="0.3", lw=1.5), Line2D([], [], color="0.3", lw=1.2, ls="--")]
         lab += ["8×8", "native"]
+        if mids:
+            h.append(Line2D([], [], color="0.3", marker="v", ms=5, **MID_STYLE))
+            lab.append("U-Net mid_block")
         ax_acc.set_ylim(*_linear_limits(ACC_LIM, _finite(*acc_vals)))
         ax_acc.set_yticks([0, 50, 100])
         _legend(ax_acc, h, lab)
@@ -718,7 +815,30 @@ def cross_model_figure(tables_by_model: Mapping[str, Mapping[str, pd.DataFrame |
         _legend(ax_norm, [h for h, _ in norm_handles], [lab for _, lab in norm_handles])
     else:
         _not_computed(ax_norm)
-    axes[0].set_title("cross-model comparison: " + ", ".join(models) if models else "no models")
+    axes[0].set_title("cross-model comparison: " + ", ".join(models) if models else "no models",
+                      **(dict(pad=10) if relative else {}))  # room for the mid_block triangles
     fig.align_ylabels(axes)
-    _setup_layer_axis(fig, axes, axis)
+    if relative:
+        _setup_relative_axis(axes, {m: (x, colors[m]) for m, x in mids.items()})
+    else:
+        _setup_layer_axis(fig, axes, axis)
     return fig
+
+
+def _setup_relative_axis(axes, mids: Mapping[str, tuple[float, object]]) -> None:
+    """The relative depth axis: 0..1 with ticks at quarters and light vertical grid lines; each U-Net's mid_block
+    (x, colour) as a dotted line through the panels and a triangle just above the top panel."""
+    for ax in axes:
+        ax.set_xlim(-0.03, 1.03)
+        ax.grid(axis="x", color="0.9", lw=0.8)
+        ax.set_axisbelow(True)
+        for x, c in mids.values():
+            ax.axvline(x, color=c, label="_mid_block", **MID_STYLE)
+    top = axes[0]
+    for x, c in mids.values():
+        top.plot([x], [1.0], transform=top.get_xaxis_transform(), marker="v", ms=6, color=c, ls="none",
+                 clip_on=False, zorder=5, label="_mid_block marker")
+    bottom = axes[-1]
+    bottom.set_xticks(list(RELATIVE_TICKS))
+    bottom.set_xticklabels([f"{v:g}" for v in RELATIVE_TICKS])
+    bottom.set_xlabel(RELATIVE_XLABEL)
