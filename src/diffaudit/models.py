@@ -384,8 +384,7 @@ SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 MODEL_SCHEDULERS: dict[str, str] = {"sd14": "pndm", "sd15": "pndm", "sd21": "ddim", "sdturbo": "euler"}
 #: Architecture (a key of :data:`ARCHITECTURES`) of each registered model (sd-turbo has SD-2.1's networks).
 MODEL_ARCHITECTURES: dict[str, str] = {"sd14": "sd15", "sd15": "sd15", "sd21": "sd21", "sdturbo": "sd21",
-                                       "mini": "mini", "sdxl": "sdxl", "sdxl-turbo": "sdxl",
-                                       "mini-sdxl": "mini-sdxl"}
+                                       "mini": "mini"}
 
 
 def make_scheduler(name: str = "pndm"):
