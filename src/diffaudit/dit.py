@@ -20,9 +20,7 @@ stream (SD3's last block has ``context_pre_only`` and returns ``None`` as elemen
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .layers import resolve_layers
-from .models import diffusers_errors_only, quiet_libraries, write_mini_tokenizer_files
+from .models import quiet_libraries, save_pipeline, write_mini_tokenizer_files
 
 FAMILIES = ("sd3", "flux")
 TINY_SEED = 0
@@ -176,24 +174,13 @@ def save_tiny_model(family: str, out_dir: str | Path, seed: int = TINY_SEED, wit
     """Build the tiny ``family`` pipeline and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``,
     atomically (``<out_dir>.tmp``, then a rename), with ``TINY_MODEL.json`` recording how it was built."""
     quiet_libraries()
-    out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(family, seed=seed, with_t5=with_t5)
-    with diffusers_errors_only():
-        pipe.to(torch.float16)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
     info = {"family": family, "seed": seed, "with_t5": with_t5,
             "transformer": SD3_TRANSFORMER if family == "sd3" else FLUX_TRANSFORMER,
             "vae": {**TINY_VAE, **VAE_FACTORS[family]},
             "text": [SD3_CLIP_L, SD3_CLIP_G] if family == "sd3" else [FLUX_CLIP],
             "t5": T5_ENCODER if with_t5 else None, "scheduler": SCHEDULER_CONFIGS[family]}
-    (tmp / "TINY_MODEL.json").write_text(json.dumps(info, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    return save_pipeline(pipe, out_dir, info, info_name="TINY_MODEL.json")
 
 
 # ---------------------------------------------------------------------------------------------

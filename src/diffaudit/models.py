@@ -506,7 +506,7 @@ def save_embedded_model(name: str, out_dir: str | Path, seed: int = MINI_SEED) -
         unet_cfg, vae_cfg, text_cfg, text2_cfg = SDXL_ARCHITECTURES[name]
         info = {"seed": seed, "family": "sdxl", "unet": unet_cfg, "vae": vae_cfg, "text": text_cfg,
                 "text_2": text2_cfg}
-        return _save_pipeline(pipe, Path(out_dir), info)
+        return save_pipeline(pipe, out_dir, info)
     if name in ("mini-sd3", "mini-flux"):
         from .dit import save_tiny_model
 
@@ -522,12 +522,13 @@ def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: 
     info = {"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})}, "vae": MINI_VAE, "text": MINI_TEXT}
     if scheduler != "pndm":  # the default model's file stays as it was
         info["scheduler"] = scheduler
-    return _save_pipeline(pipe, Path(out_dir), info)
+    return save_pipeline(pipe, out_dir, info)
 
 
-def _save_pipeline(pipe, out_dir: Path, info: dict) -> Path:
-    """``save_pretrained`` in float16 safetensors plus MINI_MODEL.json (what was built), atomically: written to
+def save_pipeline(pipe, out_dir: str | Path, info: dict, info_name: str = "MINI_MODEL.json") -> Path:
+    """``save_pretrained`` in float16 safetensors plus ``info_name`` (what was built, as JSON), atomically: written to
     ``<out_dir>.tmp`` and renamed."""
+    out_dir = Path(out_dir)
     with diffusers_errors_only():
         pipe.to(torch.float16)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -536,7 +537,7 @@ def _save_pipeline(pipe, out_dir: Path, info: dict) -> Path:
 
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "MINI_MODEL.json").write_text(json.dumps(info, indent=1))
+    (tmp / info_name).write_text(json.dumps(info, indent=1))
     if out_dir.exists():
         import shutil
 
