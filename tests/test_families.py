@@ -237,3 +237,29 @@ def test_model_cpu_offload_captures_the_same_maps():
     assert hasattr(pipe.unet, "_hf_hook")
     offloaded = Extractor(pipe, layers, ExtractionSettings(mode="corrected")).run_batch(images, [0, 1])
     assert all(torch.equal(plain[k], offloaded[k]) for k in layers)
+
+
+def test_explorer_resolves_an_automatic_reference_layer(tmp_path):
+    """`anomalies.ref_layer: auto`: the explorer boxes detections and labels on the layer the anomaly rule chose for
+    the run (its anomaly_detector.json), not on a U-Net layer name the model does not have."""
+    import json
+
+    import numpy as np
+
+    from diffaudit.explorer.data import Explorer
+    from diffaudit.store import StoreWriter
+
+    run = tmp_path / "m"
+    x = np.ones((2, 8, 4, 4), np.float16)
+    x[0, :, 0:2, 2:4] = 9  # one high-norm 2x2 block in image 0
+    w = StoreWriter(run / "representations" / "full.zarr", layers=["transformer_blocks[0]"], image_ids=["a", "b"],
+                    labels=None, config={}, layer_indices=[0], attrs={"image_size": 64})
+    w.write_batch(0, {"transformer_blocks[0]": x})
+    w.finalize()
+    (run / "anomaly_detector.json").write_text(json.dumps({"ref_layer": "transformer_blocks[0]"}))
+    ex = Explorer(tmp_path, ref_layer="auto")
+    meta = ex.meta()["models"]["m"]["baseline"]
+    assert meta["ref_layer"] == "transformer_blocks[0]" and meta["has_ref_layer"]
+    res = ex.norms("m", None, "transformer_blocks[0]", [0, 1])
+    assert res["is_ref_layer"] and res["maps"][0]["detected_xy"] == [[2, 0]] and res["maps"][1]["detected_xy"] == []
+    assert ex.toggle_label("m", 0, 3, 1)["labels"] == [[0, 2, 0]]

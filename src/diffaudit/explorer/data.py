@@ -15,6 +15,7 @@ Metrics of a reference token ``r`` (C,) against every token ``t`` of an image (d
 from __future__ import annotations
 
 import base64
+import json
 import os
 import tempfile
 import threading
@@ -259,11 +260,25 @@ class Explorer:
                 models[model][name] = {"layers": layers, "n_images": s.n_images,
                                        "image_ids": [str(i) for i in s.image_ids],
                                        "image_size": s.attrs.get("image_size"),
-                                       "has_ref_layer": self.ref_layer in s.layers}
+                                       "ref_layer": self.ref_layer_of(r),
+                                       "has_ref_layer": self.ref_layer_of(r) in s.layers}
         files = {im["id"]: im["file"] for im in self.images}
         return {"models": models, "metrics": list(METRICS), "ref_layer": self.ref_layer,
                 "threshold": self.threshold, "image_files": files, "problems": problems,
                 "labels": {m: self._labels_display(m) for m in models}}
+
+    def ref_layer_of(self, r: Run) -> str:
+        """The detector's reference layer for a run: the configured one, or with ``ref_layer: auto`` the layer the
+        anomaly rule chose for this run (its ``anomaly_detector.json``; the baseline's for an experiment without
+        one)."""
+        if self.ref_layer != "auto":
+            return self.ref_layer
+        for d in (r.analysis_dir, self.root / r.model):
+            try:
+                return str(json.loads((d / "anomaly_detector.json").read_text())["ref_layer"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return self.ref_layer
 
     # -- reading -------------------------------------------------------------------------------
     def _layer(self, r: Run, layer: str) -> str:
@@ -362,8 +377,9 @@ class Explorer:
             raise RequestError("give 1 to 64 images")
         s = r.store
         _, _, h, w = s.shape(layer)
-        h_ref = reference_grid(s, self.ref_layer)
-        has_ref = self.ref_layer in s.layers
+        ref_layer = self.ref_layer_of(r)
+        h_ref = reference_grid(s, ref_layer)
+        has_ref = ref_layer in s.layers
         labels_error = None
         try:
             labels = self.labels(model)["labels"]
@@ -372,7 +388,7 @@ class Explorer:
         paper = self._paper_labels(r)
         scale = h / h_ref
         k = max(1, int(2 * scale))
-        self.prefetch(r, [(lay, i) for i in images for lay in dict.fromkeys([layer] + ([self.ref_layer] if has_ref
+        self.prefetch(r, [(lay, i) for i in images for lay in dict.fromkeys([layer] + ([ref_layer] if has_ref
                                                                                       else []))])
 
         def boxes(rows):
@@ -381,13 +397,13 @@ class Explorer:
         out = []
         for i in images:
             n = _norms(self.chunk(r, layer, i))
-            det = detect_blocks(self.chunk(r, self.ref_layer, i), self.threshold) if has_ref else np.zeros((0, 2))
+            det = detect_blocks(self.chunk(r, ref_layer, i), self.threshold) if has_ref else np.zeros((0, 2))
             lab = [(int(a[1]), int(a[2])) for a in labels if a[0] == i]
             pap = [(int(a[1]), int(a[2])) for a in paper if a[0] == i]
             out.append({"image": i, "data": encode(n), "max": _f(np.nanmax(n)), "mean": _f(np.nanmean(n)),
                         "detected": boxes(det.tolist()), "labelled": boxes(lab), "paper": boxes(pap),
                         "detected_xy": det.tolist(), "labelled_xy": [list(p) for p in lab]})
-        return {"layer": layer, "height": h, "width": w, "ref_grid": h_ref, "is_ref_layer": layer == self.ref_layer,
+        return {"layer": layer, "height": h, "width": w, "ref_grid": h_ref, "is_ref_layer": layer == ref_layer,
                 "labels_error": labels_error, "maps": out}
 
     def _paper_labels(self, r: Run) -> np.ndarray:
@@ -438,7 +454,8 @@ class Explorer:
             return np.zeros((0, 3), np.int64)
         s = self.run(model).store
         try:
-            return load_label_file(path, n_images=s.n_images, grid=reference_grid(s, self.ref_layer))
+            return load_label_file(path, n_images=s.n_images,
+                                   grid=reference_grid(s, self.ref_layer_of(self.run(model))))
         except LabelFileError as e:
             raise RequestError(str(e), 409) from None
 
@@ -450,10 +467,11 @@ class Explorer:
     def toggle_label(self, model: str, image, x, y) -> dict:
         """Add the 2x2 patch whose upper-left token is (x, y) (snapped to even) of ``image``, or remove it."""
         s = self.run(model).store
-        if self.ref_layer not in s.layers:
-            raise RequestError(f"{model} has no reference layer {self.ref_layer}; nothing to label on", 409)
+        ref_layer = self.ref_layer_of(self.run(model))
+        if ref_layer not in s.layers:
+            raise RequestError(f"{model} has no reference layer {ref_layer}; nothing to label on", 409)
         i = self._image(self.run(model), image)
-        grid = reference_grid(s, self.ref_layer)
+        grid = reference_grid(s, ref_layer)
         try:
             xi, yi = int(x), int(y)
         except (TypeError, ValueError):

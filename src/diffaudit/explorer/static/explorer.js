@@ -90,7 +90,7 @@ function setRun(run) {
   S.run = run;
   const layers = runMeta().layers;
   if (!layers.find((l) => l.name === S.layer)) {
-    const ref = layers.find((l) => l.name === S.meta.ref_layer);
+    const ref = layers.find((l) => l.name === (runMeta().ref_layer || S.meta.ref_layer));
     S.layer = (ref || layers[Math.floor(layers.length / 2)]).name;
   }
   fillSelect($("layer"), layers.map((l) => [l.name, `${l.index}: ${l.name} (${l.height}x${l.width}x${l.channels})`]), S.layer);
@@ -367,7 +367,7 @@ async function start() {
   };
   $("opacity").oninput = applyOpacity;
   $("strip-image").onchange = (e) => { S.stripImage = +e.target.value; loadStrip(); };
-  $("to-ref").onclick = () => { if (S.run !== "baseline") { S.run = "baseline"; $("run").value = "baseline"; setRun("baseline"); } setLayer(S.meta.ref_layer); };
+  $("to-ref").onclick = () => { if (S.run !== "baseline") { S.run = "baseline"; $("run").value = "baseline"; setRun("baseline"); } setLayer(runMeta().ref_layer || S.meta.ref_layer); };
   document.addEventListener("keydown", onKey);
   const h = readHash();
   if (h.images) $("images").value = h.images;
