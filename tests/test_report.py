@@ -163,13 +163,21 @@ def test_captions_render_without_rst_problems(configs, model):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """The demo (6 images) run in a fresh copy of the repository, and its report; returns (repo, report.html)."""
+    """The demo (6 images at 256 px, one of its experiments) run in a fresh copy of the repository, and its report;
+    returns (repo, report.html). The report's contents (every figure, its caption) are the same at 256 px and with
+    one experiment as with the demo's 512 px and three: each experiment is another extraction and its analyses."""
+    from diffaudit.config import load_config
+
     root = tmp_path_factory.mktemp("report")
     repo = copy_repo(root / "repo")
     assert REPORT_LINE in (repo / "Snakefile").read_text()  # the global description page
+    # one merged file: Snakemake merges configfiles key by key, so a second file could not drop experiments
+    cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
+    cfg["dataset"].update(n_images=6, size=256)
+    cfg["experiments"] = {"circular": cfg["experiments"]["circular"]}
     short = root / "short.yaml"
-    short.write_text(yaml.safe_dump({"dataset": {"n_images": 6}}))
-    configs = ["--configfile", "config/demo.yaml", str(short)]
+    short.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    configs = ["--configfile", str(short)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for extra in (["--cores", "2"], ["--report", "report.html"]):
         proc = subprocess.run(SNAKEMAKE + extra + configs, cwd=repo, env=env, capture_output=True, text=True)
