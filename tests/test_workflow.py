@@ -56,18 +56,20 @@ def test_acceptance_override_with_own_model_and_folder(repo_copy, mini_dir, tmp_
     out = tmp_path / "out"
     override = write_yaml(tmp_path / "that.yaml", {
         "models": ["mymodel"], "model_sources": {"mymodel": str(mini_dir)},
-        "dataset": {"source": "folder", "path": str(imgs), "n_images": 6}, "results_dir": str(out)})
+        # 256 px rather than the default 512 (4x less extraction): the override's mechanics are the same
+        "dataset": {"source": "folder", "path": str(imgs), "n_images": 6, "size": 256}, "results_dir": str(out)})
     snakemake(repo_copy, "params.yaml", override)
     rep = out / "mymodel" / "representations"
-    assert sorted(p.name for p in rep.glob("*.zarr")) == ["crop16.zarr", "crop32.zarr", "crop64.zarr",
-                                                            "crop8.zarr", "full.zarr"]
+    # at 256 px the 64-px tokens are 4x4 maps, too small for a cropped variant (H - 2 < 3): no crop64
+    assert sorted(p.name for p in rep.glob("*.zarr")) == ["crop16.zarr", "crop32.zarr", "crop8.zarr", "full.zarr"]
     full = ReprStore(rep / "full.zarr")
     assert full.layers == list(PAPER_LAYERS) and full.n_images == 6
     assert full.attrs["mode"] == "paper" and full.attrs["model_source"] == str(mini_dir)
     assert list(full.image_ids) == [f"{i:06d}" for i in range(6)]
     assert not (repo_copy / "resources" / "models" / "mini").exists()  # a local model needs no build
-    # the crop64 store holds exactly the 8x8 layers, at 6x6
-    crop = ReprStore(rep / "crop64.zarr")
+    assert full.attrs["image_size"] == 256 and full.shape("up_blocks[1].upsamplers[0]")[-1] == 16  # 256 / 16 px
+    # the crop32 store (the coarsest at 256 px) holds exactly the 8x8 layers, at 6x6
+    crop = ReprStore(rep / "crop32.zarr")
     assert crop.layers == [layer for layer in PAPER_LAYERS if full.shape(layer)[-1] == 8]
     assert {crop.shape(layer)[-1] for layer in crop.layers} == {6}
     # nothing to do on a second run
@@ -243,9 +245,11 @@ def test_sharded_extraction_gives_the_same_tables(repo_copy, mini_dir, image_fol
     for shards in (1, 3):
         out = tmp_path / f"out{shards}"
         cfg = {**base, "results_dir": str(out), "extraction": {"batch_size": 2, "shards": shards}}
-        snakemake(repo_copy, "params.yaml", write_yaml(tmp_path / f"s{shards}.yaml", cfg))
-        tables[shards] = {name: pd.read_csv(out / "mini" / f"{name}.csv") for name in
-                          ["position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers"]}
+        names = ["position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers"]
+        # only the compared tables as targets (no figures); "--" ends the helper's list of configfiles
+        snakemake(repo_copy, "params.yaml", write_yaml(tmp_path / f"s{shards}.yaml", cfg), "--",
+                  *[out / "mini" / f"{name}.csv" for name in names])
+        tables[shards] = {name: pd.read_csv(out / "mini" / f"{name}.csv") for name in names}
     assert sorted(p.name for p in (tmp_path / "out3" / "mini" / "representations").iterdir()) == [
         "shard1of3", "shard2of3", "shard3of3"]
     for name, df in tables[1].items():
@@ -261,7 +265,11 @@ def test_kill_9_during_snakemake_extraction_then_rerun(repo_copy, mini_dir, imag
            "dataset": {"source": "folder", "path": str(imgs), "n_images": 8, "size": 256, "min_side": 0},
            "extraction": {"batch_size": 2}}
     ref = write_yaml(tmp_path / "ref.yaml", {**cfg, "results_dir": str(tmp_path / "ref")})
-    snakemake(repo_copy, "params.yaml", ref)
+    # the uninterrupted reference: only what is compared below (the tables; the stores come with them), no figures;
+    # "--" ends the helper's list of configfiles
+    snakemake(repo_copy, "params.yaml", ref, "--", *[tmp_path / "ref" / "mini" / f"{name}.csv" for name in
+                                                     ["position_probe", "token_group_similarity", "anomaly_rel_norm",
+                                                      "channel_outliers"]])
 
     run = write_yaml(tmp_path / "run.yaml", {**cfg, "results_dir": str(tmp_path / "run")})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
