@@ -136,8 +136,8 @@ TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "chann
 def demo_repo(tmp_path: Path, experiments=(), size=256, **extraction):
     """A fresh clone of this repository whose params.yaml alone is switched to the demo on 6 images of ``size`` px
     (committed; no `dvc init`, no new dvc.yaml), with only the demo's ``experiments`` named (each costs a run).
-    256 px rather than the demo's 512: these tests are about DVC's mechanics, not the numbers, and the 45 layers and
-    the crop variants (8/16/32/64 px rings) are the same. Returns ``(repo, cfg, run)``; ``run(*cmd)`` asserts
+    256 px rather than the demo's 512: these tests are about DVC's mechanics, not the numbers; the 45 layers are the
+    same, the crop variants are 8/16/32 px rings (the 4x4 maps of 64-px tokens are too small for one). Returns ``(repo, cfg, run)``; ``run(*cmd)`` asserts
     success and returns the output."""
     src = copy_repo(tmp_path / "src")
     subprocess.run(["git", "init", "-q"], cwd=src, check=True)
