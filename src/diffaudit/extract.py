@@ -383,24 +383,19 @@ class Extractor:
         complete pass here, which hooks all of them). ``cond``: :meth:`conditioning`."""
         unet, modules, key = (self.unet, self.modules, "_runs") if twin is None else (*twin, "_meta_runs")
         runs = getattr(self, key)
-        if self.dit:
-            kwargs, select = self._dit_call(lat, cond)
-            if runs is None:
-                setattr(self, key, hooked_pass(unet, modules, layers, on_output, None, select=select, **kwargs))
-            else:
-                hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, select=select,
-                            **kwargs)
-            return
-        emb, pooled = cond
-        kwargs = dict(encoder_hidden_states=emb)
         paper_sdxl = self.family == "sdxl" and self.settings.mode == "paper"
-        if self.family == "sdxl" and not paper_sdxl:
-            kwargs["added_cond_kwargs"] = sdxl_added_conditioning(pooled, lat.shape[-2:], self.vae_factor)
+        if self.dit:
+            args, (kwargs, select) = (), self._dit_call(lat, cond)
+        else:
+            emb, pooled = cond
+            args, kwargs, select = (lat, t), dict(encoder_hidden_states=emb), None
+            if self.family == "sdxl" and not paper_sdxl:
+                kwargs["added_cond_kwargs"] = sdxl_added_conditioning(pooled, lat.shape[-2:], self.vae_factor)
+        hooked = modules if runs is None else {name: modules[name] for name in layers}
         with no_added_conditioning(unet, paper_sdxl):
-            if runs is None:
-                setattr(self, key, hooked_pass(unet, modules, layers, on_output, None, lat, t, **kwargs))
-            else:
-                hooked_pass(unet, {name: modules[name] for name in layers}, layers, on_output, runs, lat, t, **kwargs)
+            counts = hooked_pass(unet, hooked, layers, on_output, runs, *args, select=select, **kwargs)
+        if runs is None:
+            setattr(self, key, counts)
 
     def _dit_call(self, lat: torch.Tensor, cond: dict) -> tuple[dict, Callable]:
         """The transformer's keyword arguments for noised latents ``lat`` (:func:`diffaudit.dit.transformer_inputs`;
