@@ -21,11 +21,11 @@ include: "workflow/rules/experiments.smk"
 
 rule all:
     input:
-        expand(f"{RESULTS}/{{model}}/{{table}}", model=MODELS, table=TABLE_FILES + ["credibility.csv"]),
+        expand(f"{run_dir('{model}')}/{{table}}", model=MODELS, table=TABLE_FILES + ["credibility.csv"]),
         expand(rules.quantitative_figure.output, model=MODELS),
         expand(rules.qualitative_figures.output, model=MODELS),
         expand(rules.paper_comparison.output, model=MODELS),
         rules.cross_model_figure.output,
-        expand(f"{RESULTS}/{{model}}/experiments/{{name}}/{{table}}", model=MODELS, name=EXPERIMENTS,
+        expand(f"{run_dir('{model}', layout.run_suffix('{name}'))}/{{table}}", model=MODELS, name=EXPERIMENTS,
                table=TABLE_FILES),
         expand(rules.experiment_comparison.output, model=MODELS),

@@ -46,8 +46,8 @@ def _cmd_extract(args):
 def _cmd_prefetch(args):
     """Everything the configured run downloads, fetched now (on a machine with internet)."""
     from .config import load_config
+    from .layout import PAPER_CACHE
     from .models import download_model, embedded_model, resolve_model
-    from .pipeline.common import PAPER_CACHE
     from .paper_run import verdict
     from .reference import fetch_all
 
@@ -86,14 +86,12 @@ def _cmd_dvc_extract(args):
     import shutil
 
     from .config import load_config
-    from .store import representation_parts
+    from .layout import BASELINE, representation_parts, run_dir, run_suffix
 
     cfg = load_config(*args.configfile)
-    model_dir = f"{cfg['results_dir'].rstrip('/')}/{args.model}"
-    if args.experiment:
-        if args.experiment not in (cfg.get("experiments") or {}):
-            raise UserError(f"experiment {args.experiment!r} is not in the configuration's experiments")
-        model_dir += f"/experiments/{args.experiment}"
+    if args.experiment and args.experiment not in (cfg.get("experiments") or {}):
+        raise UserError(f"experiment {args.experiment!r} is not in the configuration's experiments")
+    model_dir = run_dir(cfg["results_dir"], args.model, run_suffix(args.experiment or BASELINE))
     targets = [f"{model_dir}/{p}" for p in representation_parts(cfg["extraction"]["shards"])]
     cmd = ["snakemake", "--cores", "all", "--nolock", "--allowed-rules", "build_mini", "extract",
            *(["--configfile", *args.configfile] if args.configfile != ["params.yaml"] else []), "--", *targets]

@@ -18,11 +18,14 @@ and two keys that only narrow the run (scope, not a cause): ``layers`` (a list o
 baseline's with these applied (:func:`effective_extraction`); keys the mode decides (``noise``, ``pixel_range``,
 ``latent``) default to what the mode does, so the baseline itself needs none of them.
 
-This module imports nothing from the package, so every rule and task may use it.
+This module imports nothing from the package but :mod:`diffaudit.layout` (where a run's outputs are:
+:func:`~diffaudit.layout.run_suffix`), so every rule and task may use it.
 """
 from __future__ import annotations
 
 import re
+
+from .layout import BASELINE
 
 #: Keys that change a cause, with their allowed values (a tuple) or type.
 CAUSES: dict[str, object] = {
@@ -54,7 +57,7 @@ RANDOM_WEIGHTS_SEED = 0
 RESOLUTION_MULTIPLE = 64
 #: An experiment name: also a folder and part of DVC stage names.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-RESERVED = ("baseline",)
+RESERVED = (BASELINE,)
 #: The placeholder of ``prompt`` that names each image's class.
 CLASS_PLACEHOLDER = "{class}"
 
@@ -132,12 +135,6 @@ def resolved(extraction: dict) -> dict:
     out = {**DEFAULTS, **MODE_DEFAULTS[extraction["mode"]]}
     out.update({k: extraction[k] for k in CAUSES if k in extraction})
     return out
-
-
-def run_suffix(run: str) -> str:
-    """Where a run's outputs are, relative to its model's folder: ``""`` for the baseline,
-    ``"/experiments/<name>"`` for an experiment (the workflow's ``exp`` wildcard)."""
-    return "" if run == RESERVED[0] else f"/experiments/{run}"
 
 
 def layers_of(layers, overrides: dict | None):

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import layout
+
 #: Attributes that record where and with what a run happened, not what it computed.
 VOLATILE_ATTRS = frozenset({"library_versions", "versions", "created", "device", "hostname", "elapsed_s",
                             "timing", "footprint"})
 #: Folders whose files are not outputs of the computation (logs, pictures, Snakemake/DVC bookkeeping).
-SKIPPED_DIRS = frozenset({"logs", "figures", ".snakemake", "benchmarks", "__pycache__", ".dvc"})
+SKIPPED_DIRS = layout.NON_RESULT_DIRS | {".snakemake", "benchmarks", "__pycache__", ".dvc"}
 
 
 def _hash_bytes(*parts: bytes) -> str:
@@ -68,7 +70,7 @@ def fingerprint_tree(root: str | Path) -> dict[str, str]:
             if p.is_dir():
                 if p.name in SKIPPED_DIRS:
                     continue
-                if p.suffix == ".zarr":
+                if p.suffix == layout.STORE_SUFFIX:
                     for key, h in store_fingerprint(p):
                         out[f"{rel}::{key}"] = h
                 else:

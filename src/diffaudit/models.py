@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import layout
 from .devices import default_device
 from .errors import DiffauditError
 
@@ -274,19 +275,15 @@ def model_revision(spec: ModelSpec, pipe) -> str | None:
 
 MINI_SEED = 0
 #: Where the workflow builds the embedded models (rule build_mini; `model_sources.<name>` in params.yaml).
-EMBEDDED_ROOT = "resources/models"
+EMBEDDED_ROOT = layout.EMBEDDED_ROOT
 #: The embedded models (small widths, seeded weights, built offline): name -> family (:func:`pipeline_family`).
 EMBEDDED_MODELS: dict[str, str] = {"mini": "sd", "mini-sdxl": "sdxl", "mini-sd3": "sd3", "mini-flux": "flux"}
-MINI_DIR = f"{EMBEDDED_ROOT}/mini"
+MINI_DIR = layout.embedded_dir("mini")
 
 
 def embedded_model(source: str) -> str | None:
     """The embedded model a ``model_sources`` value points to (its build directory), else ``None``."""
-    norm = os.path.normpath(str(source))
-    for name in EMBEDDED_MODELS:
-        if norm == f"{EMBEDDED_ROOT}/{name}":
-            return name
-    return None
+    return layout.embedded_name(source, EMBEDDED_MODELS)
 
 # SD-1.5 block layout (block types, depth, attention placement) with small widths. Layer names
 # and the 8x VAE downsampling are therefore exactly those of SD-1.5.

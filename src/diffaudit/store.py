@@ -13,6 +13,9 @@ Layout of one store (one per model x dataset x variant), contract:
         repr                             (image, channel, y, x) float16, chunk = 1 image, shard = batch
         image, label                     copies of the root coordinates (so each group is a complete Dataset)
 
+Where the stores of a run are (``<run>/representations[/shard<i>of<n>]/<variant>.zarr``)
+are decided by :mod:`diffaudit.layout`.
+
 Writing goes batch by batch into preallocated arrays; ``n_complete`` is advanced only after every layer
 of a batch is on disk, and ``complete`` only after the last batch. A resumed run restarts at
 ``n_complete`` (the partial batch is simply overwritten), so nothing is lost or duplicated.
@@ -29,6 +32,7 @@ import zarr
 
 from .errors import DiffauditError, MissingInputError, UserError
 from .layers import group_name
+from .layout import FULL, crop_token_size, list_variants, store_path
 
 STORE_FORMAT = "diffaudit-repr/1"
 
@@ -307,14 +311,6 @@ class ShardedStore(ReprStore):
         return xr.concat([s.dataset(layer) for s in self.shards], dim="image")
 
 
-def store_path(rep_dir: str | Path, variant: str) -> Path:
-    return Path(rep_dir) / f"{variant}.zarr"
-
-
-def list_variants(rep_dir: str | Path) -> list[str]:
-    return sorted(p.name[:-5] for p in Path(rep_dir).glob("*.zarr"))
-
-
 def open_variant(rep_dirs: str | Path | list, variant: str) -> ReprStore:
     """The ``variant`` store of one representation directory, or of several shard directories as one store."""
     dirs = [rep_dirs] if isinstance(rep_dirs, (str, Path)) else list(rep_dirs)
@@ -332,19 +328,11 @@ def shard_ranges(n_images: int, batch_size: int, n_shards: int) -> list[tuple[in
     return [(min(a * batch_size, n_images), min(b * batch_size, n_images)) for a, b in zip(cuts, cuts[1:])]
 
 
-def representation_parts(n_shards: int) -> list[str]:
-    """A model's representation directories, relative to its results folder: ``representations``, or with
-    ``extraction.shards`` = n > 1 one directory per shard inside it (``representations/shard1ofn``, ...), so
-    that the whole extraction of a model is one folder (one DVC output) either way."""
-    if n_shards == 1:
-        return ["representations"]
-    return [f"representations/shard{i + 1}of{n_shards}" for i in range(n_shards)]
-
-
 def open_model_stores(rep_dirs: str | Path | Sequence[str | Path]):
     """``(full, {token_size: crop store})`` of one model's representation directory (or its shard directories,
     read as one dataset)."""
     dirs = [rep_dirs] if isinstance(rep_dirs, (str, Path)) else list(rep_dirs)
-    full = open_variant(dirs, "full")
-    crops = {int(v[4:]): open_variant(dirs, v) for v in list_variants(dirs[0]) if v.startswith("crop")}
+    full = open_variant(dirs, FULL)
+    crops = {crop_token_size(v): open_variant(dirs, v) for v in list_variants(dirs[0])
+             if crop_token_size(v) is not None}
     return full, crops

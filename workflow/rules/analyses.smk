@@ -1,7 +1,7 @@
 # The analyses: each reads the Zarr stores of one run (a model's baseline, or one of its experiments: wildcard
 # `exp`, see common.smk) and writes one tidy table.
 
-ANALYSIS_DIR = f"{RESULTS}/{{model}}{{exp}}"
+ANALYSIS_DIR = run_dir("{model}", "{exp}")
 
 
 rule position_probe:

@@ -1,14 +1,14 @@
-# Shared definitions: config validation, model resolution, output paths, input functions, and `declare`,
-# which gives a task the config values it reads as params (the task sees nothing else; see
-# diffaudit.pipeline.common.task_config).
+# Shared definitions: config validation, model resolution, output paths (built by diffaudit.layout, the one home of
+# the results layout), input functions, and `declare`, which gives a task the config values it reads as params (the
+# task sees nothing else; see diffaudit.pipeline.common.task_config).
 import re
 from pathlib import Path
 
+from diffaudit import layout
 from diffaudit.config import validate
 from diffaudit.errors import DiffauditError
-from diffaudit.experiments import run_suffix
-from diffaudit.models import EMBEDDED_MODELS, EMBEDDED_ROOT, embedded_model, resolve_model
-from diffaudit.store import representation_parts, shard_ranges
+from diffaudit.models import EMBEDDED_MODELS, embedded_model, resolve_model
+from diffaudit.store import shard_ranges
 
 try:
     validate(config)
@@ -29,22 +29,22 @@ MODELS = list(config["models"])
 # {RESULTS}/{model}/experiments/{name}; the per-run rules match both with the wildcard `exp` ("" for the
 # baseline, the slash-prefixed experiments/{name} for an experiment).
 EXPERIMENTS = list(config.get("experiments") or {})
-RUNS = ["baseline"] + EXPERIMENTS
-DATASET_DIR = f"{RESULTS}/dataset"
+RUNS = [layout.BASELINE] + EXPERIMENTS
+DATASET_DIR = layout.dataset_dir(RESULTS)
 # A model's extraction is one folder: the stores, or one sub-folder per shard (batch-aligned image ranges,
 # separate jobs), read back by the analyses as one dataset.
-REPR_DIR = f"{RESULTS}/{{model}}{{exp}}/{{part}}"
-REPR_PARTS = representation_parts(N_SHARDS)
+REPR_DIR = f"{layout.run_dir(RESULTS, '{model}', '{exp}')}/{{part}}"
+REPR_PARTS = layout.representation_parts(N_SHARDS)
 # The authors' files for a model (sha256-checked) and status.json: whether they apply to this run.
-PAPER_REF_DIR = f"{RESULTS}/{{model}}{{exp}}/paper_reference"
-LOGS = f"{RESULTS}/logs"
+PAPER_REF_DIR = layout.paper_reference_dir(layout.run_dir(RESULTS, "{model}", "{exp}"))
+LOGS = layout.logs_dir(RESULTS)
 EMBEDDED_PATTERN = "|".join(map(re.escape, EMBEDDED_MODELS))
 
 wildcard_constraints:
     model="|".join(map(str, MODELS)),
-    exp="(/experiments/(" + "|".join(map(re.escape, EXPERIMENTS)) + "))?" if EXPERIMENTS else "(?:)",
+    exp=layout.run_suffix_pattern(EXPERIMENTS),
     run="|".join(map(re.escape, RUNS)),
-    part="representations(/shard[0-9]+of[0-9]+)?",
+    part=layout.part_pattern(),
 
 
 def declare(*keys):
@@ -71,8 +71,9 @@ def experiment_overrides(wildcards):
 
 
 def run_dir(model, exp=""):
-    """Where a model's run keeps its stores and tables: the baseline's, or an experiment's."""
-    return f"{RESULTS}/{model}{exp}"
+    """Where a model's run keeps its stores and tables: the baseline's, or an experiment's (``exp``: the run's
+    suffix, see diffaudit.layout.run_suffix)."""
+    return layout.run_dir(RESULTS, model, exp)
 
 
 def repr_dirs(wildcards):
@@ -82,18 +83,16 @@ def repr_dirs(wildcards):
 
 def paper_ref_dir(wildcards):
     """The run's paper_reference folder (status.json: whether the authors' files apply to this run)."""
-    return f"{run_dir(wildcards.model, wildcards.get('exp', ''))}/paper_reference"
+    return layout.paper_reference_dir(run_dir(wildcards.model, wildcards.get("exp", "")))
 
 
-def shard_index(part):
-    """0-based shard of a representation directory name, or None when unsharded."""
-    return None if part == "representations" else int(part.split("shard")[1].split("of")[0]) - 1
+shard_index = layout.shard_index  # 0-based shard of a representation directory name, or None when unsharded
 
 
 def model_inputs(wildcards):
     """The locally built model directory, when the model is an embedded one."""
     name = embedded_model(resolve_model(wildcards.model, config["model_sources"]).source)
-    return [f"{EMBEDDED_ROOT}/{name}"] if name else []
+    return [layout.embedded_dir(name)] if name else []
 
 
 def label_files(wildcards):
@@ -104,10 +103,10 @@ def label_files(wildcards):
 
 
 # The run summaries (rules in experiments.smk): one per run, in one folder per model (DVC tracks the folder).
-EXPERIMENT_SUMMARIES = f"{RESULTS}/experiment_summary"
+EXPERIMENT_SUMMARIES = layout.experiment_summary_dir(RESULTS)
 RUN_TABLES = ["position_probe_summary.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv"]
 
 
 def run_tables(wildcards):
     """The tables a run's summary reads (the baseline's, or an experiment's)."""
-    return [f"{run_dir(wildcards.model, run_suffix(wildcards.run))}/{table}" for table in RUN_TABLES]
+    return [f"{run_dir(wildcards.model, layout.run_suffix(wildcards.run))}/{table}" for table in RUN_TABLES]

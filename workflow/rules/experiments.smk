@@ -6,7 +6,7 @@ rule run_summary:
     input:
         run_tables,
     output:
-        f"{EXPERIMENT_SUMMARIES}/{{model}}/{{run}}.csv",
+        layout.run_summary_path(RESULTS, "{model}", "{run}"),
     params:
         **declare("probe.interior_k"),
     log:
@@ -20,10 +20,10 @@ rule run_summary:
 rule experiment_comparison:
     input:
         # the folder of the model's run summaries (the baseline's is always there; DVC tracks the folder)
-        expand(f"{EXPERIMENT_SUMMARIES}/{{{{model}}}}/{{run}}.csv", run=RUNS),
+        expand(layout.run_summary_path(RESULTS, "{{model}}", "{run}"), run=RUNS),
     output:
         table=report(
-            f"{RESULTS}/{{model}}/experiments.csv",
+            f"{run_dir('{model}')}/{layout.EXPERIMENTS_TABLE}",
             caption="../report/experiments_table.rst",
             category="Experiments",
             subcategory="{model}",

@@ -3,20 +3,22 @@
 # (status.json of rule paper_reference); elsewhere it writes an empty table and says why.
 from diffaudit.pipeline.common import TABLES as MODEL_TABLES
 
-FIGURES = f"{RESULTS}/figures"
+FIGURES = layout.figures_dir(RESULTS)
 TABLE_FILES = [f"{name}.csv" for name in MODEL_TABLES]
 # One file per model with the figure's per-layer quantities, in one folder: `dvc plots` draws each, and the
 # cross-model figure reads them all.
-SUMMARIES = f"{RESULTS}/layer_summary"
+SUMMARIES = layout.layer_summary_dir(RESULTS)
 QUALITATIVE = ["token_similarity", "corner", "norms", "pca"]
+# A model's tables (in its baseline folder).
+MODEL_TABLES_OF = [f"{run_dir('{model}')}/{table}" for table in TABLE_FILES]
 
 
 rule credibility:
     input:
-        expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
+        MODEL_TABLES_OF,
     output:
         table=report(
-            f"{RESULTS}/{{model}}/credibility.csv",
+            f"{run_dir('{model}')}/credibility.csv",
             caption="../report/credibility.rst",
             category="Tables",
             subcategory="{model}",
@@ -36,7 +38,7 @@ rule credibility:
 
 rule quantitative_figure:
     input:
-        expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
+        MODEL_TABLES_OF,
     output:
         report(
             f"{FIGURES}/quantitative_{{model}}.png",
@@ -56,11 +58,11 @@ rule quantitative_figure:
 
 rule paper_comparison:
     input:
-        tables=expand(f"{RESULTS}/{{{{model}}}}/{{table}}", table=TABLE_FILES),
+        tables=MODEL_TABLES_OF,
         paper=paper_ref_dir,
     output:
         table=report(
-            f"{RESULTS}/{{model}}/paper_comparison.csv",
+            f"{run_dir('{model}')}/paper_comparison.csv",
             caption="../report/paper_comparison_table.rst",
             category="Tables",
             subcategory="{model}",

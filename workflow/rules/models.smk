@@ -4,7 +4,7 @@
 
 rule build_mini:
     output:
-        directory(f"{EMBEDDED_ROOT}/{{embedded}}"),
+        directory(layout.embedded_dir("{embedded}")),
     params:
         **declare("mini"),
     log:

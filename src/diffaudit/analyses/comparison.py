@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..layout import BASELINE
 from .probe import interior_chance_level
 
 #: The probe grid of the comparison (the paper's 8 x 8).
@@ -34,7 +35,6 @@ SUMMARY_COLUMNS = ["layer_index", "layer", "spatial",
                    "corner_ratio", "corner_ratio_ci_low", "corner_ratio_ci_high",
                    "rel_norm_mean", "rel_norm_ci_low", "rel_norm_ci_high", "rel_norm_source"]
 COMPARISON_COLUMNS = ["model", "experiment", "changes"] + SUMMARY_COLUMNS
-BASELINE = "baseline"
 
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:

@@ -29,11 +29,11 @@ import pandas as pd
 
 from ..analyses.anomalies import REF_LAYER, LabelFileError, load_label_file, reference_grid, validate_labels
 from ..errors import DiffauditError
+from ..layout import BASELINE, DATASET, FULL, paper_reference_dir, run_summary_path, stored_runs
 from ..store import ReprStore, open_variant
 
 METRICS = ("cosine", "centred_cosine", "dot", "l2", "rel_norm")
 CURVE_COLUMNS = ("acc_8x8", "corner_ratio", "rel_norm_mean")
-BASELINE = "baseline"
 
 
 class RequestError(DiffauditError, ValueError):
@@ -115,16 +115,6 @@ def decode(s: str, shape) -> np.ndarray:
 # The results directory
 # ---------------------------------------------------------------------------------------------
 
-def _rep_dirs(rep: Path) -> list[Path] | None:
-    """The representation directories of one run (itself, or its shard folders in order), None if none."""
-    if (rep / "full.zarr").is_dir():
-        return [rep]
-    shards = sorted(rep.glob("shard*of*"), key=lambda p: int(p.name[5:].split("of")[0]) if
-                    p.name[5:].split("of")[0].isdigit() else 0)
-    shards = [s for s in shards if (s / "full.zarr").is_dir()]
-    return shards or None
-
-
 @dataclass
 class Run:
     model: str
@@ -139,7 +129,7 @@ class Run:
     def store(self) -> ReprStore:
         with self._lock:
             if self._store is None:
-                self._store = open_variant(self.dirs, "full")
+                self._store = open_variant(self.dirs, FULL)
             return self._store
 
     def array(self, layer: str):
@@ -205,25 +195,18 @@ class Explorer:
     def _discover(self) -> dict[str, dict[str, Run]]:
         out: dict[str, dict[str, Run]] = {}
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            dirs = _rep_dirs(model_dir / "representations")
-            if not dirs:
-                continue
-            runs = {BASELINE: Run(model_dir.name, BASELINE, dirs, model_dir)}
-            exp_root = model_dir / "experiments"
-            if exp_root.is_dir():
-                for e in sorted(p for p in exp_root.iterdir() if p.is_dir()):
-                    d = _rep_dirs(e / "representations")
-                    if d:
-                        runs[e.name] = Run(model_dir.name, e.name, d, e)
-            out[model_dir.name] = runs
+            runs = {name: Run(model_dir.name, name, dirs, folder)
+                    for name, (dirs, folder) in stored_runs(model_dir).items()}
+            if runs:
+                out[model_dir.name] = runs
         return out
 
     def _dataset(self) -> list[dict]:
-        index = self.root / "dataset" / "index.csv"
+        index = self.root / DATASET / "index.csv"
         if not index.is_file():
             return []
         df = pd.read_csv(index, dtype={"id": str})
-        return [{"id": str(r["id"]), "file": f"dataset/{r['file']}"} for _, r in df.iterrows()]
+        return [{"id": str(r["id"]), "file": f"{DATASET}/{r['file']}"} for _, r in df.iterrows()]
 
     def run(self, model, run=None) -> Run:
         if model not in self.runs:
@@ -411,7 +394,7 @@ class Explorer:
         try:
             from ..pipeline.paper_reference import paper_file, read_status
 
-            d = self.root / r.model / "paper_reference"
+            d = Path(paper_reference_dir(self.root / r.model))
             if not d.is_dir() or not read_status(d).get("applies"):
                 return np.zeros((0, 3), np.int64)
             p = paper_file(d, r.model, "labels")
@@ -422,7 +405,7 @@ class Explorer:
     def curves(self, model, run) -> dict:
         """The paper figure's three per-layer curves of one run (experiment_summary/{model}/{run}.csv)."""
         r = self.run(model, run)
-        path = self.root / "experiment_summary" / r.model / f"{r.name}.csv"
+        path = Path(run_summary_path(self.root, r.model, r.name))
         if not path.is_file():
             return {"available": False, "message": f"{path.relative_to(self.root)} not found (run the workflow)"}
         df = pd.read_csv(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..layout import BASELINE
 from .quantitative import (UNITY, LayerAxis, _band, _legend, _line, _new_figure, _not_computed, _save,
                            _setup_layer_axis)
 
@@ -56,7 +57,7 @@ def experiments_figure(table: pd.DataFrame, model: str, title: str | None = None
     colours = {}
     k = 0
     for run in runs:
-        if run == "baseline":
+        if run == BASELINE:
             colours[run] = BASELINE_STYLE["color"]
         else:
             colours[run] = PALETTE[k % len(PALETTE)]
@@ -73,7 +74,7 @@ def experiments_figure(table: pd.DataFrame, model: str, title: str | None = None
             if not np.isfinite(y).any():
                 continue
             sparse = len(df) < len(axis)
-            style = dict(BASELINE_STYLE) if run == "baseline" else dict(color=colours[run], lw=1.4, zorder=4)
+            style = dict(BASELINE_STYLE) if run == BASELINE else dict(color=colours[run], lw=1.4, zorder=4)
             changes = str(df["changes"].iloc[0]) if "changes" in df and isinstance(df["changes"].iloc[0], str) else ""
             _line(ax, x, y, markers=sparse, label=run + (f" ({changes})" if changes else ""), **style)
             lo, hi = (df[c].to_numpy(float) * scale for c in CI[col])

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Downloaded reference files of the authors (sha256-checked; git-ignored).
-PAPER_CACHE = Path("resources/paper")
-
 # Rule params that describe the job, not the configuration.
 JOB_PARAMS = ("shard",)
 

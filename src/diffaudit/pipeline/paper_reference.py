@@ -3,7 +3,7 @@
 Writes ``{results_dir}/{model}/paper_reference/``: ``status.json`` (the verdict of
 :func:`diffaudit.paper_run.verdict` on the configuration and on the device and precision the extraction
 recorded: ``applies``, ``forced``, ``differences``, ``reason``, and the sha256 of each file) and, when the files apply, copies of the authors' files (per-layer numbers and hand labels), each
-sha256-checked. They are downloaded once into ``resources/paper`` (or put there beforehand by
+sha256-checked. They are downloaded once into ``resources/paper`` (:data:`diffaudit.layout.PAPER_CACHE`; or put there beforehand by
 ``diffaudit prefetch``); offline with that cache empty the rule stops with one line naming ``diffaudit prefetch``.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from .. import layout
 from . import common
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def paper_file(paper_dir: str | Path, model: str, kind: str) -> Path:
 
 
 def run(cfg: dict, model: str, out_dir: str | Path, rep_dirs: list | None = None,
-        cache_dir: str | Path = common.PAPER_CACHE, url_base: str | None = None) -> Path:
+        cache_dir: str | Path = layout.PAPER_CACHE, url_base: str | None = None) -> Path:
     """The verdict for ``model`` (with ``rep_dirs``: on the extraction as its stores recorded it) and, where the
     authors' files apply, those files, into ``out_dir``."""
     from ..paper_run import verdict
