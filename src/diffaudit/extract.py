@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import experiments
+from . import experiments, layout
 from .errors import DiffauditError
 from .layers import resolve_layers
 from .models import DIT_FAMILIES, backbone, pipeline_family
@@ -756,10 +756,10 @@ def plan_variants(shape_fn: Callable[[int, Sequence[str]], dict], layers: Sequen
     ``(C, H, W)`` of the layers for square images of ``image_px`` pixels (e.g. :meth:`Extractor.layer_shapes`)."""
     layers = list(layers)
     full = shape_fn(image_size, layers)
-    plan = [VariantPlan("full", layers, list(range(len(layers))), 0, full)]
+    plan = [VariantPlan(layout.FULL, layers, list(range(len(layers))), 0, full)]
     if crops:
         for tpx, group in token_sizes(full, image_size).items():
-            plan.append(VariantPlan(f"crop{tpx}", group, [layers.index(layer) for layer in group], tpx,
+            plan.append(VariantPlan(layout.crop_variant(tpx), group, [layers.index(layer) for layer in group], tpx,
                                     shape_fn(image_size - 2 * tpx, group)))
     return plan
 
@@ -813,7 +813,7 @@ class Footprint:
 
     @property
     def crop_bytes(self) -> int:
-        return sum(b for v, b in self.remaining.items() if v.startswith("crop"))
+        return sum(b for v, b in self.remaining.items() if layout.crop_token_size(v) is not None)
 
     def describe(self) -> str:
         parts = ", ".join(f"{v} {human_bytes(b)}" for v, b in self.remaining.items())

@@ -15,6 +15,7 @@ import torch
 
 from .extract import human_bytes, plan_variants, probe_shapes, store_nbytes
 from .layers import resolve_layers
+from .layout import FULL
 
 #: Assumptions of the time estimate (see docs/footprint.md): sustained fp16 throughput of the U-Net/VAE
 #: kernels in eager PyTorch on an H100/H200-class GPU, pageable device-to-host copies (the hooks' ``.to("cpu")``
@@ -163,7 +164,7 @@ def model_footprint(model: str = "sd15", *, n_images: int = 500, image_size: int
                 vae.encode(torch.zeros((1, 3, px, px), device="meta", dtype=dtype)).latent_dist.sample()
                 unet(latent(1, px), t, encoder_hidden_states=emb(1))
             flops += n_images * fc.get_total_flops()
-    batch_host = b * data["full"] // n_images
+    batch_host = b * data[FULL] // n_images
     compute_s = flops / (ASSUMED_TFLOPS * 1e12)
     d2h_s = sum(data.values()) / (ASSUMED_D2H_GBPS * 1e9)
     disk_s = sum(disk.values()) / (ASSUMED_DISK_GBPS * 1e9)

@@ -62,6 +62,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MissingInputError, UserError
+from ..layout import crop_variant
 from .bootstrap import Bootstrap
 
 GROUPS: tuple[str, ...] = ("corner", "border", "other")
@@ -354,10 +355,6 @@ def _count_quirk(mode: str) -> bool:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     return MODES[mode]
-
-
-def crop_variant(token_size: int) -> str:
-    return f"crop{token_size}"
 
 
 def _resolve_crop(crops, token_size: int, layer: str, n: int):

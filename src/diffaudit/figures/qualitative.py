@@ -42,6 +42,7 @@ from matplotlib.patches import Patch, Rectangle
 from ..analyses.anomalies import REF_LAYER, detect_anomalies, reference_grid, validate_labels
 from ..datasets import load_images, load_index
 from ..errors import DiffauditError, UserError
+from ..layout import FULL
 from ..store import ReprStore
 
 DPI = 150
@@ -290,7 +291,7 @@ def _model_label(store: ReprStore) -> str:
     bits = [str(a["model"])] if a.get("model") else []
     if a.get("timestep") is not None:
         bits.append(f"t={a['timestep']}")
-    if a.get("variant") and a.get("variant") != "full":
+    if a.get("variant") and a.get("variant") != FULL:
         bits.append(str(a["variant"]))
     return ", ".join(bits)
 
