@@ -1,4 +1,4 @@
-"""``dvc.yaml``: one templated stage per Snakemake rule, written from :data:`STAGES`, and what checks it.
+"""``dvc.yaml``: one templated stage per Snakemake rule, read off the Snakemake DAG, and what checks it.
 
 The file uses DVC's own templating: values from ``params.yaml`` (``${results_dir}``) and, for the rules that run
 per model, ``foreach: ${models}`` (stage ``position_probe@sd15``, ...). So changing ``models``, ``results_dir`` or
@@ -7,21 +7,24 @@ the rules or of the package's imports does:
 
     diffaudit dvc-yaml > dvc.yaml
 
-Each stage runs exactly its rule through Snakemake (``--allowed-rules``; ``--nolock``, as DVC's own lock covers
-the run); its deps are the rule's inputs, the rule file, the task script and the package modules that the rule's
-task reaches (static import analysis); its params are the config keys the rule declares; its outs the rule's
-outputs (figures as image plots, JSON summaries as metrics). ``tests/test_dvc.py`` fails when the committed file
-differs from :func:`render`, and when the stages that DVC resolves for a configuration differ from the jobs of
-the Snakemake DAG (outputs, inputs, params, code).
+Nothing here restates a rule: :func:`stages` builds Snakemake's DAG of params.yaml with placeholder models, results
+folder and experiment (:func:`snakemake_dag`) and turns each job into its stage. Each stage runs exactly its rule
+through Snakemake (``--allowed-rules``; ``--nolock``, as DVC's own lock covers the run); its deps are the job's
+inputs (files that several jobs of one rule write into one folder, one per model or run, as that folder), the rule
+file, the rule's script and the package modules that the rule's task reaches (static import analysis); its params
+are the config keys the rule declares; its outs the job's outputs (figures as image plots, JSON summaries as
+metrics). ``tests/test_dvc.py`` fails when the committed file differs from :func:`render`, and when the stages
+that DVC resolves for a configuration differ from the jobs of the Snakemake DAG (outputs, inputs, params, code).
 """
 from __future__ import annotations
 
 import ast
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
-from .pipeline.common import TABLES as MODEL_TABLES
+from . import layout
+from .pipeline.common import JOB_PARAMS
 
 PACKAGE = Path(__file__).resolve().parent
 HEADER = ("# Written by `diffaudit dvc-yaml > dvc.yaml` from the workflow's rules (see diffaudit.dvcgen); do not edit.\n"
@@ -30,15 +33,22 @@ HEADER = ("# Written by `diffaudit dvc-yaml > dvc.yaml` from the workflow's rule
 FIGURE_SUFFIXES = (".png", ".svg")
 
 
-def snakemake_jobs(configfiles=("params.yaml",), snakefile="Snakefile") -> list[dict]:
-    """The jobs of the full DAG (as if nothing existed yet) for the given config files."""
+def snakemake_dag(configfiles=("params.yaml",), snakefile="Snakefile", config: dict | None = None
+                  ) -> tuple[list[dict], dict[str, dict]]:
+    """The jobs of the full DAG (as if nothing existed yet) for the given config files (and ``config``, applied on
+    top of them as Snakemake's ``--config`` would), and every rule of the workflow in definition order: name ->
+    its rule file, script and params' names."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
                                           StorageSettings)
 
+    def script_of(rule) -> Path | None:
+        return (Path(rule.snakefile).resolve().parent / rule.script).resolve() if rule.script else None
+
     with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
         wf = api.workflow(resource_settings=ResourceSettings(cores=1),
-                          config_settings=ConfigSettings(configfiles=[Path(c) for c in configfiles]),
+                          config_settings=ConfigSettings(configfiles=[Path(c) for c in configfiles],
+                                                         config=dict(config or {})),
                           storage_settings=StorageSettings(), snakefile=Path(snakefile))
         dag_api = wf.dag(dag_settings=DAGSettings(forceall=True))
         workflow = dag_api.workflow_api._workflow  # the DAG itself has no public accessor
@@ -50,12 +60,18 @@ def snakemake_jobs(configfiles=("params.yaml",), snakefile="Snakefile") -> list[
             rule = job.rule
             if rule.name == "all":
                 continue
-            rule_file = Path(rule.snakefile).resolve()
-            script = (rule_file.parent / rule.script).resolve() if rule.script else None
             jobs.append({"rule": rule.name, "wildcards": dict(job.wildcards_dict),
                          "inputs": [str(i) for i in job.input], "outputs": [str(o) for o in job.output],
-                         "params": list(rule.params._names), "rule_file": rule_file, "script": script})
-    return sorted(jobs, key=lambda j: (j["rule"], sorted(j["wildcards"].items())))
+                         "params": list(rule.params._names), "rule_file": Path(rule.snakefile).resolve(),
+                         "script": script_of(rule)})
+        rules = {rule.name: {"rule_file": Path(rule.snakefile).resolve(), "script": script_of(rule),
+                             "params": list(rule.params._names)} for rule in workflow.rules if rule.name != "all"}
+    return sorted(jobs, key=lambda j: (j["rule"], sorted(j["wildcards"].items()))), rules
+
+
+def snakemake_jobs(configfiles=("params.yaml",), snakefile="Snakefile", config: dict | None = None) -> list[dict]:
+    """The jobs of the full DAG (as if nothing existed yet) for the given config files."""
+    return snakemake_dag(configfiles, snakefile, config)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,83 +155,94 @@ def code_deps(script: Path, rule: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 R, M = "${results_dir}", "${item}"
-FIG = f"{R}/figures"
-TABLES = [f"{R}/{M}/{t}.csv" for t in MODEL_TABLES]
-REPR = f"{R}/{M}/representations"
-PAPER_REF = f"{R}/{M}/paper_reference"
-SUMMARY_DIR = f"{R}/experiment_summary"
-RUN_TABLES = ("position_probe_summary", "token_group_similarity", "anomaly_rel_norm")
-QUALITATIVE = [f"{FIG}/{M}/qualitative_{v}.{e}" for v in ("token_similarity", "corner", "norms", "pca")
-               for e in ("png", "svg")]
+#: The values of DVC's matrix stages (a model and an experiment of params.yaml).
+MATRIX_MODEL, MATRIX_EXPERIMENT = "${item.model}", "${item.experiment}"
 # The extraction stage also builds the embedded model when the model is `mini` (a Snakemake intermediate,
 # deterministic from `mini.seed`): its rule is allowed there, and its code and params are the stage's too.
 EXTRA_RULES = {"extract": ["build_mini"]}
-
-#: rule -> (per model, input paths, config keys, outputs). Config keys as the rule declares them ("model_source"
-#: = the model's registry entry); outputs as Snakemake writes them (for `extract`: the folder that holds every
-#: shard; its command runs every shard job of the model, see `diffaudit dvc-extract`).
-STAGES: dict[str, tuple[bool, list[str], list[str], list[str]]] = {
-    "dataset": (False, [], ["dataset"], [f"{R}/dataset"]),
-    "extract": (True, [f"{R}/dataset"], ["layers", "extraction", "dataset", "mini", "model_source", "experiment"],
-                [REPR]),
-    "paper_reference": (True, [REPR], ["paper_reference", "extraction", "dataset", "model_source", "experiment"],
-                        [PAPER_REF]),
-    "position_probe": (True, [REPR], ["probe", "bootstrap", "extraction.device", "dataset.source",
-                                      "dataset.imagenet.classes"],
-                       [f"{R}/{M}/position_probe.csv", f"{R}/{M}/position_probe_summary.csv"]),
-    "token_group_similarity": (True, [REPR], ["similarity", "bootstrap"], [f"{R}/{M}/token_group_similarity.csv"]),
-    "anomalies": (True, [REPR, PAPER_REF], ["anomalies", "bootstrap"],
-                  [f"{R}/{M}/anomaly_rel_norm.csv", f"{R}/{M}/anomaly_detector.json"]),
-    "channel_outliers": (True, [REPR], ["channels"], [f"{R}/{M}/channel_outliers.csv"]),
-    "credibility": (True, TABLES, ["credibility"], [f"{R}/{M}/credibility.csv", f"{R}/layer_summary/{M}.csv"]),
-    "quantitative_figure": (True, TABLES, [], [f"{FIG}/quantitative_{M}.png", f"{FIG}/quantitative_{M}.svg"]),
-    "paper_comparison": (True, TABLES + [PAPER_REF], [],
-                         [f"{R}/{M}/paper_comparison.csv", f"{FIG}/paper_comparison_{M}.png",
-                          f"{FIG}/paper_comparison_{M}.svg"]),
-    "qualitative_figures": (True, [REPR, f"{R}/dataset", PAPER_REF], ["anomalies"], QUALITATIVE),
-    "cross_model_figure": (False, [f"{R}/layer_summary"], ["models"],
-                           [f"{FIG}/cross_model.png", f"{FIG}/cross_model.svg"]),
-    "run_summary": (True, [f"{R}/{M}/{t}.csv" for t in RUN_TABLES], ["probe.interior_k"],
-                    [f"{SUMMARY_DIR}/{M}/baseline.csv"]),
-    # the folder of the model's run summaries: the baseline's is always there, an experiment adds its own
-    "experiment_comparison": (True, [f"{SUMMARY_DIR}/{M}"], ["experiments"],
-                              [f"{R}/{M}/experiments.csv", f"{FIG}/experiments_{M}.png", f"{FIG}/experiments_{M}.svg"]),
-}
-#: Rules that also run for every experiment (params.yaml `experiments`): one more stage each, ``<rule>_experiment``,
-#: over DVC's matrix of models x experiments (stage ``position_probe_experiment@sd15-circular``), whose paths are
-#: the experiment's (:func:`experiment_stage`). With no experiments the matrix is empty: no stages.
-EXPERIMENT_RULES = ("extract", "paper_reference", "position_probe", "token_group_similarity", "anomalies",
-                    "channel_outliers", "run_summary")
+#: Stages whose command is not "Snakemake, this rule, these outputs": the extraction's one folder holds every shard,
+#: and `diffaudit dvc-extract` runs every shard job of the model (``extraction.shards``).
+COMMANDS = {"extract": "diffaudit dvc-extract {model}{experiment}"}
+#: Rules that also run for every experiment (params.yaml `experiments`) get one more stage each,
+#: ``<rule>_experiment``, over DVC's matrix of models x experiments (stage ``position_probe_experiment@sd15-circular``),
+#: whose paths are the experiment's. With no experiments the matrix is empty: no stages.
 EXPERIMENT_SUFFIX = "_experiment"
-SNAKEFILE_RULE_FILES = {"build_mini": "models.smk", "dataset": "data.smk", "extract": "extract.smk",
-                        "paper_reference": "reference.smk", "cross_model_figure": "figures.smk",
-                        "credibility": "figures.smk", "quantitative_figure": "figures.smk",
-                        "paper_comparison": "figures.smk", "qualitative_figures": "figures.smk",
-                        "run_summary": "experiments.smk", "experiment_comparison": "experiments.smk"}
+#: Rule params that are no config key of their own: the model's registry entry (in DVC ``model_sources.<model>``)
+#: and an experiment's overrides (``experiments.<name>``; none for the baseline).
+MODEL_SOURCE, EXPERIMENT = "model_source", "experiment"
+
+# The stages are read off the DAG of params.yaml with placeholders for what dvc.yaml templates: the results folder,
+# the models (two: a rule that gathers one file per model or per run, e.g. the cross-model figure, reads a folder)
+# and one experiment (to see which rules run per experiment). Nothing else of params.yaml shapes a stage.
+_RESULTS, _MODEL, _OTHER_MODEL, _EXPERIMENT = "dvcgen-results", "dvcgen-model-a", "dvcgen-model-b", "dvcgen-exp"
+_TEMPLATE_CONFIG = {"results_dir": _RESULTS, "models": [_MODEL, _OTHER_MODEL],
+                    "model_sources": {m: {"id": f"dvcgen/{m}", "revision": "main"} for m in (_MODEL, _OTHER_MODEL)},
+                    "experiments": {_EXPERIMENT: {"seed": 1}}, "extraction": {"shards": 1}}
 
 
-def dvc_param(key: str) -> str | None:
-    """A rule's declared key as DVC names it (``model_source`` is the model's ``model_sources`` entry;
-    ``experiment``, the overrides of an experiment, is none for the baseline)."""
-    return f"model_sources.{M}" if key == "model_source" else None if key == "experiment" else key
+def dvc_param(key: str, model: str = M, experiment: str | None = None) -> str | None:
+    """A rule's declared param as DVC names the config key (``model_source`` is the model's ``model_sources``
+    entry; ``experiment``, the overrides of an experiment, is none for the baseline)."""
+    if key == MODEL_SOURCE:
+        return f"model_sources.{model}"
+    if key == EXPERIMENT:
+        return f"experiments.{experiment}" if experiment else None
+    return key.replace("__", ".")
 
 
-def rule_file(rule: str) -> str:
-    return f"workflow/rules/{SNAKEFILE_RULE_FILES.get(rule, 'analyses.smk')}"
+def _run_of(wildcards: dict) -> str:
+    if "exp" in wildcards:
+        return layout.run_name(wildcards["exp"])
+    return wildcards.get("run", layout.BASELINE)
 
 
-def stage(rule: str) -> dict:
-    per_model, inputs, keys, outputs = STAGES[rule]
-    rules = [rule] + EXTRA_RULES.get(rule, [])
-    script = PACKAGE.parent.parent / "workflow" / "scripts" / TASK_SCRIPT
-    code = sorted(set().union(*(code_deps(script, r) for r in rules)))
-    if rule == "extract":
-        cmd = f"diffaudit dvc-extract {M}"
+def _templated(path: str, model: str, experiment: str | None) -> str:
+    """A path of the placeholder DAG with DVC's templates for the results folder, the model and the experiment."""
+    if path == _RESULTS or path.startswith(_RESULTS + "/"):
+        path = R + path[len(_RESULTS):]
+    path = path.replace(_MODEL, model)
+    return path.replace(_EXPERIMENT, experiment) if experiment else path
+
+
+def _gathered(job: dict, producers: dict[str, tuple[str, tuple]]) -> list[str]:
+    """The job's inputs, where files of one folder made by several jobs of one rule (a file per model or per run)
+    become that folder (DVC tracks it: a new model or experiment needs no new dvc.yaml)."""
+    groups: dict[tuple[str, str], set] = {}
+    for i in job["inputs"]:
+        if i in producers:
+            rule, wildcards = producers[i]
+            groups.setdefault((rule, str(PurePosixPath(i).parent)), set()).add(wildcards)
+    out = []
+    for i in job["inputs"]:
+        folder = str(PurePosixPath(i).parent)
+        gathered = i in producers and len(groups[(producers[i][0], folder)]) > 1
+        path = folder if gathered else i
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def _body(job: dict, rules: dict[str, dict], producers: dict, model: str, experiment: str | None) -> dict:
+    """The stage of one job of the placeholder DAG (``model``/``experiment``: DVC's templates for them)."""
+    rule = job["rule"]
+    root = PACKAGE.parent.parent
+    names = [rule] + EXTRA_RULES.get(rule, [])
+    code = sorted(set().union(*(code_deps(rules[r]["script"], r) for r in names)))
+    outputs = [_templated(o, model, experiment) for o in job["outputs"]]
+    inputs = [_templated(i, model, experiment) for i in _gathered(job, producers)]
+    if rule in COMMANDS:
+        cmd = COMMANDS[rule].format(model=model, experiment=f" --experiment {experiment}" if experiment else "")
     else:
         cmd = f"snakemake --cores all --nolock --allowed-rules {rule} -- {' '.join(outputs)}"
-    body: dict = {"cmd": cmd,
-                  "deps": inputs + sorted({rule_file(r) for r in rules}) + [f"workflow/scripts/{TASK_SCRIPT}"] + code}
-    params = [p for p in (dvc_param(k) for k in keys) if p]
+    rule_files = sorted({str(rules[r]["rule_file"].relative_to(root)) for r in names})
+    scripts = list(dict.fromkeys(str(rules[r]["script"].relative_to(root)) for r in names))
+    body: dict = {"cmd": cmd, "deps": inputs + rule_files + scripts + code}
+    # the rule's own config keys, those of the rules it brings along, then the model's and experiment's entries
+    own = [p for p in rules[rule]["params"] if p not in JOB_PARAMS]
+    keys = ([p for p in own if p not in (MODEL_SOURCE, EXPERIMENT)]
+            + [p for r in names[1:] for p in rules[r]["params"] if p not in JOB_PARAMS + (MODEL_SOURCE, EXPERIMENT)]
+            + [p for p in own if p in (MODEL_SOURCE, EXPERIMENT)])
+    params = [p for p in (dvc_param(k, model, experiment) for k in keys) if p]
     if params:
         body["params"] = params
     outs = [o for o in outputs if not o.endswith(FIGURE_SUFFIXES + (".json",))]
@@ -224,7 +251,34 @@ def stage(rule: str) -> dict:
     for name, paths in (("outs", outs), ("metrics", metrics), ("plots", plots)):
         if paths:
             body[name] = paths
-    return {"foreach": "${models}", "do": body} if per_model else body
+    return body
+
+
+def stages() -> dict[str, dict]:
+    """Every stage of dvc.yaml, in the order of the workflow's rules: per rule the stage of its job (``foreach`` over
+    the models when it runs per model), then ``<rule>_experiment`` (the matrix) for each rule that runs per
+    experiment. Read off Snakemake's DAG of params.yaml with placeholder models and experiment
+    (:data:`_TEMPLATE_CONFIG`): the rules decide every path, param and piece of code."""
+    root = PACKAGE.parent.parent
+    jobs, rules = snakemake_dag([root / "params.yaml"], root / "Snakefile", _TEMPLATE_CONFIG)
+    producers = {o: (j["rule"], tuple(sorted(j["wildcards"].items()))) for j in jobs for o in j["outputs"]}
+    order = {name: k for k, name in enumerate(rules)}
+    extra = {r for rs in EXTRA_RULES.values() for r in rs}
+    baseline: dict[str, dict] = {}
+    experiment: dict[str, dict] = {}
+    for job in sorted(jobs, key=lambda j: order[j["rule"]]):
+        rule, wildcards = job["rule"], job["wildcards"]
+        if rule in extra or wildcards.get("model", _MODEL) != _MODEL:
+            continue
+        if _run_of(wildcards) == _EXPERIMENT:
+            experiment[rule + EXPERIMENT_SUFFIX] = {
+                "matrix": {"model": "${models}", "experiment": "${experiments}"},
+                **_body(job, rules, producers, MATRIX_MODEL, MATRIX_EXPERIMENT)}
+        elif "model" in wildcards:
+            baseline[rule] = {"foreach": "${models}", "do": _body(job, rules, producers, M, None)}
+        else:
+            baseline[rule] = _body(job, rules, producers, M, None)
+    return {**baseline, **experiment}
 
 
 # `dvc plots`: the quantities of the paper's three panels, one plot per model (per file of the summary folder;
@@ -236,30 +290,6 @@ SUMMARY_PLOT = {"template": "linear", "x": "layer_index",
                 "x_label": "layer index", "y_label": "value"}
 
 
-def experiment_stage(rule: str) -> dict:
-    """The stage of ``rule`` for one (model, experiment) of the matrix: the baseline's with the experiment's paths
-    (``{results_dir}/{model}/experiments/{name}/...``; its run summary ``experiment_summary/{model}/{name}.csv``),
-    its overrides as a param and, for the extraction, ``--experiment``."""
-    body = stage(rule)["do"]
-    model, name = "${item.model}", "${item.experiment}"
-
-    def swap(text: str) -> str:
-        text = text.replace(f"{SUMMARY_DIR}/{M}/baseline.csv", f"{SUMMARY_DIR}/{model}/{name}.csv")
-        text = text.replace(f"{R}/{M}/", f"{R}/{model}/experiments/{name}/")
-        return text.replace(f"{R}/{M}", f"{R}/{model}/experiments/{name}").replace(M, model)
-
-    out = {"matrix": {"model": "${models}", "experiment": "${experiments}"}}
-    for key, value in body.items():
-        out[key] = [swap(v) for v in value] if isinstance(value, list) else swap(value)
-    if rule == "extract":
-        out["cmd"] = f"diffaudit dvc-extract {model} --experiment {name}"
-    if "experiment" in STAGES[rule][2]:
-        out["params"] = out.get("params", []) + [f"experiments.{name}"]
-    return out
-
-
 def render() -> str:
-    doc = {"stages": {rule: stage(rule) for rule in STAGES}}
-    doc["stages"].update({rule + EXPERIMENT_SUFFIX: experiment_stage(rule) for rule in EXPERIMENT_RULES})
-    doc["plots"] = [{f"{R}/layer_summary": SUMMARY_PLOT}]
+    doc = {"stages": stages(), "plots": [{f"{R}/{layout.LAYER_SUMMARY}": SUMMARY_PLOT}]}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
