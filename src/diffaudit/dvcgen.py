@@ -89,7 +89,7 @@ def _module_file(name: str) -> Path | None:
 
 def _imports(tree: ast.AST, module: str) -> set[str]:
     """``diffaudit`` modules imported anywhere in ``tree`` (module or function level)."""
-    pkg = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module
+    pkg = module.rsplit(".", 1)[0]  # the package a relative import starts from (a.b for a.b.c and a.b.__init__)
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
