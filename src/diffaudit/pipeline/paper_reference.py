@@ -3,7 +3,7 @@
 Writes ``{results_dir}/{model}/paper_reference/``: ``status.json`` (the verdict of
 :func:`diffaudit.paper_run.verdict` on the configuration and on the device and precision the extraction
 recorded: ``applies``, ``forced``, ``differences``, ``reason``, and the sha256 of each file) and, when the files apply, copies of the authors' files (per-layer numbers and hand labels), each
-sha256-checked. They are downloaded once into ``resources/paper`` (:data:`diffaudit.layout.PAPER_CACHE`; or put there beforehand by
+sha256-checked. They are downloaded once into ``resources/paper`` (or put there beforehand by
 ``diffaudit prefetch``); offline with that cache empty the rule stops with one line naming ``diffaudit prefetch``.
 """
 from __future__ import annotations
