@@ -173,7 +173,8 @@ MODEL_SOURCE, EXPERIMENT = "model_source", "experiment"
 
 # The stages are read off the DAG of params.yaml with placeholders for what dvc.yaml templates: the results folder,
 # the models (two: a rule that gathers one file per model or per run, e.g. the cross-model figure, reads a folder)
-# and one experiment (to see which rules run per experiment). Nothing else of params.yaml shapes a stage.
+# and one experiment (to see which rules run per experiment). Of the rest of params.yaml only files that a rule reads
+# from the configuration (user label files in `anomalies.labels`) reach a stage, as deps.
 _RESULTS, _MODEL, _OTHER_MODEL, _EXPERIMENT = "dvcgen-results", "dvcgen-model-a", "dvcgen-model-b", "dvcgen-exp"
 _TEMPLATE_CONFIG = {"results_dir": _RESULTS, "models": [_MODEL, _OTHER_MODEL],
                     "model_sources": {m: {"id": f"dvcgen/{m}", "revision": "main"} for m in (_MODEL, _OTHER_MODEL)},
