@@ -102,8 +102,8 @@ def label_files(wildcards):
     return user_label_files(config["anomalies"])
 
 
-# The run summaries (rules in experiments.smk): one per run, in one folder per model (DVC tracks the folder).
-EXPERIMENT_SUMMARIES = layout.experiment_summary_dir(RESULTS)
+# The run summaries (rules in experiments.smk): one per run, in one folder per model (DVC tracks the folder;
+# diffaudit.layout.run_summary_path).
 RUN_TABLES = ["position_probe_summary.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv"]
 
 
