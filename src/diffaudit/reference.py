@@ -44,6 +44,7 @@ import pandas as pd
 from .analyses.similarity import ratio_columns
 from .errors import DiffauditError
 from .layers import PAPER_LAYERS
+from .tables import final_epoch_accuracy
 
 REPO = "JonasLoos/sd-representation-anomalies"
 COMMIT = "1230d5395ce8f321eac557da56f0934dfd7cfc63"
@@ -379,10 +380,7 @@ def _final_accuracy(df: pd.DataFrame) -> pd.DataFrame:
     d = df[df["metric"] == "per_axis"]
     if d.empty:
         return pd.DataFrame(columns=["model", "layer_index", "layer", "quantity", "value"])
-    last = d.groupby(["model", "layer"])["epoch"].transform("max")
-    d = d[d["epoch"] == last]
-    out = d.groupby(["model", "layer", "granularity"], sort=False).agg(
-        layer_index=("layer_index", "first"), value=("accuracy", "mean")).reset_index()
+    out = final_epoch_accuracy(d, by=("model", "layer"), sort=False)
     out["quantity"] = [f"acc_{int(g)}x{int(g)}" for g in out["granularity"]]
     return out[["model", "layer_index", "layer", "quantity", "value"]]
 

@@ -59,6 +59,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from matplotlib.transforms import Bbox
 
+from ..tables import PAPER_TABLES, SIMILARITY_CI_COLUMNS, final_epoch_accuracy
+
 COLOR_CORNER = "tab:blue"
 COLOR_BORDER = "#50b0bf"
 COLOR_ANOMALY = "#26a259"
@@ -77,7 +79,7 @@ NORM_LIM = (0.45, 5.8)
 
 SVG_HASHSALT = "diffaudit"
 FIGSIZE = (8.0, 5.0)
-TABLE_KEYS = ("position_probe", "token_group_similarity", "anomaly_rel_norm")
+TABLE_KEYS = tuple(PAPER_TABLES)  # the tables with a published counterpart
 
 # ---------------------------------------------------------------------------------------------
 # Layer names -> type and block labels
@@ -244,9 +246,8 @@ def final_accuracy(probe: pd.DataFrame, stat: str = "mean", column: str = "accur
         if not (probe["metric"] == "per_axis").any():
             metric = str(probe["metric"].iloc[0])
         probe = probe[probe["metric"] == metric]
-    last = probe.groupby("layer")["epoch"].transform("max")
-    d = probe[probe["epoch"] == last]
-    wide = d.groupby(["layer", "granularity"])[column].agg(stat).unstack("granularity") * 100.0
+    acc = final_epoch_accuracy(probe, by=("layer",), stat=stat, column=column)
+    wide = acc.set_index(["layer", "granularity"])["value"].unstack("granularity") * 100.0
     return wide.sort_index(axis=1), metric
 
 
@@ -255,7 +256,7 @@ def _has(df, *columns: str) -> bool:
     return all(c in df.columns and np.isfinite(pd.to_numeric(df[c], errors="coerce")).any() for c in columns)
 
 
-SIM_CI_COLUMNS = ("corner_ratio_ci_low", "corner_ratio_ci_high", "border_ratio_ci_low", "border_ratio_ci_high")
+SIM_CI_COLUMNS = SIMILARITY_CI_COLUMNS
 
 
 def similarity_ratios(sim: pd.DataFrame) -> pd.DataFrame:
