@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..errors import DiffauditError, UserError
 from ..store import ReprStore
-from ..tables import ANOMALY_CI_COLUMNS, ANOMALY_PREVALENCE_COLUMNS, ANOMALY_TABLE_COLUMNS, RELNORM_COLUMNS
+from ..tables import ANOMALY_CI_COLUMNS, ANOMALY_PREVALENCE_COLUMNS, ANOMALY_TABLE_COLUMNS, RELNORM_COLUMNS  # noqa: F401
 from .bootstrap import Bootstrap
 
 REF_LAYER = "up_blocks[1].upsamplers[0]"

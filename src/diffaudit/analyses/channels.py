@@ -29,7 +29,6 @@ from ..store import ReprStore
 from ..tables import CHANNEL_COLUMNS
 
 
-
 def channel_ratios(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(b, C, H, W) -> (per-image channel max |act| (b, C), ratio to the median over channels (b, C))."""
     m = np.abs(chunk).max(axis=(2, 3)).astype(np.float32)

@@ -83,7 +83,7 @@ from ..tables import PROBE_SPLIT_COLUMNS as SPLIT_COLUMNS
 from ..tables import PROBE_SUMMARY_COLUMNS as SUMMARY_COLUMNS
 from ..tables import PROBE_SUMMARY_EXTRA as SUMMARY_EXTRA
 from ..tables import PROBE_SUMMARY_KEYS as SUMMARY_KEYS
-from ..tables import PROBE_SUMMARY_VALUES as SUMMARY_VALUES
+from ..tables import PROBE_SUMMARY_VALUES as SUMMARY_VALUES  # noqa: F401
 from ..tables import PROBE_TABLE_COLUMNS as TABLE_COLUMNS
 from .bootstrap import Bootstrap
 
