@@ -16,7 +16,8 @@ from diffaudit.figures.cross_model import cross_model_figure, plot_cross_model
 from diffaudit.figures.layer_labels import block_boundaries, block_spans, layer_block, layer_type
 from diffaudit.figures.quantitative import plot_quantitative, quantitative_figure
 from diffaudit.layers import PAPER_LAYERS
-from diffaudit.reference import PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS, paper_layer_shape
+from diffaudit.paper_files import paper_layer_shape
+from diffaudit.tables import PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 
 PAPER_DATA = Path("/work/shared/reference/paper-data")
 
@@ -289,7 +290,7 @@ def test_narrow_blocks_get_vertical_block_names(tables):
 
 @pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared reference folder not available")
 def test_paper_numbers_render(tmp_path):
-    from diffaudit.reference import paper_tables
+    from diffaudit.paper_files import paper_tables
 
     t = paper_tables("sdturbo", PAPER_DATA)
     png, svg = plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"],

@@ -47,9 +47,8 @@ def _cmd_prefetch(args):
     """Everything the configured run downloads, fetched now (on a machine with internet)."""
     from .config import load_config
     from .models import download_model, embedded_model, resolve_model
-    from .pipeline.common import PAPER_CACHE
+    from .paper_files import PAPER_CACHE, fetch_all
     from .paper_run import verdict
-    from .reference import fetch_all
 
     cfg = load_config(*args.configfile)
     for model in cfg["models"]:

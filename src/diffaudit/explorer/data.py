@@ -409,7 +409,7 @@ class Explorer:
     def _paper_labels(self, r: Run) -> np.ndarray:
         """The authors' hand labels when the workflow found they apply (paper_reference/status.json)."""
         try:
-            from ..pipeline.paper_reference import paper_file, read_status
+            from ..paper_files import paper_file, read_status
 
             d = self.root / r.model / "paper_reference"
             if not d.is_dir() or not read_status(d).get("applies"):

@@ -22,7 +22,7 @@ Light-gray dashed separators mark block boundaries; below the bottom panel the l
 down, up) are written per layer (rotated) and the block names (in, dn0..dn3, mid, up0..up3, out) per block, with
 the row labels "layers:" and "blocks:". Any subset of layers works: blocks and types are derived from the layer
 names (:func:`layer_type`, :func:`layer_block`). A missing table (None or empty) leaves its panel saying "not
-computed". ``reference=`` (the paper's tables of the model, :func:`diffaudit.reference.paper_tables`) overlays the
+computed". ``reference=`` (the paper's tables of the model, :func:`diffaudit.paper_files.paper_tables`) overlays the
 published numbers as thin black/gray dashed lines labelled "paper", matched to our layers by name. Legends sit to
 the right of the panels so they never cover data. The y-limits are the paper's (accuracy -5..105, similarity
 0.46..2.8, norm 0.45..5.8) and widen when data (or the overlay) fall outside them.

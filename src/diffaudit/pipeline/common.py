@@ -9,9 +9,6 @@ from pathlib import Path
 
 from ..tables import MODEL_TABLES, read_tables, write_csv  # noqa: F401
 
-# Downloaded reference files of the authors (sha256-checked; git-ignored).
-PAPER_CACHE = Path("resources/paper")
-
 # Rule params that describe the job, not the configuration.
 JOB_PARAMS = ("shard",)
 
