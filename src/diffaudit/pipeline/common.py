@@ -56,11 +56,11 @@ def task_config(smk) -> DeclaredConfig:
 
 
 def device(cfg: dict) -> str:
-    """``extraction.device``, with ``auto`` = the first CUDA device if there is one, else the CPU."""
-    from ..devices import default_device
+    """``extraction.device``, with ``auto`` = the first CUDA device if there is one, else the CPU
+    (:func:`diffaudit.devices.resolve_device`)."""
+    from ..devices import resolve_device
 
-    dev = cfg["extraction"]["device"]
-    return default_device() if dev == "auto" else dev
+    return resolve_device(cfg["extraction"]["device"])
 
 
 def stem(path: str | Path) -> str:
