@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .pipeline.common import TABLES as MODEL_TABLES
+from .tables import MODEL_TABLES
 
 PACKAGE = Path(__file__).resolve().parent
 HEADER = ("# Written by `diffaudit dvc-yaml > dvc.yaml` from the workflow's rules (see diffaudit.dvcgen); do not edit.\n"
