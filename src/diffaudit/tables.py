@@ -3,19 +3,16 @@
 One home for the schemas that the analyses write, the paper-file loader (:mod:`diffaudit.paper_files`) parses
 the authors' numbers into, the figures and the explorer read, and ``diffaudit.dvcgen`` names as outputs:
 
-==============================  =====================================================  =============================
-table (file stem)               columns                                                written by
-==============================  =====================================================  =============================
-``position_probe``              :data:`PROBE_TABLE_COLUMNS`                            :mod:`.analyses.probe`
-``position_probe_summary``      :data:`PROBE_SUMMARY_COLUMNS`                          :mod:`.analyses.probe`
-``token_group_similarity``      :data:`SIMILARITY_TABLE_COLUMNS`                       :mod:`.analyses.similarity`
-``anomaly_rel_norm``            :data:`ANOMALY_TABLE_COLUMNS`                          :mod:`.analyses.anomalies`
-``channel_outliers``            :data:`CHANNEL_COLUMNS`                                :mod:`.analyses.channels`
-``credibility``                 :data:`CREDIBILITY_COLUMNS`                            :mod:`.analyses.credibility`
-``paper_comparison``            :data:`PAPER_COMPARISON_COLUMNS`                       :mod:`.analyses.paper_comparison`
-``layer_summary/{model}``       :data:`LAYER_SUMMARY_COLUMNS`                          :mod:`.analyses.paper_comparison`
-run summary / experiments       :data:`RUN_SUMMARY_COLUMNS`, :data:`EXPERIMENT_COMPARISON_COLUMNS`  :mod:`.analyses.comparison`
-==============================  =====================================================  =============================
+- ``position_probe``: :data:`PROBE_TABLE_COLUMNS`, and ``position_probe_summary``: :data:`PROBE_SUMMARY_COLUMNS`
+  (:mod:`diffaudit.analyses.probe`);
+- ``token_group_similarity``: :data:`SIMILARITY_TABLE_COLUMNS` (:mod:`diffaudit.analyses.similarity`);
+- ``anomaly_rel_norm``: :data:`ANOMALY_TABLE_COLUMNS` (:mod:`diffaudit.analyses.anomalies`);
+- ``channel_outliers``: :data:`CHANNEL_COLUMNS` (:mod:`diffaudit.analyses.channels`);
+- ``credibility``: :data:`CREDIBILITY_COLUMNS` (:mod:`diffaudit.analyses.credibility`);
+- ``paper_comparison``: :data:`PAPER_COMPARISON_COLUMNS`, and ``layer_summary/{model}``:
+  :data:`LAYER_SUMMARY_COLUMNS` (:mod:`diffaudit.analyses.paper_comparison`);
+- a run's summary and the experiments' table: :data:`RUN_SUMMARY_COLUMNS`, :data:`EXPERIMENT_COMPARISON_COLUMNS`
+  (:mod:`diffaudit.analyses.comparison`).
 
 The published tables of the authors have the leading columns only (:data:`PROBE_COLUMNS`,
 :data:`SIMILARITY_COLUMNS`, :data:`RELNORM_COLUMNS`); ours append intervals and counts after them.
@@ -32,9 +29,6 @@ from pathlib import Path
 # ---------------------------------------------------------------------------------------------
 # Schemas
 # ---------------------------------------------------------------------------------------------
-
-#: Per layer, the columns every per-layer table starts with.
-LAYER_KEYS = ["model", "layer_index", "layer", "channels", "spatial"]
 
 # position_probe.csv (analyses.probe); the published table has PROBE_COLUMNS only.
 PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
