@@ -246,11 +246,11 @@ MODELS = ("sd15", "sd21", "sdturbo")
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> dict[str, pd.DataFrame]:
-    """model -> credibility table computed from the authors' files (parsed by diffaudit.reference from a cache
+    """model -> credibility table computed from the authors' files (parsed by diffaudit.paper_files from a cache
     folder holding them, so nothing is downloaded), with the prevalence of their hand labels."""
     if not PAPER.is_dir():
         pytest.skip("published reference files not available")
-    from diffaudit import reference as ref
+    from diffaudit import paper_files as ref
 
     cache = tmp_path_factory.mktemp("paper")
     for f in PAPER.iterdir():

@@ -9,11 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from diffaudit.figures import cross_model as cm
+from diffaudit.figures import layer_labels as ll
 from diffaudit.figures import quantitative as q
-from diffaudit.figures.quantitative import (block_boundaries, block_spans, cross_model_figure, layer_block,
-                                            layer_type, plot_cross_model, plot_quantitative, quantitative_figure)
+from diffaudit.figures.cross_model import cross_model_figure, plot_cross_model
+from diffaudit.figures.layer_labels import block_boundaries, block_spans, layer_block, layer_type
+from diffaudit.figures.quantitative import plot_quantitative, quantitative_figure
 from diffaudit.layers import PAPER_LAYERS
-from diffaudit.reference import PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS, paper_layer_shape
+from diffaudit.paper_files import paper_layer_shape
+from diffaudit.tables import PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 
 PAPER_DATA = Path("/work/shared/reference/paper-data")
 
@@ -286,7 +290,7 @@ def test_narrow_blocks_get_vertical_block_names(tables):
 
 @pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared reference folder not available")
 def test_paper_numbers_render(tmp_path):
-    from diffaudit.reference import paper_tables
+    from diffaudit.paper_files import paper_tables
 
     t = paper_tables("sdturbo", PAPER_DATA)
     png, svg = plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"],
@@ -426,13 +430,13 @@ def test_transformer_layer_names_get_labels():
     assert (layer_block("single_transformer_blocks[0]"), layer_type("single_transformer_blocks[0]")) == ("stb0",
                                                                                                         "block")
     assert layer_type("transformer_blocks[3].attn") == "attn" and layer_block("transformer_blocks[3].attn") == "tb3"
-    assert q._segments("single_transformer_blocks[10]") == [("single_transformer_blocks", [10])]
-    assert [q.layer_label(n) for n in dit_layers(2, 1, "x_embedder")] == ["embed", "tb0", "tb1", "stb0"]
+    assert ll.layer_segments("single_transformer_blocks[10]") == [("single_transformer_blocks", [10])]
+    assert [ll.layer_label(n) for n in dit_layers(2, 1, "x_embedder")] == ["embed", "tb0", "tb1", "stb0"]
     # a DiT's axis groups its blocks by stream: in | joint | single
     assert block_spans(dit_layers(4, 3, "x_embedder")) == [("in", 0, 0), ("joint", 1, 4), ("single", 5, 7)]
     assert block_boundaries(dit_layers(12)) == [1]
-    assert q.model_family(dit_layers(12)) == "DiT" and q.model_family(sdxl_layers()) == "U-Net"
-    assert q.model_family(["conv_in", "conv_out"]) == ""
+    assert cm.model_family(dit_layers(12)) == "DiT" and cm.model_family(sdxl_layers()) == "U-Net"
+    assert cm.model_family(["conv_in", "conv_out"]) == ""
 
 
 def test_sdxl_list_matches_the_unet_layout():
@@ -447,21 +451,21 @@ def test_sdxl_list_matches_the_unet_layout():
     (sdxl_layers(), ["in", "dn0", "dn1", "dn2", "mid", "up0", "up1", "up2", "out"]),
 ])
 def test_single_model_figure_of_other_families(tmp_path, layers, blocks):
-    t = q.tables_from_summary(synthetic_summary(layers))
+    t = cm.tables_from_summary(synthetic_summary(layers))
     png, svg = plot_quantitative(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"],
                                  tmp_path / "q", "m")
     check_written(png, svg)
     fig = quantitative_figure(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], "m")
     bottom = fig.axes[2]
     assert [x.get_text() for x in bottom.get_xticklabels(minor=True) if x.get_text()] == blocks
-    assert [x.get_text() for x in bottom.get_xticklabels() if x.get_text()] == [q.layer_label(n) for n in layers]
+    assert [x.get_text() for x in bottom.get_xticklabels() if x.get_text()] == [ll.layer_label(n) for n in layers]
     np.testing.assert_array_equal(line(fig.axes[0], "8×8").get_xdata(), np.arange(len(layers)))
 
 
 def test_relative_depth():
-    np.testing.assert_allclose(q.relative_depth(["a", "b", "c", "d", "e"]), [0, 0.25, 0.5, 0.75, 1])
-    assert q.relative_depth(["a"]).tolist() == [0.0] and q.relative_depth([]).size == 0
-    assert q.relative_depth(PAPER_LAYERS)[18] == pytest.approx(18 / 44)
+    np.testing.assert_allclose(cm.relative_depth(["a", "b", "c", "d", "e"]), [0, 0.25, 0.5, 0.75, 1])
+    assert cm.relative_depth(["a"]).tolist() == [0.0] and cm.relative_depth([]).size == 0
+    assert cm.relative_depth(PAPER_LAYERS)[18] == pytest.approx(18 / 44)
 
 
 @pytest.fixture(scope="module")
@@ -477,18 +481,18 @@ def families():
 
 def test_cross_model_relative_depth_axis(tmp_path, families):
     lists, summaries = families
-    by_model = {m: q.tables_from_summary(s) for m, s in summaries.items()}
+    by_model = {m: cm.tables_from_summary(s) for m, s in summaries.items()}
     png, svg = plot_cross_model(by_model, tmp_path / "cross_families")
     check_written(png, svg)
     texts = svg_texts(svg)
-    for t in (q.RELATIVE_XLABEL, "sd15 (U-Net, 45 layers)", "sdxl (U-Net, 34 layers)", "sd3 (DiT, 13 layers)",
+    for t in (cm.RELATIVE_XLABEL, "sd15 (U-Net, 45 layers)", "sdxl (U-Net, 34 layers)", "sd3 (DiT, 13 layers)",
               "flux (DiT, 19 layers)", "U-Net mid_block", "8×8", "native", "0", "0.25", "0.5", "0.75", "1"):
         assert t in texts, t
     assert "layers:" not in texts and "blocks:" not in texts
 
     fig = cross_model_figure(by_model)
     ax_acc, ax_sim, ax_norm = fig.axes[:3]
-    assert ax_norm.get_xlabel() == q.RELATIVE_XLABEL
+    assert ax_norm.get_xlabel() == cm.RELATIVE_XLABEL
     assert ax_norm.get_xticks().tolist() == [0, 0.25, 0.5, 0.75, 1]
     for m, names in lists.items():
         s = summaries[m]
@@ -500,7 +504,7 @@ def test_cross_model_relative_depth_axis(tmp_path, families):
             assert x[0] == 0.0 and np.all(np.diff(x) > 0), (m, quantity)  # first layer at 0, in layer order
         x8 = model_line(ax_acc, m, "8×8").get_xdata()
         assert x8[-1] == 1.0
-        np.testing.assert_allclose(x8, q.relative_depth(names))
+        np.testing.assert_allclose(x8, cm.relative_depth(names))
         np.testing.assert_allclose(model_line(ax_acc, m, "8×8").get_ydata(), 100 * s["acc_8x8"].to_numpy())
         np.testing.assert_allclose(model_line(ax_norm, m, "norm").get_ydata(), s["rel_norm_mean"].to_numpy())
         assert model_line(ax_acc, m, "8×8").get_marker() == "o"  # lines with small markers
@@ -517,8 +521,8 @@ def test_cross_model_relative_depth_axis(tmp_path, families):
 
 def test_cross_model_shared_layer_list_keeps_the_layer_axis(families):
     lists, summaries = families
-    by_model = {m: q.tables_from_summary(summaries[m]) for m in ("sdxl",)}
-    by_model["sdxl-turbo"] = q.tables_from_summary(synthetic_summary(sdxl_layers(), seed=7))
+    by_model = {m: cm.tables_from_summary(summaries[m]) for m in ("sdxl",)}
+    by_model["sdxl-turbo"] = cm.tables_from_summary(synthetic_summary(sdxl_layers(), seed=7))
     fig = cross_model_figure(by_model)
     bottom = fig.axes[2]
     assert bottom.get_xlabel() == "" and "layers:" in [t.get_text() for t in fig.texts]

@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from conftest import REPO, shared_reference
+from diffaudit import label_sources, paper_files
 from diffaudit.config import merge
 from diffaudit.paper_run import differences, verdict
-from diffaudit.pipeline import anomalies, paper_comparison, paper_reference
+from diffaudit.pipeline import paper_comparison, paper_reference
 
 PAPER = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -54,19 +55,19 @@ def test_the_extraction_must_have_run_like_the_authors():
 def test_label_sources_follow_the_verdict(tmp_path):
     a = PAPER["anomalies"]
     ok = write_status(tmp_path / "ok", PAPER, "sd15")
-    assert anomalies.label_sources(a, "sd15", ok) == ({"paper": str(ok / "high_norm_anomalies_sd15.npy"),
+    assert label_sources.label_sources(a, "sd15", ok) == ({"paper": str(ok / "high_norm_anomalies_sd15.npy"),
                                                       "auto": None}, None)
     other = merge(PAPER, {"extraction": {"seed": 43}})
-    sources, why = anomalies.label_sources(a, "sd15", write_status(tmp_path / "seed", other, "sd15"))
+    sources, why = label_sources.label_sources(a, "sd15", write_status(tmp_path / "seed", other, "sd15"))
     assert sources == {"auto": None} and "extraction.seed is 43" in why
     user = merge(a, {"labels": ["paper", "/x/my.npy"]})
-    sources, why = anomalies.label_sources(user, "mini", write_status(tmp_path / "mini", PAPER, "mini"))
+    sources, why = label_sources.label_sources(user, "mini", write_status(tmp_path / "mini", PAPER, "mini"))
     assert sources == {"user:my.npy": "/x/my.npy"} and "mini" in why
-    assert anomalies.user_label_files(user) == ["/x/my.npy"]
+    assert label_sources.user_label_files(user) == ["/x/my.npy"]
 
 
 def test_paper_reference_offline_without_files_names_prefetch(tmp_path):
-    from diffaudit.reference import ReferenceFetchError
+    from diffaudit.paper_files import ReferenceFetchError
 
     with pytest.raises(ReferenceFetchError, match="diffaudit prefetch"):
         paper_reference.run(PAPER, "sd15", tmp_path / "out", cache_dir=tmp_path / "empty",
@@ -75,19 +76,19 @@ def test_paper_reference_offline_without_files_names_prefetch(tmp_path):
     # not the authors' run: no files needed, the verdict is written
     out = paper_reference.run(merge(PAPER, {"extraction": {"mode": "corrected"}}), "sd15", tmp_path / "out",
                               cache_dir=tmp_path / "empty")
-    status = paper_reference.read_status(out)
+    status = paper_files.read_status(out)
     assert not status["applies"] and status["files"] == {} and "extraction.mode" in status["reason"]
 
 
 @pytest.mark.skipif(not (shared_reference() / "paper-data").is_dir(), reason="published files not available")
 def test_paper_comparison_of_the_published_numbers_with_themselves(tmp_path, monkeypatch):
-    from diffaudit.reference import paper_tables
+    from diffaudit.paper_files import paper_tables
 
     cache = tmp_path / "cache"
     shutil.copytree(shared_reference() / "paper-data", cache)  # pre-placed files: no network needed
     ref = paper_reference.run(PAPER, "sd15", tmp_path / "paper_reference", cache_dir=cache,
                               url_base=(tmp_path / "nowhere").as_uri())
-    assert len(paper_reference.read_status(ref)["files"]) == 5
+    assert len(paper_files.read_status(ref)["files"]) == 5
     tables = tmp_path / "sd15"
     tables.mkdir()
     for name, df in paper_tables("sd15", ref).items():

@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from conftest import REPO
-from diffaudit import reference as ref
+from diffaudit import paper_files as ref
 from diffaudit.layers import PAPER_LAYERS
-from diffaudit.reference import (COMPARISON_COLUMNS, PAPER_FILES, ReferenceChecksumError, ReferenceFetchError,
-                                 compare_with_paper, fetch, paper_layer_shape)
+from diffaudit.analyses.paper_comparison import COMPARISON_COLUMNS, compare_with_paper
+from diffaudit.paper_files import (PAPER_FILES, ReferenceChecksumError, ReferenceFetchError, fetch,
+                                   paper_layer_shape)
 
 SHARED = Path("/work/shared/reference")
 PAPER_DATA = SHARED / "paper-data"
@@ -143,13 +144,16 @@ def test_paper_layer_shape_examples():
 
 
 def test_column_contracts_match_the_analyses():
-    from diffaudit.analyses.anomalies import RELNORM_COLUMNS
-    from diffaudit.analyses.probe import PROBE_COLUMNS
-    from diffaudit.analyses.similarity import COLUMNS
+    """The published tables have the leading columns of ours (one schema each, in diffaudit.tables)."""
+    from diffaudit.analyses.anomalies import ANOMALY_TABLE_COLUMNS
+    from diffaudit.analyses.probe import TABLE_COLUMNS
+    from diffaudit.analyses.similarity import TABLE_COLUMNS as SIM_TABLE_COLUMNS
 
-    assert ref.PROBE_COLUMNS == PROBE_COLUMNS
-    assert ref.SIMILARITY_COLUMNS == list(COLUMNS)
-    assert ref.RELNORM_COLUMNS == RELNORM_COLUMNS
+    ours = {"position_probe": TABLE_COLUMNS, "token_group_similarity": list(SIM_TABLE_COLUMNS),
+            "anomaly_rel_norm": ANOMALY_TABLE_COLUMNS}
+    assert set(ref.TABLES) == set(ours)
+    for name, columns in ref.TABLES.items():
+        assert ours[name][:len(columns)] == list(columns), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ def test_position_probe_matches_shared_csv(paper, model):
 @pytest.mark.parametrize("model", ["sd15", "sd21", "sdturbo"])
 def test_token_group_similarity_matches_shared_csv(paper, model):
     got = paper[model]["token_group_similarity"]
-    assert list(got.columns) == ref.SIMILARITY_COLUMNS
+    assert list(got.columns) == list(ref.SIMILARITY_COLUMNS)
     exp = _shared("token_group_similarity.csv", model)
     assert got[["layer_index", "layer", "channels", "spatial"]].equals(exp[["layer_index", "layer", "channels",
                                                                            "spatial"]])

@@ -31,16 +31,16 @@ def _cmd_build_mini(args):
 
 def _cmd_dataset(args):
     from .config import load_config
-    from .pipeline import dataset
+    from .datasets import build_dataset
 
-    print(dataset.run(load_config(*args.configfile), args.out))
+    print(build_dataset(load_config(*args.configfile)["dataset"], args.out))
 
 
 def _cmd_extract(args):
     from .config import load_config
-    from .pipeline import extract
+    from .model_extraction import extract_model
 
-    print(extract.run(load_config(*args.configfile), args.model, args.dataset, args.out))
+    print(extract_model(load_config(*args.configfile), args.model, args.dataset, args.out))
 
 
 def _cmd_prefetch(args):
@@ -48,8 +48,8 @@ def _cmd_prefetch(args):
     from .config import load_config
     from .layout import PAPER_CACHE
     from .models import download_model, embedded_model, resolve_model
+    from .paper_files import fetch_all
     from .paper_run import verdict
-    from .reference import fetch_all
 
     cfg = load_config(*args.configfile)
     for model in cfg["models"]:

@@ -112,6 +112,10 @@ NON_RESULT_DIRS = frozenset({LOGS, FIGURES})
 
 # -- representation stores ---------------------------------------------------------------------------------------
 
+#: Rule params that name the job's part of the work (its shard), not the configuration (dvcgen and the tasks skip them).
+JOB_PARAMS = ("shard",)
+
+
 def representation_parts(n_shards: int) -> list[str]:
     """A model's representation directories, relative to its run folder: ``representations``, or with
     ``extraction.shards`` = n > 1 one directory per shard inside it (``representations/shard1ofn``, ...), so

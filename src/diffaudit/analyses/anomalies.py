@@ -33,17 +33,16 @@ import pandas as pd
 
 from ..errors import DiffauditError, UserError
 from ..store import ReprStore
+from ..tables import ANOMALY_CI_COLUMNS, ANOMALY_PREVALENCE_COLUMNS, ANOMALY_TABLE_COLUMNS, RELNORM_COLUMNS  # noqa: F401
 from .bootstrap import Bootstrap
 
 REF_LAYER = "up_blocks[1].upsamplers[0]"
 DEFAULT_REF_GRID = 32
-RELNORM_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "label_source", "rel_norm_mean",
-                   "rel_norm_std", "n_anomalies"]
-#: Appended by :func:`relative_norms` after :data:`RELNORM_COLUMNS` (the published table has no per-image counts).
-PREVALENCE_COLUMNS = ["n_images", "n_images_with_anomalies"]
-#: Appended after :data:`PREVALENCE_COLUMNS`: the bootstrap interval over images of ``rel_norm_mean``.
-CI_COLUMNS = ["rel_norm_ci_low", "rel_norm_ci_high"]
-ANOMALY_TABLE_COLUMNS = RELNORM_COLUMNS + PREVALENCE_COLUMNS + CI_COLUMNS
+# RELNORM_COLUMNS (the published table's), PREVALENCE_COLUMNS (appended by relative_norms: the published table has
+# no per-image counts), CI_COLUMNS (then the bootstrap interval over images of rel_norm_mean) and
+# ANOMALY_TABLE_COLUMNS are the schemas of diffaudit.tables.
+PREVALENCE_COLUMNS = ANOMALY_PREVALENCE_COLUMNS
+CI_COLUMNS = ANOMALY_CI_COLUMNS
 MODES = ("paper", "corrected")
 
 

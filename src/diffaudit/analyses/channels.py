@@ -26,9 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import ReprStore
-
-CHANNEL_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "channel", "median_abs_ratio", "max_abs",
-                   "frac_images_outlier", "n_images"]
+from ..tables import CHANNEL_COLUMNS
 
 
 def channel_ratios(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

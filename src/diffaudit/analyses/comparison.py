@@ -24,17 +24,14 @@ import numpy as np
 import pandas as pd
 
 from ..layout import BASELINE
+from ..tables import EXPERIMENT_COMPARISON_COLUMNS, RUN_SUMMARY_COLUMNS, final_epoch
 from .probe import interior_chance_level
 
 #: The probe grid of the comparison (the paper's 8 x 8).
 GRID = 8
 SOURCE_PREFERENCE = ("paper", "auto")
-SUMMARY_COLUMNS = ["layer_index", "layer", "spatial",
-                   "acc_8x8", "acc_8x8_ci_low", "acc_8x8_ci_high", "chance_8x8", "interior_acc_8x8",
-                   "interior_chance_8x8",
-                   "corner_ratio", "corner_ratio_ci_low", "corner_ratio_ci_high",
-                   "rel_norm_mean", "rel_norm_ci_low", "rel_norm_ci_high", "rel_norm_source"]
-COMPARISON_COLUMNS = ["model", "experiment", "changes"] + SUMMARY_COLUMNS
+SUMMARY_COLUMNS = RUN_SUMMARY_COLUMNS  # the schemas live in diffaudit.tables
+COMPARISON_COLUMNS = EXPERIMENT_COMPARISON_COLUMNS
 
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:
@@ -49,7 +46,7 @@ def probe_rows(probe: pd.DataFrame | None, interior_k: int = 2) -> pd.DataFrame:
     if probe is None or probe.empty:
         return pd.DataFrame(columns=cols)
     df = probe[(probe["metric"] == "per_axis") & (probe["granularity"] == GRID)]
-    df = df[df["epoch"] == df.groupby("layer")["epoch"].transform("max")]
+    df = final_epoch(df, ["layer"])
     n = df["spatial"].astype(float)
     return pd.DataFrame({"layer": df["layer"], "layer_index": df["layer_index"], "spatial": df["spatial"],
                          "acc_8x8": df["accuracy"], "acc_8x8_ci_low": _col(df, "ci_low"),

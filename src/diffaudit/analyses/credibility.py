@@ -6,7 +6,7 @@ is a *fraction* on a scale that means the same thing at every layer (reasoning: 
 ``position_score`` = clip((acc8 - c) / (1 - c), 0, 1),  c = 1 / min(8, n)
     ``acc8``: the position probe's ``per_axis`` test accuracy at the paper's fixed 8 x 8 grid (granularity 8: is
     the token in the right eighth of the image along each axis?), final epoch, mean over seeds
-    (:func:`diffaudit.reference._final_accuracy`, the one definition of "final-epoch accuracy"). Every layer is
+    (:func:`diffaudit.tables.final_epoch_accuracy`, the one definition of "final-epoch accuracy"). Every layer is
     judged on the same grid, whatever its own resolution n: at the native grid a 64 x 64 layer would be judged
     against chance 1/64 and an 8 x 8 layer against 1/8, so a 64-res layer that tells the image's eighths apart
     would look harmless. For n < 8 the probe's granularity-8 value is the native accuracy and c = 1/n. The score
@@ -46,13 +46,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..reference import _final_accuracy
+from ..tables import ANOMALY_PREVALENCE_COLUMNS, CREDIBILITY_COLUMNS, final_epoch_accuracy
 
 #: The fixed probe grid every layer is judged on (the paper's 8 x 8).
 POSITION_GRID = 8
 #: Label-source preference for the anomaly axis (then the first other source, e.g. ``user:...``).
 SOURCE_PREFERENCE = ("paper", "auto")
-PREVALENCE_COLUMNS = ("n_images", "n_images_with_anomalies")
+PREVALENCE_COLUMNS = tuple(ANOMALY_PREVALENCE_COLUMNS)
 AXES = ("position", "corner", "anomaly")
 
 FORMULA = (
@@ -65,11 +65,6 @@ FORMULA = (
     "hazard = max of available scores; safe = hazard < threshold (credibility.safe_below)"
 )
 KEYS = ["model", "layer_index", "layer"]
-CREDIBILITY_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial",
-                       "position_acc_8x8", "position_score",
-                       "corner_effect", "corner_score",
-                       "anomaly_source", "anomaly_prevalence", "anomaly_rel_norm", "anomaly_score",
-                       "channel_max_ratio", "hazard", "hazard_axis", "safe"]
 #: Column descriptions (e.g. for a data dictionary or a CSV sidecar).
 DESCRIPTIONS = {
     "position_acc_8x8": "final-epoch per_axis probe accuracy at the fixed 8x8 grid, mean over seeds",
@@ -117,8 +112,11 @@ def position_scores(probe: pd.DataFrame | None, model: str = "") -> pd.DataFrame
     df = _prepare(probe, model, ["epoch", "granularity", "metric", "accuracy"])
     if df.empty:
         return pd.DataFrame(columns=cols)
-    acc = _final_accuracy(df)
-    acc = acc[acc["quantity"] == f"acc_{POSITION_GRID}x{POSITION_GRID}"]
+    d = df[df["metric"] == "per_axis"]
+    if d.empty:
+        return pd.DataFrame([], columns=cols)
+    acc = final_epoch_accuracy(d, by=("model", "layer"), sort=False)
+    acc = acc[acc["granularity"] == POSITION_GRID]
     n = df.groupby(["model", "layer"], sort=False)["spatial"].first()
     out = []
     for r in acc.itertuples(index=False):

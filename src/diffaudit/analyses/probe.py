@@ -77,23 +77,16 @@ from torch import nn
 
 from ..errors import UserError
 from ..store import ReprStore
+from ..tables import PROBE_COLUMNS  # noqa: F401 (the table schemas live in diffaudit.tables)
+from ..tables import PROBE_EXTRA_COLUMNS as EXTRA_COLUMNS  # noqa: F401
+from ..tables import PROBE_SPLIT_COLUMNS as SPLIT_COLUMNS
+from ..tables import PROBE_SUMMARY_COLUMNS as SUMMARY_COLUMNS
+from ..tables import PROBE_SUMMARY_EXTRA as SUMMARY_EXTRA
+from ..tables import PROBE_SUMMARY_KEYS as SUMMARY_KEYS
+from ..tables import PROBE_SUMMARY_VALUES as SUMMARY_VALUES  # noqa: F401
+from ..tables import PROBE_TABLE_COLUMNS as TABLE_COLUMNS
 from .bootstrap import Bootstrap
 
-PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
-                 "seed", "accuracy"]
-#: Appended by :func:`run_probe` after :data:`PROBE_COLUMNS` (the published table has only the accuracy): the
-#: bootstrap interval of the accuracy over the test images and the accuracy on the interior tokens.
-EXTRA_COLUMNS = ["ci_low", "ci_high", "interior_accuracy"]
-TABLE_COLUMNS = PROBE_COLUMNS + EXTRA_COLUMNS
-SUMMARY_KEYS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric"]
-#: Columns of :func:`summarize_probe`, after the keys: the accuracy over the pooled seeds, then the test split.
-SUMMARY_VALUES = ["accuracy", "accuracy_sd", "n_seeds", "test_images", "test_classes", "test_class_mix"]
-#: Appended after :data:`SUMMARY_VALUES`: the bootstrap interval of the seed-mean accuracy and the seed-mean
-#: interior accuracy.
-SUMMARY_EXTRA = ["ci_low", "ci_high", "interior_accuracy"]
-SUMMARY_COLUMNS = SUMMARY_KEYS + SUMMARY_VALUES + SUMMARY_EXTRA
-#: Columns of :func:`probe_splits` (one row per run, i.e. per seed).
-SPLIT_COLUMNS = ["seed", "test_images", "test_classes", "test_class_mix"]
 #: ``test_class_mix`` of a test set without any class label (folder images at the top level, hand-made stores).
 UNLABELLED = "unlabelled"
 METRICS = ("per_axis", "joint")

@@ -63,25 +63,18 @@ import pandas as pd
 
 from ..errors import MissingInputError, UserError
 from ..layout import crop_variant
+from ..tables import SIMILARITY_CI_COLUMNS, SIMILARITY_COLUMNS, SIMILARITY_TABLE_COLUMNS
 from .bootstrap import Bootstrap
 
 GROUPS: tuple[str, ...] = ("corner", "border", "other")
 MAP_SETS: tuple[str, ...] = ("cropped_image", "full_image_ring_removed")
 EPS = 1e-12  # as torch.nn.functional.normalize
 
-COLUMNS: tuple[str, ...] = (
-    "model", "layer_index", "layer", "channels", "spatial",
-    "corner_ratio", "border_ratio", "other_ratio",
-    "corner_sim_cropped_image", "corner_sim_full_image_ring_removed",
-    "border_sim_cropped_image", "border_sim_full_image_ring_removed",
-    "other_sim_cropped_image", "other_sim_full_image_ring_removed",
-)
-
-#: Appended by :func:`token_group_similarity` after :data:`COLUMNS` (the published table has none): the bootstrap
-#: intervals of the plotted ratios.
-CI_COLUMNS: tuple[str, ...] = ("corner_ratio_ci_low", "corner_ratio_ci_high", "border_ratio_ci_low",
-                               "border_ratio_ci_high")
-TABLE_COLUMNS: tuple[str, ...] = COLUMNS + CI_COLUMNS
+# COLUMNS (the published table's), CI_COLUMNS (appended by token_group_similarity: the bootstrap intervals of the
+# plotted ratios) and TABLE_COLUMNS are the schemas of diffaudit.tables.
+COLUMNS = SIMILARITY_COLUMNS
+CI_COLUMNS = SIMILARITY_CI_COLUMNS
+TABLE_COLUMNS = SIMILARITY_TABLE_COLUMNS
 #: The groups whose ratio gets an interval.
 CI_GROUPS: tuple[str, ...] = ("corner", "border")
 

@@ -392,7 +392,7 @@ class Explorer:
     def _paper_labels(self, r: Run) -> np.ndarray:
         """The authors' hand labels when the workflow found they apply (paper_reference/status.json)."""
         try:
-            from ..pipeline.paper_reference import paper_file, read_status
+            from ..paper_files import paper_file, read_status
 
             d = Path(paper_reference_dir(self.root / r.model))
             if not d.is_dir() or not read_status(d).get("applies"):

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from ..layout import BASELINE
-from .quantitative import (UNITY, LayerAxis, _band, _legend, _line, _new_figure, _not_computed, _save,
-                           _setup_layer_axis)
+from .style import (UNITY, LayerAxis, add_legend, draw_band, draw_line, new_figure, not_computed, save_figure,
+                    setup_layer_axis)
 
 BASELINE_STYLE = dict(color="black", lw=2.0, zorder=5)
 PALETTE = ("tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:green", "tab:brown", "tab:pink", "tab:olive",
@@ -52,7 +52,7 @@ def _with_gaps(df: pd.DataFrame, axis: LayerAxis) -> pd.DataFrame:
 def experiments_figure(table: pd.DataFrame, model: str, title: str | None = None):
     """The figure (matplotlib ``Figure``) for ``table`` (rows of one model)."""
     axis = _axis(table) if not table.empty else LayerAxis([], np.zeros(0))
-    fig, axes = _new_figure(axis)
+    fig, axes = new_figure(axis)
     runs = list(dict.fromkeys(table["experiment"].astype(str))) if not table.empty else []
     colours = {}
     k = 0
@@ -76,12 +76,12 @@ def experiments_figure(table: pd.DataFrame, model: str, title: str | None = None
             sparse = len(df) < len(axis)
             style = dict(BASELINE_STYLE) if run == BASELINE else dict(color=colours[run], lw=1.4, zorder=4)
             changes = str(df["changes"].iloc[0]) if "changes" in df and isinstance(df["changes"].iloc[0], str) else ""
-            _line(ax, x, y, markers=sparse, label=run + (f" ({changes})" if changes else ""), **style)
+            draw_line(ax, x, y, markers=sparse, label=run + (f" ({changes})" if changes else ""), **style)
             lo, hi = (df[c].to_numpy(float) * scale for c in CI[col])
-            _band(ax, x, lo, hi, colours[run], positive=log)
+            draw_band(ax, x, lo, hi, colours[run], positive=log)
             drawn = True
         if not drawn:
-            _not_computed(ax)
+            not_computed(ax)
             continue
         if col == "acc_8x8":
             chance = table.drop_duplicates("layer").sort_values("layer_index")
@@ -91,12 +91,12 @@ def experiments_figure(table: pd.DataFrame, model: str, title: str | None = None
             ax.axhline(1.0, **UNITY)
         if log:
             ax.set_yscale("log", base=2)
-    _legend(axes[0])
-    _setup_layer_axis(fig, axes, axis)
+    add_legend(axes[0])
+    setup_layer_axis(fig, axes, axis)
     fig.suptitle(title or f"{model}: baseline and experiments (bands: 95% bootstrap intervals over images)",
                  fontsize=11)
     return fig
 
 
 def plot_experiments(table: pd.DataFrame, out_stem, model: str, title: str | None = None):
-    return _save(experiments_figure(table, model, title), out_stem)
+    return save_figure(experiments_figure(table, model, title), out_stem)

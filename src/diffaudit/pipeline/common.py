@@ -1,16 +1,19 @@
-"""Helpers shared by the task modules: the declared config, device choice, atomic CSV writes, table reading.
+"""Helpers shared by the task modules: the declared config, device choice, and the table helpers of
+:mod:`diffaudit.tables` (atomic CSV writes, table reading) under their task-side names.
 
-Every task module imports this one, so every DVC stage depends on it: it imports nothing else from the package
-(a helper that needs more belongs to the task module that uses it)."""
+Every task module imports this one, so every DVC stage depends on it: it imports only small library modules
+(a helper that needs more belongs to a library module that the tasks that need it import)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-# Rule params that describe the job, not the configuration.
-JOB_PARAMS = ("shard",)
+from ..tables import MODEL_TABLES, read_tables, write_csv  # noqa: F401
 
-# The tidy tables of one model that the summaries and figures read.
-TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers")
+from ..layout import JOB_PARAMS  # noqa: F401  (rule params that describe the job, not the configuration)
+
+# The tidy tables of one model that the summaries and figures read, and their reading and writing: the library's
+# (diffaudit.tables), under the names the task modules and diffaudit.dvcgen use.
+TABLES = MODEL_TABLES
 
 
 class UndeclaredConfigKey(KeyError):
@@ -52,35 +55,11 @@ def task_config(smk) -> DeclaredConfig:
 
 
 def device(cfg: dict) -> str:
-    """``extraction.device``, with ``auto`` = the first CUDA device if there is one, else the CPU."""
-    from ..devices import default_device
+    """``extraction.device``, with ``auto`` = the first CUDA device if there is one, else the CPU
+    (:func:`diffaudit.devices.resolve_device`)."""
+    from ..devices import resolve_device
 
-    dev = cfg["extraction"]["device"]
-    return default_device() if dev == "auto" else dev
-
-
-def write_csv(df, out: str | Path) -> Path:
-    """Write atomically (a reader never sees half a table)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(out)
-    return out
-
-
-def read_tables(table_dir: str | Path) -> dict:
-    """The tidy tables of one model (a missing or empty table is None)."""
-    import pandas as pd
-
-    out = {}
-    for name in TABLES:
-        path = Path(table_dir) / f"{name}.csv"
-        try:
-            out[name] = pd.read_csv(path) if path.is_file() else None
-        except pd.errors.EmptyDataError:
-            out[name] = None
-    return out
+    return resolve_device(cfg["extraction"]["device"])
 
 
 def stem(path: str | Path) -> str:

@@ -10,7 +10,7 @@ def run(cfg: dict, model: str, table_dir: str | Path, out_csv: str | Path,
         summary_csv: str | Path | None = None) -> Path:
     """The per-layer hazard scores, and (``summary_csv``) the figure's quantities one row per layer."""
     from ..analyses.credibility import credibility as score
-    from ..reference import per_layer_quantities
+    from ..analyses.paper_comparison import per_layer_quantities
 
     t = common.read_tables(table_dir)
     df = score(t["position_probe"], t["token_group_similarity"], t["anomaly_rel_norm"], t["channel_outliers"],

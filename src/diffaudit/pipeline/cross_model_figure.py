@@ -10,7 +10,7 @@ from . import common
 def run(summaries: dict[str, str | Path], out_stem: str | Path) -> None:
     import pandas as pd
 
-    from ..figures.quantitative import plot_cross_model, tables_from_summary
+    from ..figures.cross_model import plot_cross_model, tables_from_summary
 
     plot_cross_model({m: tables_from_summary(pd.read_csv(p)) for m, p in summaries.items()}, out_stem)
 

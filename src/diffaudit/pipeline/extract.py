@@ -1,62 +1,18 @@
 """Rule ``extract``: U-Net representations of one model (or one shard of its images) into Zarr stores."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from ..errors import UserError
 from . import common
 
 
 def run(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, progress: bool = True,
         stop_after: int | None = None, shard: int | None = None) -> Path:
-    """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable).
+    """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable): see
+    :func:`diffaudit.model_extraction.extract_model`."""
+    from ..model_extraction import extract_model
 
-    With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
-    (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
-    ``cfg["experiment"]`` (the overrides of one experiment, :mod:`diffaudit.experiments`) changes the extraction.
-    """
-    from .. import experiments
-    from ..datasets import load_images, load_index, load_label_names
-    from ..extract import ExtractionSettings, run_extraction
-    from ..layers import expand_layers
-    from ..models import backbone, compute_dtype, load_pipeline, model_revision, resolve_model
-    from ..store import shard_ranges
-
-    overrides = cfg.get("experiment") or {}
-    ex = experiments.effective_extraction(cfg["extraction"], overrides)
-    settings = ExtractionSettings(mode=ex["mode"], timestep=ex["timestep"], seed=ex["seed"],
-                                  batch_size=ex["batch_size"], prompt=ex["prompt"], precision=ex["precision"],
-                                  store_dtype=ex["store_dtype"], crops=ex["crops"], sigma=ex.get("sigma"),
-                                  **{k: ex[k] for k in experiments.CAUSES if k in ex and k not in (
-                                      "timestep", "seed", "prompt")})
-    index = load_index(dataset_dir)
-    n_req = int(cfg["dataset"]["n_images"])
-    if len(index) < n_req:
-        raise UserError(f"dataset {dataset_dir} has {len(index)} images but dataset.n_images={n_req}; "
-                         "rebuild the dataset or lower dataset.n_images")
-    index = index.iloc[:n_req]
-    first = 0
-    if shard is not None:
-        first, last = shard_ranges(n_req, ex["batch_size"], ex["shards"])[shard]
-        index = index.iloc[first:last]
-    spec = resolve_model(model, cfg["model_sources"])
-    device = common.device(cfg)
-    pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]),
-                         offload=bool(ex.get("offload", False)))
-    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), backbone(pipe))
-    index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
-    provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
-                  "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
-    if overrides:
-        provenance["experiment"] = dict(overrides)
-    if shard is not None:
-        provenance.update(shard=f"{shard + 1}/{ex['shards']}", image_range=[first, first + len(index)])
-    return run_extraction(
-        pipe, dataset_images=lambda a, b: load_images(dataset_dir, index, a, b), index_offset=first,
-        image_ids=list(index["id"].astype(str)), labels=list(index["label"].astype(int)), layers=layers,
-        settings=settings, out_dir=out_dir, provenance=provenance, image_size=int(cfg["dataset"]["size"]),
-        progress=progress, stop_after=stop_after, label_names=load_label_names(dataset_dir))
+    return extract_model(cfg, model, dataset_dir, out_dir, progress=progress, stop_after=stop_after, shard=shard)
 
 
 def from_snakemake(smk):

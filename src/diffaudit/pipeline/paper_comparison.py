@@ -15,9 +15,9 @@ def run(model: str, table_dir: str | Path, paper_dir: str | Path, out_csv: str |
         out_stem: str | Path) -> None:
     import pandas as pd
 
+    from ..analyses.paper_comparison import COMPARISON_COLUMNS, compare_with_paper
     from ..figures.quantitative import plot_quantitative
-    from ..reference import COMPARISON_COLUMNS, compare_with_paper, paper_tables
-    from .paper_reference import read_status
+    from ..paper_files import paper_tables, read_status
 
     t = common.read_tables(table_dir)
     status = read_status(paper_dir)

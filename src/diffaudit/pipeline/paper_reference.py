@@ -14,30 +14,18 @@ import shutil
 from pathlib import Path
 
 from .. import layout
+from ..paper_files import STATUS
 from . import common
 
 log = logging.getLogger(__name__)
-STATUS = "status.json"
-
-
-def read_status(paper_dir: str | Path) -> dict:
-    """The verdict written by this rule (``applies``, ``reason``, ...)."""
-    return json.loads((Path(paper_dir) / STATUS).read_text())
-
-
-def paper_file(paper_dir: str | Path, model: str, kind: str) -> Path:
-    """The authors' file ``kind`` (see :data:`diffaudit.reference.KINDS`) of ``model`` inside ``paper_dir``."""
-    from ..reference import cache_name
-
-    return Path(paper_dir) / cache_name(model, kind)
 
 
 def run(cfg: dict, model: str, out_dir: str | Path, rep_dirs: list | None = None,
         cache_dir: str | Path = layout.PAPER_CACHE, url_base: str | None = None) -> Path:
     """The verdict for ``model`` (with ``rep_dirs``: on the extraction as its stores recorded it) and, where the
     authors' files apply, those files, into ``out_dir``."""
+    from ..paper_files import KINDS, PAPER_FILES, ReferenceFetchError, fetch
     from ..paper_run import verdict
-    from ..reference import KINDS, PAPER_FILES, ReferenceFetchError, fetch
 
     extraction = None
     if rep_dirs:

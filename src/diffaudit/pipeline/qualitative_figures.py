@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..label_sources import label_sources
 from . import common
-from .anomalies import label_sources
 
 
 def run(cfg: dict, model: str, rep_dirs: str | Path | list, dataset_dir: str | Path, out_dir: str | Path,

@@ -1,4 +1,4 @@
-"""The authors' published numbers: fetched from their repository, checksum-verified, parsed into our tidy tables.
+"""The authors' published files: fetched from their repository, checksum-verified, cached, parsed into our tidy tables.
 
 Source: ``JonasLoos/sd-representation-anomalies`` at commit :data:`COMMIT` (its only commit). Per model
 (sd15, sd21, sdturbo) the repository holds
@@ -22,13 +22,19 @@ an offline machine works with pre-placed files. The ``.pt`` files are pickles: t
 that the anomaly-norm files reference allowlisted (:data:`NUMPY_SAFE_GLOBALS`).
 
 :func:`paper_position_probe`, :func:`paper_token_group_similarity` and :func:`paper_anomaly_rel_norm` return
-DataFrames with the same columns as our ``position_probe.csv``, ``token_group_similarity.csv`` and
-``anomaly_rel_norm.csv``; :func:`compare_with_paper` lines ours up against them (``paper_comparison.csv``).
+DataFrames with the leading columns of our ``position_probe.csv``, ``token_group_similarity.csv`` and
+``anomaly_rel_norm.csv`` (the schemas of :mod:`diffaudit.tables`);
+:func:`diffaudit.analyses.paper_comparison.compare_with_paper` lines ours up against them (``paper_comparison.csv``).
+
+Rule ``paper_reference`` copies the files that apply to a run into ``{results_dir}/{model}/paper_reference/`` with
+its verdict in ``status.json``: :func:`read_status` and :func:`paper_file` read that folder (for the tasks, the
+label sources and the explorer). :data:`PAPER_CACHE` is the download cache of the workflow.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import re
 import shutil
@@ -44,6 +50,8 @@ import pandas as pd
 from .analyses.similarity import ratio_columns
 from .errors import DiffauditError
 from .layers import PAPER_LAYERS
+from .layout import PAPER_CACHE
+from .tables import PAPER_TABLES, PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 
 REPO = "JonasLoos/sd-representation-anomalies"
 COMMIT = "1230d5395ce8f321eac557da56f0934dfd7cfc63"
@@ -84,19 +92,11 @@ PAPER_FILES: dict[tuple[str, str], tuple[str, str]] = {
 GRANULARITIES: tuple[int, ...] = (8, 16, 32, 64)  # last axis of accuracies_cls
 PAPER_SEED = 42
 
-PROBE_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "epoch", "granularity", "metric",
-                 "seed", "accuracy"]
-SIMILARITY_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial",
-                      "corner_ratio", "border_ratio", "other_ratio",
-                      "corner_sim_cropped_image", "corner_sim_full_image_ring_removed",
-                      "border_sim_cropped_image", "border_sim_full_image_ring_removed",
-                      "other_sim_cropped_image", "other_sim_full_image_ring_removed"]
-RELNORM_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "label_source", "rel_norm_mean",
-                   "rel_norm_std", "n_anomalies"]
-COMPARISON_COLUMNS = ["model", "layer_index", "layer", "quantity", "ours", "paper", "delta"]
-#: Table name (file stem of our CSVs) -> its columns.
-TABLES: dict[str, list[str]] = {"position_probe": PROBE_COLUMNS, "token_group_similarity": SIMILARITY_COLUMNS,
-                                "anomaly_rel_norm": RELNORM_COLUMNS}
+#: Table name (file stem of our CSVs) -> the columns the published table has (:data:`diffaudit.tables.PAPER_TABLES`).
+TABLES = PAPER_TABLES
+
+#: The verdict that rule ``paper_reference`` writes into its folder.
+STATUS = "status.json"
 
 
 def paper_applies(cfg: dict, model: str) -> bool:
@@ -197,6 +197,16 @@ def fetch(model: str, kind: str, cache_dir, *, url_base: str | None = None, time
 def fetch_all(model: str, cache_dir, **fetch_kw) -> list[Path]:
     """Every published file of ``model`` in ``cache_dir``, downloaded and verified (see :func:`fetch`)."""
     return [fetch(model, kind, cache_dir, **fetch_kw) for kind in KINDS]
+
+
+def read_status(paper_dir: str | Path) -> dict:
+    """The verdict written by rule ``paper_reference`` into ``paper_dir`` (``applies``, ``reason``, ...)."""
+    return json.loads((Path(paper_dir) / STATUS).read_text())
+
+
+def paper_file(paper_dir: str | Path, model: str, kind: str) -> Path:
+    """The authors' file ``kind`` (see :data:`KINDS`) of ``model`` inside ``paper_dir``."""
+    return Path(paper_dir) / cache_name(model, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +340,7 @@ def parse_group_similarities(path, model: str) -> pd.DataFrame:
         c, s = paper_layer_shape(name)
         rows.append({"model": model, "layer_index": index[name], "layer": name, "channels": c, "spatial": s,
                      **ratio_columns(rc, rf)})
-    return (pd.DataFrame(rows, columns=SIMILARITY_COLUMNS).sort_values("layer_index", kind="stable")
+    return (pd.DataFrame(rows, columns=list(SIMILARITY_COLUMNS)).sort_values("layer_index", kind="stable")
             .reset_index(drop=True))
 
 
@@ -368,96 +378,3 @@ def paper_tables(model: str, cache_dir, **fetch_kw) -> dict[str, pd.DataFrame]:
     return {"position_probe": paper_position_probe(model, cache_dir, **fetch_kw),
             "token_group_similarity": paper_token_group_similarity(model, cache_dir, **fetch_kw),
             "anomaly_rel_norm": paper_anomaly_rel_norm(model, cache_dir, **fetch_kw)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparison
-# ---------------------------------------------------------------------------------------------
-
-def _final_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, layer, granularity): per-axis accuracy of the final epoch, mean over seeds."""
-    d = df[df["metric"] == "per_axis"]
-    if d.empty:
-        return pd.DataFrame(columns=["model", "layer_index", "layer", "quantity", "value"])
-    last = d.groupby(["model", "layer"])["epoch"].transform("max")
-    d = d[d["epoch"] == last]
-    out = d.groupby(["model", "layer", "granularity"], sort=False).agg(
-        layer_index=("layer_index", "first"), value=("accuracy", "mean")).reset_index()
-    out["quantity"] = [f"acc_{int(g)}x{int(g)}" for g in out["granularity"]]
-    return out[["model", "layer_index", "layer", "quantity", "value"]]
-
-
-def _long_quantities(tables: Mapping[str, pd.DataFrame | None], *, paper_labels_only: bool) -> pd.DataFrame:
-    parts = []
-    probe = tables.get("position_probe")
-    if probe is not None and not probe.empty:
-        parts.append(_final_accuracy(probe))
-    sim = tables.get("token_group_similarity")
-    if sim is not None and not sim.empty:
-        for q in ("corner_ratio", "border_ratio"):
-            s = sim.groupby(["model", "layer"], sort=False).agg(layer_index=("layer_index", "first"),
-                                                                value=(q, "mean")).reset_index()
-            s["quantity"] = q
-            parts.append(s[["model", "layer_index", "layer", "quantity", "value"]])
-    an = tables.get("anomaly_rel_norm")
-    if an is not None and not an.empty:
-        if paper_labels_only:
-            an = an[an["label_source"] == "paper"]
-        s = an.groupby(["model", "layer"], sort=False).agg(layer_index=("layer_index", "first"),
-                                                           value=("rel_norm_mean", "mean")).reset_index()
-        s["quantity"] = "rel_norm_mean"
-        parts.append(s[["model", "layer_index", "layer", "quantity", "value"]])
-    parts = [p for p in parts if not p.empty]
-    if not parts:
-        return pd.DataFrame(columns=["model", "layer_index", "layer", "quantity", "value"])
-    return pd.concat(parts, ignore_index=True)
-
-
-_QUANTITY_ORDER = ["acc_8x8", "acc_16x16", "acc_32x32", "acc_64x64", "corner_ratio", "border_ratio",
-                   "rel_norm_mean"]
-
-
-def per_layer_quantities(tables: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
-    """One row per layer with the plotted quantities of the paper's figure (the columns of
-    ``paper_comparison.csv``): final-epoch per-axis accuracy per granularity (mean over seeds), corner and
-    border ratio, and the anomaly relative norm (the authors' labels when present, else the mean over the
-    label sources, named in ``rel_norm_source``), with each layer's ``spatial`` size. Written as
-    ``layer_summary/{model}.csv`` for ``dvc plots`` and the cross-model figure."""
-    an = tables.get("anomaly_rel_norm")
-    has_an = an is not None and not an.empty
-    has_paper = has_an and (an["label_source"] == "paper").any()
-    columns = ["layer_index", "layer", "spatial", *_QUANTITY_ORDER, "rel_norm_source"]
-    long = _long_quantities(tables, paper_labels_only=bool(has_paper))
-    if long.empty:
-        return pd.DataFrame(columns=columns)
-    wide = long.pivot_table(index=["layer_index", "layer"], columns="quantity", values="value").reset_index()
-    spatial = pd.concat([t[["layer", "spatial"]] for t in tables.values()
-                         if t is not None and not t.empty and "spatial" in t.columns], ignore_index=True)
-    wide["spatial"] = wide["layer"].map(spatial.groupby("layer")["spatial"].first())
-    wide["rel_norm_source"] = ("paper" if has_paper else
-                               "+".join(sorted(an["label_source"].astype(str).unique())) if has_an else "")
-    wide = wide.reindex(columns=columns)  # every column, NaN if not computed
-    return wide.sort_values("layer_index", kind="stable").reset_index(drop=True)
-
-
-def compare_with_paper(ours: Mapping[str, pd.DataFrame | None],
-                       paper: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
-    """Our numbers next to the published ones: the ``paper_comparison.csv`` table.
-
-    ``ours`` and ``paper`` map table names (``position_probe``, ``token_group_similarity``,
-    ``anomaly_rel_norm``; missing or None tables are skipped) to tidy tables. Quantities: ``acc_{g}x{g}``
-    (per-axis accuracy of the final epoch, mean over seeds), ``corner_ratio``, ``border_ratio`` and
-    ``rel_norm_mean`` (ours: the ``paper`` label source only, the labels the published numbers use). Rows are
-    matched on (model, layer); ``layer_index`` is ours; ``delta = ours - paper``.
-    """
-    a = _long_quantities(ours, paper_labels_only=True)
-    b = _long_quantities(paper, paper_labels_only=True)
-    m = a.merge(b.drop(columns="layer_index"), on=["model", "layer", "quantity"], suffixes=("_ours", "_paper"))
-    out = pd.DataFrame({"model": m["model"].astype(str), "layer_index": m["layer_index"].astype(int),
-                        "layer": m["layer"].astype(str), "quantity": m["quantity"].astype(str),
-                        "ours": m["value_ours"].astype(float), "paper": m["value_paper"].astype(float)})
-    out["delta"] = out["ours"] - out["paper"]
-    rank = {q: i for i, q in enumerate(_QUANTITY_ORDER)}
-    out["_q"] = out["quantity"].map(lambda q: rank.get(q, len(rank)))
-    out = out.sort_values(["model", "layer_index", "_q", "quantity"], kind="stable").drop(columns="_q")
-    return out.reset_index(drop=True)[COMPARISON_COLUMNS]
