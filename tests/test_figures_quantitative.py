@@ -12,7 +12,7 @@ import pytest
 from diffaudit.figures import quantitative as q
 from diffaudit.figures.quantitative import (block_boundaries, block_spans, cross_model_figure, layer_block,
                                             layer_type, plot_cross_model, plot_quantitative, quantitative_figure)
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 from diffaudit.reference import PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS, paper_layer_shape
 
 PAPER_DATA = Path("/work/shared/reference/paper-data")

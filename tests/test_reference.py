@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from diffaudit import reference as ref
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 from diffaudit.reference import (COMPARISON_COLUMNS, PAPER_FILES, ReferenceChecksumError, ReferenceFetchError,
                                  compare_with_paper, fetch, paper_layer_shape)
 
