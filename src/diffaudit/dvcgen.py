@@ -73,7 +73,7 @@ def _module_file(name: str) -> Path | None:
 
 def _imports(tree: ast.AST, module: str) -> set[str]:
     """``diffaudit`` modules imported anywhere in ``tree`` (module or function level)."""
-    pkg = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module
+    pkg = module.rsplit(".", 1)[0]  # a package's __init__ (``a.b.__init__``) and its modules (``a.b.c``): ``a.b``
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
