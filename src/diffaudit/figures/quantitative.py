@@ -44,7 +44,6 @@ deterministic (fixed ``svg.hashsalt``, no date) and keep their text as text (``s
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from matplotlib.transforms import Bbox
+
+from ..layers import parse_segment
 
 COLOR_CORNER = "tab:blue"
 COLOR_BORDER = "#50b0bf"
@@ -83,7 +84,6 @@ TABLE_KEYS = ("position_probe", "token_group_similarity", "anomaly_rel_norm")
 # Layer names -> type and block labels
 # ---------------------------------------------------------------------------------------------
 
-_SEG = re.compile(r"^([A-Za-z_]\w*)((?:\[\d+\])*)$")
 _TYPE_OF_LIST = {"resnets": "res", "attentions": "attn", "downsamplers": "down", "upsamplers": "up"}
 #: The patch embeddings of diffusion transformers (SD3 ``pos_embed``, FLUX ``x_embedder``): their first layer.
 PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed")
@@ -93,14 +93,8 @@ _DIT_BLOCKS = {"transformer_blocks": ("tb", "joint"), "single_transformer_blocks
 
 
 def _segments(name: str) -> list[tuple[str, list[int]]]:
-    out = []
-    for part in str(name).strip().split("."):
-        m = _SEG.match(part)
-        if not m:
-            out.append((part, []))
-            continue
-        out.append((m.group(1), [int(i) for i in re.findall(r"\d+", m.group(2))]))
-    return out
+    parsed = (parse_segment(part) for part in str(name).strip().split("."))  # diffaudit.layers' one parser
+    return [(part[0], list(part[1])) if part else (raw, []) for part, raw in zip(parsed, str(name).strip().split("."))]
 
 
 def layer_block(name: str) -> str:
