@@ -26,7 +26,7 @@ def crop_image(img, token_px: int):
 
 
 class Extractor:
-    """Runs the U-Net on batches of PIL images and returns the hooked representations.
+    """Runs the backbone (U-Net or transformer) on batches of PIL images and returns the hooked representations.
 
     The experiment switches of ``settings`` (:mod:`diffaudit.experiments`) act here: ``weights: random`` runs a
     re-initialised copy of the U-Net, ``padding_mode`` changes the padding of every ``Conv2d`` of the U-Net for the

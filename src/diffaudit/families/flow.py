@@ -123,8 +123,10 @@ class TransformerFamily(Family):
     """A diffusion transformer: ``pipe.transformer`` of class :attr:`transformer_class`.
 
     Subclasses set :attr:`transformer_class`, :attr:`patch_embedding`, :attr:`tiny_transformer` (the embedded model's
-    transformer config) and implement :meth:`patch`, :meth:`encode_prompt`, :meth:`backbone_call`'s pieces and the
-    tiny build's :meth:`new_transformer`, :meth:`new_text_encoders` and :meth:`assemble`."""
+    transformer config), :attr:`vae_factors`, :attr:`scheduler_config` and implement :meth:`patch`, the noise
+    (:class:`FlowMatchingFamily`, or :class:`~diffaudit.families.unet.DDPMFamily` mixed in), :meth:`encode_prompt`,
+    :meth:`backbone_call` (with :meth:`selector` for the image tokens) and the tiny build's :meth:`new_transformer`,
+    :meth:`new_text_encoders`, :meth:`new_scheduler`, :meth:`assemble` and :meth:`text_configs`."""
 
     kind = "DiT"
     pixel_range = "symmetric"  # the DiT pipelines (and sdhelper) feed [-1, 1] pixels in both modes
@@ -175,10 +177,6 @@ class TransformerFamily(Family):
             raise ValueError(f"latent size {h}x{w} is not a multiple of the {p}x{p} patches")
         return h // p, w // p
 
-    def scale_latents(self, vae, sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Flow-matching VAEs are shifted, then scaled."""
-        return (sample.to(dtype=dtype) - vae.config.shift_factor) * vae.config.scaling_factor
-
     def encode_latents(self, pipe, pixels_m1_1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """:meth:`scale_latents` of a VAE posterior sample of ``[-1, 1]`` pixels, (B, 16, h, w); the sample comes from
         ``generator``, else from the global RNG (as sdhelper draws it)."""
@@ -199,8 +197,16 @@ class TransformerFamily(Family):
         raise NotImplementedError
 
     def new_text_encoders(self, tokenizer, seed: int) -> dict:
-        """The CLIP text towers (seeded from ``seed + 2`` on), as pipeline components."""
+        """The CLIP text towers (seeded from ``seed + 2`` on), as pipeline components (``{}``: none)."""
         raise NotImplementedError
+
+    def new_scheduler(self):
+        """The embedded model's scheduler (from :attr:`scheduler_config`)."""
+        raise NotImplementedError
+
+    def t5_width(self) -> int:
+        """The width of the tiny T5 encoder: what the transformer's caption projection takes."""
+        return self.tiny_transformer["joint_attention_dim"]
 
     def assemble(self, transformer, scheduler, vae, text: dict, tokenizer, t5, t5_tokenizer):
         raise NotImplementedError
@@ -212,7 +218,7 @@ class TransformerFamily(Family):
     def build_embedded(self, name: str = "", seed: int = TINY_SEED, with_t5: bool = True):
         """This family's tiny pipeline with small widths and weights from ``seed`` (in memory, float32).
         ``with_t5=False`` leaves out the T5 encoder where the pipeline can run without it."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from diffusers import AutoencoderKL
 
         tokenizer = clip_tokenizer()
         t5_tokenizer = tiny_t5_tokenizer() if with_t5 else None
@@ -225,10 +231,10 @@ class TransformerFamily(Family):
             torch.manual_seed(seed + 2)
             text = self.new_text_encoders(tokenizer, seed)
             torch.manual_seed(seed + 4)
-            t5 = t5_encoder(t5_tokenizer, self.tiny_transformer["joint_attention_dim"]) if with_t5 else None
+            t5 = t5_encoder(t5_tokenizer, self.t5_width()) if with_t5 else None
         finally:
             torch.random.set_rng_state(gen_state)
-        scheduler = FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
+        scheduler = self.new_scheduler()
         return self.assemble(transformer, scheduler, vae, text, tokenizer, t5, t5_tokenizer)
 
     def save_embedded(self, name: str, out_dir: str | Path, seed: int = TINY_SEED, with_t5: bool = True) -> Path:
@@ -244,6 +250,15 @@ class TransformerFamily(Family):
 
 class FlowMatchingFamily(TransformerFamily):
     """A rectified-flow DiT: noised as ``(1 - sigma) x0 + sigma eps`` at one noise level per extraction."""
+
+    def scale_latents(self, vae, sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Flow-matching VAEs are shifted, then scaled."""
+        return (sample.to(dtype=dtype) - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def new_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
 
     def model_timestep(self, sigma: float) -> float:
         """The ``timestep`` the transformer receives at noise level ``sigma`` (recorded in the stores)."""
