@@ -1,5 +1,5 @@
-"""Diffusion transformers (diffaudit.families.flow, .sd3, .flux): tiny SD3/FLUX models, token maps, conditioning, noise levels, and paper
-mode equal to sdhelper 1.0.0's img2repr."""
+"""Diffusion transformers (diffaudit.families.flow, .sd3, .flux): tiny SD3/FLUX models, token maps, conditioning,
+noise levels, and paper mode equal to sdhelper 1.0.0's img2repr."""
 import json
 from contextlib import contextmanager
 
@@ -214,7 +214,8 @@ def test_paper_representations_non_square(family, tiny_pipes):
     from PIL import Image
 
     images = [im.resize((128, 96), Image.BILINEAR) for im in random_images(2, 128, seed=2)]
-    reps = F[family].paper_representations(tiny_pipes[family], images, F[family].paper_layers(tiny_pipes[family].transformer))
+    pipe = tiny_pipes[family]
+    reps = F[family].paper_representations(pipe, images, F[family].paper_layers(pipe.transformer))
     assert {tuple(v.shape) for v in reps.values()} == {(2, 32, 6, 8)}
 
 

@@ -107,7 +107,8 @@ def model_footprint(model: str = "sd15", *, n_images: int = 500, image_size: int
                     layers: Sequence[str] | None = None, batch_size: int = 20, store_dtype: str = "float16",
                     crops: bool = True, timestep: int = 50) -> dict:
     """Disk, GPU memory, host memory and estimated GPU time of extracting ``model`` (a key of
-    :data:`diffaudit.families.sd.MODEL_ARCHITECTURES`) as the workflow does, from the architecture on the ``meta`` device.
+    :data:`diffaudit.families.sd.MODEL_ARCHITECTURES`) as the workflow does, from the architecture on the ``meta``
+    device.
 
     Exact: layer shapes, store bytes, parameter counts, FLOPs. Modelled: live activation bytes (fused attention
     kernels allocate only their output), host memory and time (the ``ASSUMED_*`` constants above).
