@@ -13,7 +13,7 @@ A :class:`Family` is a stateless object (one per family, listed in :mod:`diffaud
   backbone's arguments and the selection of image tokens as a ``(B, C, H, W)`` map), :meth:`Family.pass_context`,
   :meth:`Family.describe` (what the stores record);
 * the embedded mini model(s): :attr:`Family.embedded`, :meth:`Family.build_embedded`, :meth:`Family.save_embedded`;
-* layer geometry for figures and the explorer: :meth:`Family.token_px`.
+* layer geometry for figures and the explorer: :meth:`Family.token_px`, :attr:`Family.single_grid`.
 
 The extraction passes itself (``ex``: an :class:`diffaudit.extract.Extractor`) to the recipe methods; they read
 ``ex.pipe``, ``ex.settings``, ``ex.device``, ``ex.dtype``, ``ex.vae_factor`` and the state :meth:`Family.prepare`
