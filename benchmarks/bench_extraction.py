@@ -38,8 +38,8 @@ def child(args) -> dict:
     import torch
 
     from diffaudit.extract import ExtractionSettings, run_extraction
-    from diffaudit.layers import PAPER_LAYERS
-    from diffaudit.models import ModelSpec, build_mini_pipeline, compute_dtype, load_pipeline
+    from diffaudit.families.sd import PAPER_LAYERS, build_mini_pipeline
+    from diffaudit.models import ModelSpec, compute_dtype, load_pipeline
 
     torch.set_num_threads(args.threads) if args.threads else None
     images = make_images(args.n, 512)
@@ -104,7 +104,7 @@ def main():
         print(json.dumps(child(args)))
         return
 
-    from diffaudit.models import save_mini_model
+    from diffaudit.families.sd import save_mini_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -209,12 +209,12 @@ def child(args) -> dict:
 
     from diffaudit import extract
     from diffaudit.extract import ExtractionSettings, run_extraction
-    from diffaudit.layers import PAPER_LAYERS
-    from diffaudit.models import build_mini_pipeline, quiet_libraries
+    from diffaudit.families.common import quiet_libraries
+    from diffaudit.families.sd import PAPER_LAYERS, build_mini_pipeline
 
     quiet_libraries()
     if args.no_heap_reuse and hasattr(extract, "_glibc"):
-        extract._glibc = lambda: None  # ablation: glibc's default heap behaviour
+        extract.memory._glibc = lambda: None  # ablation: glibc's default heap behaviour
     if args.threads:
         torch.set_num_threads(args.threads)
     images = make_images(N_IMAGES, IMAGE_PX)

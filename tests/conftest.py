@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def mini_dir(tmp_path_factory) -> Path:
     """The embedded mini model, built exactly as the workflow's build_mini rule does."""
-    from diffaudit.models import save_mini_model
+    from diffaudit.families.sd import save_mini_model
 
     return save_mini_model(tmp_path_factory.mktemp("models") / "mini")
 

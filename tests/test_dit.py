@@ -1,5 +1,5 @@
-"""Diffusion transformers (diffaudit.dit): tiny SD3/FLUX models, token maps, conditioning, noise levels, and paper
-mode equal to sdhelper 1.0.0's img2repr."""
+"""Diffusion transformers (diffaudit.families.flow, .sd3, .flux): tiny SD3/FLUX models, token maps, conditioning,
+noise levels, and paper mode equal to sdhelper 1.0.0's img2repr."""
 import json
 from contextlib import contextmanager
 
@@ -7,19 +7,20 @@ import pytest
 import torch
 
 from conftest import assert_equals_sdhelper, random_images
-from diffaudit import dit
+from diffaudit.families import flow, registry
+from diffaudit.families.common import diffusers_errors_only
 from diffaudit.layers import resolve_layers
-from diffaudit.models import diffusers_errors_only
 
 FAMILIES = ("sd3", "flux")
 SDHELPER_NAMES = {"sd3": "SD3", "flux": "FLUX-schnell"}
+F = {f: registry.get(f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict:
     """Each tiny model built and saved once (float16 safetensors)."""
     root = tmp_path_factory.mktemp("dit_models")
-    return {f: dit.save_tiny_model(f, root / f"tiny-{f}") for f in FAMILIES}
+    return {f: F[f].save_embedded(f"mini-{f}", root / f"tiny-{f}") for f in FAMILIES}
 
 
 def _load(path, dtype=torch.float16):
@@ -45,7 +46,7 @@ def test_save_load_round_trip(family, tiny_dirs):
     assert info["family"] == family and info["seed"] == 0
     loaded = _load(d)
     assert type(loaded).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
-    built = dit.build_tiny_pipeline(family).to(torch.float16)
+    built = F[family].build_embedded(f"mini-{family}").to(torch.float16)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(built, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys(), name
@@ -57,16 +58,16 @@ def test_save_load_round_trip(family, tiny_dirs):
     ids = getattr(loaded, t5_name)(prompt).input_ids
     assert ids[-1] == 1 and 2 in ids  # </s> appended; "Z" (upper case) is unknown
     assert loaded.vae.config.latent_channels == 16
-    assert loaded.vae.config.shift_factor == dit.VAE_FACTORS[family]["shift_factor"]
+    assert loaded.vae.config.shift_factor == F[family].vae_factors["shift_factor"]
 
 
 def test_tiny_forward_is_fast(tiny_pipes):
     import time
 
     for family, pipe in tiny_pipes.items():
-        cond, _ = dit.encode_prompt(pipe, [""])
+        cond, _ = F[family].prompt_conditioning(pipe, [""])
         x = torch.randn(1, 16, 16, 16)
-        kwargs = dit.transformer_inputs(pipe, x, 0.5, cond)
+        kwargs = F[family].transformer_inputs(pipe, x, 0.5, cond)
         times = []
         with torch.no_grad():
             for _ in range(3):  # the best of three: a busy machine's thread contention is not the model's size
@@ -80,15 +81,15 @@ def test_tiny_forward_is_fast(tiny_pipes):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_paper_layers_resolve(family, tiny_pipes):
     tr = tiny_pipes[family].transformer
-    names = dit.paper_layers(tr)
-    assert names[0] == dit.PATCH_EMBEDDING[family]
+    names = F[family].paper_layers(tr)
+    assert names[0] == F[family].patch_embedding
     n_joint = len(tr.transformer_blocks)
     assert names[1:n_joint + 1] == [f"transformer_blocks[{i}]" for i in range(n_joint)]
     n_single = len(tr.single_transformer_blocks) if family == "flux" else 0
     assert len(names) == 1 + len(tr.transformer_blocks) + n_single
     assert list(resolve_layers(tr, names)) == names
-    with pytest.raises(ValueError, match="expected an SD3Transformer2DModel"):
-        dit.paper_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=f"expected a {F[family].transformer_class}"):
+        F[family].paper_layers(torch.nn.Linear(2, 2))
 
 
 def test_image_map_token_order_and_streams():
@@ -99,13 +100,13 @@ def test_image_map_token_order_and_streams():
     want = (100 * torch.arange(gh)[:, None] + torch.arange(gw)[None, :]).float()
     text = torch.full((b, n_text, c), -1.0)
     for output in (planted, (text, planted), (None, planted), torch.cat([text, planted], dim=1)):
-        m = dit.image_map("x", output, (gh, gw), n_text)
+        m = flow.image_map("x", output, (gh, gw), n_text)
         assert m.shape == (b, c, gh, gw)
         assert torch.equal(m[1, 2], want)
     with pytest.raises(ValueError, match="fit neither the 3x5 patch grid"):
-        dit.image_map("blk", planted[:, 1:], (gh, gw), n_text)
+        flow.image_map("blk", planted[:, 1:], (gh, gw), n_text)
     with pytest.raises(ValueError, match="expected \\(batch, tokens, channels\\)"):
-        dit.image_map("blk", planted[0], (gh, gw), n_text)
+        flow.image_map("blk", planted[0], (gh, gw), n_text)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -113,14 +114,15 @@ def test_patch_embedding_map_is_not_transposed(family, tiny_pipes):
     """A bump planted in one latent patch of a non-square latent changes the patch embedding map at that patch only,
     through the pipeline's own packing (FLUX) and patch embedding."""
     pipe = tiny_pipes[family]
-    cond, _ = dit.encode_prompt(pipe, [""])
+    fam = F[family]
+    cond, _ = fam.prompt_conditioning(pipe, [""])
     h, w, gy, gx = 16, 24, 2, 9  # grid 8 x 12
-    grid = dit.grid_hw(pipe, (h, w))
+    grid = fam.grid_hw(pipe, (h, w))
     assert grid == (8, 12)
     base = torch.zeros(1, 16, h, w)
     bumped = base.clone()
     bumped[:, :, 2 * gy:2 * gy + 2, 2 * gx:2 * gx + 2] = 5.0
-    layer = dit.PATCH_EMBEDDING[family]
+    layer = fam.patch_embedding
     module = resolve_layers(pipe.transformer, [layer])[layer]
     maps = []
     for x in (base, bumped):
@@ -128,15 +130,15 @@ def test_patch_embedding_map_is_not_transposed(family, tiny_pipes):
         handle = module.register_forward_hook(lambda m, i, o: got.setdefault("o", o))
         try:
             with torch.no_grad():
-                pipe.transformer(**dit.transformer_inputs(pipe, x, 0.3, cond))
+                pipe.transformer(**fam.transformer_inputs(pipe, x, 0.3, cond))
         finally:
             handle.remove()
-        maps.append(dit.image_map(layer, got["o"], grid, cond["encoder_hidden_states"].shape[1]))
+        maps.append(flow.image_map(layer, got["o"], grid, cond["encoder_hidden_states"].shape[1]))
     changed = (maps[1] - maps[0]).abs().amax(dim=(0, 1)) > 0
     assert changed.shape == grid
     assert changed.nonzero().tolist() == [[gy, gx]]
     if family == "flux":  # image position ids are (0, row, column) in token order
-        ids = dit.transformer_inputs(pipe, base, 0.3, cond)["img_ids"]
+        ids = fam.transformer_inputs(pipe, base, 0.3, cond)["img_ids"]
         assert ids[gy * grid[1] + gx].tolist() == [0, gy, gx]
 
 
@@ -144,39 +146,39 @@ def test_sigma_for_ddpm_timestep_matches_snr():
     from diffusers import DDPMScheduler
 
     abar = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
-    assert torch.equal(dit.ddpm_alphas_cumprod(), abar)
+    assert torch.equal(flow.ddpm_alphas_cumprod(), abar)
     abar = abar.double()
-    sigmas = [dit.sigma_for_ddpm_timestep(t) for t in range(1000)]
+    sigmas = [flow.sigma_for_ddpm_timestep(t) for t in range(1000)]
     assert all(a < b for a, b in zip(sigmas, sigmas[1:]))
     for t in (0, 50, 500, 999):
         s = sigmas[t]
         assert ((1 - s) / s) ** 2 == pytest.approx(float(abar[t] / (1 - abar[t])), rel=1e-9)
     assert sigmas[50] == pytest.approx(0.18406, abs=1e-5)
     with pytest.raises(ValueError, match="DDPM timestep"):
-        dit.sigma_for_ddpm_timestep(1000)
+        flow.sigma_for_ddpm_timestep(1000)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_noise_level_and_noising_match_the_scheduler(family, tiny_pipes):
     pipe = tiny_pipes[family]
     before = pipe.scheduler.timesteps.clone()
-    sigma, model_t = dit.paper_noise_level(pipe, family, 50)
+    sigma, model_t = F[family].paper_noise_level(pipe, 50)
     assert (sigma, model_t) == pytest.approx({"sd3": (0.14350, 143.50), "flux": (0.051, 0.051)}[family], rel=1e-4)
     assert torch.equal(pipe.scheduler.timesteps, before)  # set_timesteps ran on a copy
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(1000)
     t = sched.timesteps[949] if family == "sd3" else torch.tensor([51.0])
     x0, eps = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    assert torch.equal(dit.noised(x0, eps, sigma), sched.scale_noise(x0, t.reshape(1, 1).expand(2, 1)[:, 0], eps))
+    assert torch.equal(flow.noised(x0, eps, sigma), sched.scale_noise(x0, t.reshape(1, 1).expand(2, 1)[:, 0], eps))
     with pytest.raises(ValueError, match="does not match"):
-        dit.paper_noise_level(pipe, "flux" if family == "sd3" else "sd3", 50)
+        F["flux" if family == "sd3" else "sd3"].paper_noise_level(pipe, 50)
 
 
 def test_encode_latents_and_generator(tiny_pipes):
     pipe = tiny_pipes["sd3"]
     pixels = pipe.image_processor.preprocess(random_images(2, 64))
-    a = dit.encode_latents(pipe, pixels, torch.Generator().manual_seed(1))
-    b = dit.encode_latents(pipe, pixels, torch.Generator().manual_seed(1))
+    a = F["sd3"].encode_latents(pipe, pixels, torch.Generator().manual_seed(1))
+    b = F["sd3"].encode_latents(pipe, pixels, torch.Generator().manual_seed(1))
     assert a.shape == (2, 16, 8, 8) and torch.equal(a, b)
     with torch.no_grad():
         mean = pipe.vae.encode(pixels).latent_dist.mean
@@ -186,25 +188,25 @@ def test_encode_latents_and_generator(tiny_pipes):
 
 def test_conditioning_records_t5(tiny_pipes):
     sd3 = tiny_pipes["sd3"]
-    cond, used = dit.encode_prompt(sd3, ["a cat", ""])
+    cond, used = F["sd3"].prompt_conditioning(sd3, ["a cat", ""])
     assert used and cond["encoder_hidden_states"].shape == (2, 77 + 256, 96)
     assert cond["pooled_projections"].shape == (2, 32 + 48)
     assert cond["encoder_hidden_states"][:, 77:].abs().amax() > 0
-    cond0, used0 = dit.encode_prompt(sd3, ["a cat", ""], use_t5=False)
+    cond0, used0 = F["sd3"].prompt_conditioning(sd3, ["a cat", ""], use_t5=False)
     assert not used0 and sd3.text_encoder_3 is not None and sd3.config.text_encoder_3[1] == "T5EncoderModel"
     assert cond0["encoder_hidden_states"][:, 77:].abs().amax() == 0
     assert torch.equal(cond0["encoder_hidden_states"][:, :77], cond["encoder_hidden_states"][:, :77])
-    no_t5 = dit.build_tiny_pipeline("sd3", with_t5=False)
-    cond1, used1 = dit.encode_prompt(no_t5, ["a cat"])
+    no_t5 = F["sd3"].build_embedded("mini-sd3", with_t5=False)
+    cond1, used1 = F["sd3"].prompt_conditioning(no_t5, ["a cat"])
     assert not used1 and cond1["encoder_hidden_states"].shape == (1, 77 + 256, 96)
     flux = tiny_pipes["flux"]
-    condf, usedf = dit.encode_prompt(flux, ["a cat"])
+    condf, usedf = F["flux"].prompt_conditioning(flux, ["a cat"])
     assert usedf and set(condf) == {"encoder_hidden_states", "pooled_projections", "txt_ids"}
     assert condf["encoder_hidden_states"].shape == (1, 512, 32) and condf["txt_ids"].shape == (512, 3)
     with pytest.raises(ValueError, match="FLUX conditions on T5 only"):
-        dit.encode_prompt(flux, ["a cat"], use_t5=False)
+        F["flux"].prompt_conditioning(flux, ["a cat"], use_t5=False)
     with pytest.raises(ValueError, match="with_t5=False is for sd3 only"):
-        dit.build_tiny_pipeline("flux", with_t5=False)
+        F["flux"].build_embedded("mini-flux", with_t5=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -212,7 +214,8 @@ def test_paper_representations_non_square(family, tiny_pipes):
     from PIL import Image
 
     images = [im.resize((128, 96), Image.BILINEAR) for im in random_images(2, 128, seed=2)]
-    reps = dit.paper_representations(tiny_pipes[family], images, dit.paper_layers(tiny_pipes[family].transformer))
+    pipe = tiny_pipes[family]
+    reps = F[family].paper_representations(pipe, images, F[family].paper_layers(pipe.transformer))
     assert {tuple(v.shape) for v in reps.values()} == {(2, 32, 6, 8)}
 
 
@@ -256,16 +259,16 @@ def test_paper_mode_equals_sdhelper_img2repr(family, size, sdhelper_sds, tiny_pi
 
     sd = sdhelper_sds[family]
     assert sd.device == "cpu" and sd.dtype == torch.float32
-    layers = [n for n in dit.paper_layers(sd.pipeline.transformer) if n != dit.PATCH_EMBEDDING[family]]
+    layers = [n for n in F[family].paper_layers(sd.pipeline.transformer) if n != F[family].patch_embedding]
     assert sd.available_extract_positions == [n for n in layers if n.startswith("transformer_blocks")]
     images = [im.resize(size, Image.BILINEAR) for im in random_images(3, 128, seed=1)]
     with _sdhelper_tiny_width(sd.pipeline.transformer.config.num_attention_heads
                               * sd.pipeline.transformer.config.attention_head_dim):
         ref = sd.img2repr(images, layers, step=50, seed=42, batch_size=len(images))
-    ours = dit.paper_representations(tiny_pipes[family], images, layers, step=50, seed=42)
+    ours = F[family].paper_representations(tiny_pipes[family], images, layers, step=50, seed=42)
     assert_equals_sdhelper(ours, ref, layers, family)
     assert ours[layers[0]].shape[-2:] == (size[1] // 16, size[0] // 16)
     assert all(float(ours[n].abs().max()) > 0 for n in layers)
     if family == "flux" and size[0] != size[1]:  # the true image ids give other maps
-        true_ids = dit.paper_representations(tiny_pipes[family], images, layers[:1], sdhelper_image_ids=False)
+        true_ids = F[family].paper_representations(tiny_pipes[family], images, layers[:1], sdhelper_image_ids=False)
         assert not torch.allclose(true_ids[layers[0]], ours[layers[0]], rtol=1e-3, atol=0)

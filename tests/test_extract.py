@@ -5,7 +5,7 @@ import torch
 
 from conftest import assert_equals_sdhelper, extract_batched, random_images
 from diffaudit.extract import ExtractionSettings, Extractor, crop_image, token_sizes
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 
 # SD-1.5 shapes at 512x512 (docs/method.md §1.3): spatial size per paper layer index.
 SD15_SPATIAL = [64] * 5 + [32] * 5 + [16] * 5 + [8] * 8 + [16] * 7 + [32] * 7 + [64] * 7 + [64]

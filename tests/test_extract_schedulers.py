@@ -7,8 +7,9 @@ import torch
 
 from conftest import assert_equals_sdhelper, extract_batched, random_images
 from diffaudit.extract import ExtractionSettings, Extractor
-from diffaudit.layers import PAPER_LAYERS
-from diffaudit.models import MODEL_SCHEDULERS, SCHEDULERS, ModelSpec, load_pipeline, save_mini_model
+from diffaudit.families.sd import PAPER_LAYERS
+from diffaudit.families.sd import MODEL_SCHEDULERS, SCHEDULERS, save_mini_model
+from diffaudit.models import ModelSpec, load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from diffaudit.extract import (
     plan_variants,
     run_extraction,
 )
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 from diffaudit.store import ReprStore
 
 PX = 128  # mini at 128 px: 16x16 latents, crop variants of 8 and 16 px tokens
@@ -236,12 +236,12 @@ def test_cpu_heap_reuse_sets_and_restores_glibc_thresholds(monkeypatch):
             calls.append(("trim", pad))
             return 1
 
-    monkeypatch.setattr(extract, "_glibc", lambda: FakeLibc())
+    monkeypatch.setattr(extract.memory, "_glibc", lambda: FakeLibc())
     with cpu_heap_reuse():
         with cpu_heap_reuse():  # nested: set once, restored once
             pass
-        assert calls == list(extract._HEAP_REUSE.items())
-    assert calls[2:] == [*extract._HEAP_AFTER.items(), ("trim", 0)]
+        assert calls == list(extract.memory._HEAP_REUSE.items())
+    assert calls[2:] == [*extract.memory._HEAP_AFTER.items(), ("trim", 0)]
     calls.clear()
     with cpu_heap_reuse(enabled=False):
         pass

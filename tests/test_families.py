@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from conftest import assert_equals_sdhelper, extract_batched, random_images
-from diffaudit.extract import ExtractionSettings, Extractor, sdxl_added_conditioning
-from diffaudit.layers import PAPER_LAYERS, expand_layers, paper_layers, resolve_layers
-from diffaudit.models import (ModelLoadError, ModelSpec, build_mini_pipeline, load_pipeline, pipeline_family,
-                              save_embedded_model)
+from diffaudit.extract import ExtractionSettings, Extractor
+from diffaudit.families import registry
+from diffaudit.families.flow import sigma_for_ddpm_timestep
+from diffaudit.families.sd import PAPER_LAYERS, build_mini_pipeline
+from diffaudit.families.sdxl import sdxl_added_conditioning
+from diffaudit.layers import expand_layers, resolve_layers
+from diffaudit.models import ModelLoadError, ModelSpec, load_pipeline, pipeline_family, save_embedded_model
+
+
+def paper_layers(net) -> list[str]:
+    """``layers: paper`` of a backbone, asked of its family (SD-1/2 or SDXL U-Net, by the U-Net's layout)."""
+    fam = registry.get("sdxl" if net.config.get("addition_embed_type") else "sd")
+    return fam.paper_layers(net)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +50,8 @@ def test_sdxl_vae_is_upcast_where_the_pipeline_upcasts_it(sdxl_dir):
 
 def test_paper_layers_follow_the_layout(sdxl_pipe, mini_pipe):
     assert paper_layers(mini_pipe.unet) == list(PAPER_LAYERS)  # the authors' 45 (without up_blocks[0].resnets[2])
-    assert expand_layers("paper", mini_pipe.unet) == list(PAPER_LAYERS) == expand_layers("paper")
-    layers = expand_layers("paper", sdxl_pipe.unet)
+    assert expand_layers("paper", paper_layers(mini_pipe.unet)) == list(PAPER_LAYERS)
+    layers = expand_layers("paper", paper_layers(sdxl_pipe.unet))
     assert len(layers) == 34 and layers[:4] == ["conv_in", "down_blocks[0].resnets[0]", "down_blocks[0].resnets[1]",
                                                 "down_blocks[0].downsamplers[0]"]  # SDXL's first level: no attention
     assert "down_blocks[3].resnets[0]" not in layers and "up_blocks[0].resnets[2]" in layers
@@ -124,7 +133,7 @@ def test_sdxl_crops_and_meta_shapes(sdxl_pipe):
 def test_sd_family_unchanged_by_the_family_code(mini_pipe):
     """SD-1/2 passes get no added conditioning and keep their config untouched."""
     ex = Extractor(mini_pipe, ["mid_block"], ExtractionSettings(mode="paper"))
-    assert ex.family == "sd"
+    assert ex.family is registry.get("sd") and ex.family.name == "sd"
     out = ex.run_batch(random_images(1, 64), [0])["mid_block"]
     assert out.shape[0] == 1 and mini_pipe.unet.config.get("addition_embed_type") is None
     assert not hasattr(build_mini_pipeline().unet.config, "nothing_at_all")
@@ -144,17 +153,16 @@ def dit_pipes(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_dit_paper_mode_equals_sdhelpers_recipe(family, dit_pipes):
-    """The extraction's paper mode on a DiT is bitwise diffaudit.dit.paper_representations (which tests/test_dit.py
+    """The extraction's paper mode on a DiT is bitwise the family's paper_representations (which tests/test_dit.py
     holds equal to sdhelper 1.0.0's img2repr), on every layer incl. the patch embedding and FLUX's single blocks."""
-    from diffaudit import dit
-
     pipe = dit_pipes[family]
-    assert pipeline_family(pipe) == family
-    layers = expand_layers("paper", pipe.transformer)
-    assert layers[0] == dit.PATCH_EMBEDDING[family] and len(layers) == (4 if family == "sd3" else 5)
+    fam = registry.family_of(pipe)
+    assert pipeline_family(pipe) == family == fam.name
+    layers = expand_layers("paper", fam.paper_layers(pipe.transformer))
+    assert layers[0] == fam.patch_embedding and len(layers) == (4 if family == "sd3" else 5)
     images = random_images(3, 128, seed=8)
     ours = extract_batched(Extractor(pipe, layers, ExtractionSettings(mode="paper")), images, 3)
-    ref = dit.paper_representations(pipe, images, layers, step=50, seed=42)
+    ref = fam.paper_representations(pipe, images, layers, step=50, seed=42)
     for layer in layers:
         assert ours[layer].shape == (3, 32, 8, 8) and torch.equal(ours[layer], ref[layer]), layer
 
@@ -163,13 +171,12 @@ def test_dit_paper_mode_equals_sdhelpers_recipe(family, dit_pipes):
 def test_dit_noise_level_pixels_and_shapes(family, dit_pipes):
     """Corrected mode: sigma as noisy as the DDPM timestep (or extraction.sigma); [-1, 1] pixels in both modes;
     a token is 16 px (2x2 latent patch), so the only crop variant removes 16 px; meta shapes equal real ones."""
-    from diffaudit import dit
     from diffaudit.extract import plan_variants
 
     pipe = dit_pipes[family]
-    layers = expand_layers("paper", pipe.transformer)
+    layers = registry.get(family).paper_layers(pipe.transformer)
     ex = Extractor(pipe, layers, ExtractionSettings(mode="corrected", timestep=50))
-    assert ex.sigma == pytest.approx(dit.sigma_for_ddpm_timestep(50)) and ex.switches["pixel_range"] == "symmetric"
+    assert ex.sigma == pytest.approx(sigma_for_ddpm_timestep(50)) and ex.switches["pixel_range"] == "symmetric"
     assert Extractor(pipe, layers, ExtractionSettings(mode="corrected", sigma=0.3)).sigma == 0.3
     assert Extractor(pipe, layers, ExtractionSettings(mode="paper")).switches["pixel_range"] == "symmetric"
     lo = ex.run_batch(random_images(2, 64, seed=1), [0, 1])[layers[-1]]
@@ -227,7 +234,7 @@ def test_gpu_memory_check_and_offload_refusals(sdxl_dir, sdxl_pipe):
 def test_model_cpu_offload_captures_the_same_maps():
     """diffusers' model CPU offload (hooks that move each component to the execution device when it runs; here the
     CPU stands in for the GPU) leaves the extraction's hooks and values unchanged."""
-    from diffaudit.models import build_mini_sdxl_pipeline
+    from diffaudit.families.sdxl import build_mini_sdxl_pipeline
 
     pipe = build_mini_sdxl_pipeline()
     layers = ["down_blocks[1].attentions[0]", "mid_block.attentions[0]", "conv_out"]

@@ -15,7 +15,7 @@ from diffaudit.figures import quantitative as q
 from diffaudit.figures.cross_model import cross_model_figure, plot_cross_model
 from diffaudit.figures.layer_labels import block_boundaries, block_spans, layer_block, layer_type
 from diffaudit.figures.quantitative import plot_quantitative, quantitative_figure
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 from diffaudit.paper_files import paper_layer_shape
 from diffaudit.tables import PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 

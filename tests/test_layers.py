@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffaudit.layers import (PAPER_LAYERS, UnknownLayerError, expand_layers, from_module_path,
+from diffaudit.families.sd import PAPER_LAYERS
+from diffaudit.layers import (UnknownLayerError, expand_layers, from_module_path, layer_segments, parse_segment,
                               resolve_layers, to_module_path)
 
 
@@ -36,7 +37,16 @@ def test_resolve_walks_modules_and_lists_valid_names():
 
 
 def test_expand_layers():
-    assert expand_layers("paper") == list(PAPER_LAYERS)
+    assert expand_layers("paper", PAPER_LAYERS) == list(PAPER_LAYERS)
     assert expand_layers(["conv_in"]) == ["conv_in"]
     with pytest.raises(UnknownLayerError):
         expand_layers("all_of_them")
+    with pytest.raises(UnknownLayerError, match="depends on the model"):
+        expand_layers("paper")
+
+
+def test_the_one_layer_name_parser():
+    assert layer_segments("up_blocks[1].attentions[0].proj_out") == [("up_blocks", (1,)), ("attentions", (0,)),
+                                                                      ("proj_out", ())]
+    assert parse_segment("a[1][2]") == ("a", (1, 2)) and parse_segment("1a") is None
+    assert layer_segments("conv_in; rm") is None and layer_segments("up_blocks[1]..x") is None

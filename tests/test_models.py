@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from diffaudit.models import (ModelLoadError, ModelSpec, compute_dtype, download_model, load_pipeline,
-                              resolve_model, save_mini_model)
+from diffaudit.families.sd import save_mini_model
+from diffaudit.models import ModelLoadError, ModelSpec, compute_dtype, download_model, load_pipeline, resolve_model
 
 REGISTRY = {"sd15": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main"}, "mini": "/x/mini"}
 

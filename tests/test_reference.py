@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from diffaudit import paper_files as ref
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 from diffaudit.analyses.paper_comparison import COMPARISON_COLUMNS, compare_with_paper
 from diffaudit.paper_files import (PAPER_FILES, ReferenceChecksumError, ReferenceFetchError, fetch,
                                    paper_layer_shape)

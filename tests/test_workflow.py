@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import copy_repo, kill_mid_extraction, random_images
-from diffaudit.layers import PAPER_LAYERS
+from diffaudit.families.sd import PAPER_LAYERS
 from diffaudit.store import ReprStore
 
 pytestmark = pytest.mark.slow

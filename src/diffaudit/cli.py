@@ -9,15 +9,17 @@ from .errors import UserError, run_task
 
 def _cmd_layers(args):
     from .config import load_config
-    from .layers import hookable_layers, paper_layers
-    from .models import backbone, load_pipeline, pipeline_family, resolve_model
+    from .families.registry import family_of
+    from .layers import hookable_layers
+    from .models import load_pipeline, resolve_model
 
     cfg = load_config(*args.configfile)
     pipe = load_pipeline(resolve_model(args.model, cfg["model_sources"]), device="cpu")
-    net = backbone(pipe)
-    names = hookable_layers(net) if args.all else paper_layers(net)
+    family = family_of(pipe)
+    net = family.backbone(pipe)
+    names = hookable_layers(net) if args.all else family.paper_layers(net)
     if not args.all:
-        print(f"# {args.model} ({pipeline_family(pipe)}): `layers: paper` = these {len(names)} layers "
+        print(f"# {args.model} ({family.name}): `layers: paper` = these {len(names)} layers "
               "(--all: every hookable submodule)", file=sys.stderr)
     for name in names:
         print(name)

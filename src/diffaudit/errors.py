@@ -26,6 +26,10 @@ class MissingInputError(DiffauditError, FileNotFoundError):
     """An input the user must produce first (a store, a variant) is not there; the message says how."""
 
 
+class ModelLoadError(DiffauditError, RuntimeError):
+    """A model could not be resolved or loaded; the message says what to do."""
+
+
 def run_task(fn, *args, log: str | Path | None = None, **kwargs):
     """Run a workflow task or command; a user error exits with status 1 and one line naming the file or key.
 

@@ -93,7 +93,8 @@ def _meta_models(arch: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models import ARCHITECTURES, CLIP_VOCAB_SIZE, diffusers_errors_only
+    from .families.common import diffusers_errors_only
+    from .families.sd import ARCHITECTURES, CLIP_VOCAB_SIZE
 
     unet_cfg, vae_cfg, text_cfg = ARCHITECTURES[arch]
     with diffusers_errors_only(), torch.device("meta"):
@@ -107,15 +108,15 @@ def model_footprint(model: str = "sd15", *, n_images: int = 500, image_size: int
                     layers: Sequence[str] | None = None, batch_size: int = 20, store_dtype: str = "float16",
                     crops: bool = True, timestep: int = 50) -> dict:
     """Disk, GPU memory, host memory and estimated GPU time of extracting ``model`` (a key of
-    :data:`diffaudit.models.MODEL_ARCHITECTURES`) as the workflow does, from the architecture on the ``meta`` device.
+    :data:`diffaudit.families.sd.MODEL_ARCHITECTURES`) as the workflow does, from the architecture on the ``meta``
+    device.
 
     Exact: layer shapes, store bytes, parameter counts, FLOPs. Modelled: live activation bytes (fused attention
     kernels allocate only their output), host memory and time (the ``ASSUMED_*`` constants above).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .layers import PAPER_LAYERS
-    from .models import MODEL_ARCHITECTURES
+    from .families.sd import MODEL_ARCHITECTURES, PAPER_LAYERS
 
     layers = list(PAPER_LAYERS if layers is None else layers)
     dtype = torch.float16

@@ -1,71 +1,42 @@
-"""Layer names: the paper's list, parsing, and resolution to modules without ``eval``.
+"""Layer names: the one parser (:func:`layer_segments`), and resolution to modules without ``eval``.
 
 Layer names are written as in the paper, e.g. ``up_blocks[1].upsamplers[0]``: attribute
 access with ``.`` and integer indexing with ``[i]``. They are resolved by walking
-``named_modules`` of the U-Net, so only real submodules can ever be reached.
+``named_modules`` of the backbone, so only real submodules can ever be reached. The paper's layer lists are the
+families' (:mod:`diffaudit.families`); this module knows no family.
 """
 from __future__ import annotations
 
 import re
-
-import torch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import DiffauditError
 
-# The 45 hooked submodules of the paper (``sd15_all_blocks`` in the authors' code). It omits
-# ``up_blocks[0].resnets[2]``. Index in this list = ``layer_index`` in every table.
-PAPER_LAYERS: tuple[str, ...] = (
-    "conv_in",
-    "down_blocks[0].resnets[0]",
-    "down_blocks[0].attentions[0]",
-    "down_blocks[0].resnets[1]",
-    "down_blocks[0].attentions[1]",
-    "down_blocks[0].downsamplers[0]",
-    "down_blocks[1].resnets[0]",
-    "down_blocks[1].attentions[0]",
-    "down_blocks[1].resnets[1]",
-    "down_blocks[1].attentions[1]",
-    "down_blocks[1].downsamplers[0]",
-    "down_blocks[2].resnets[0]",
-    "down_blocks[2].attentions[0]",
-    "down_blocks[2].resnets[1]",
-    "down_blocks[2].attentions[1]",
-    "down_blocks[2].downsamplers[0]",
-    "down_blocks[3].resnets[0]",
-    "down_blocks[3].resnets[1]",
-    "mid_block.resnets[0]",
-    "mid_block.attentions[0]",
-    "mid_block.resnets[1]",
-    "up_blocks[0].resnets[0]",
-    "up_blocks[0].resnets[1]",
-    "up_blocks[0].upsamplers[0]",
-    "up_blocks[1].resnets[0]",
-    "up_blocks[1].attentions[0]",
-    "up_blocks[1].resnets[1]",
-    "up_blocks[1].attentions[1]",
-    "up_blocks[1].resnets[2]",
-    "up_blocks[1].attentions[2]",
-    "up_blocks[1].upsamplers[0]",
-    "up_blocks[2].resnets[0]",
-    "up_blocks[2].attentions[0]",
-    "up_blocks[2].resnets[1]",
-    "up_blocks[2].attentions[1]",
-    "up_blocks[2].resnets[2]",
-    "up_blocks[2].attentions[2]",
-    "up_blocks[2].upsamplers[0]",
-    "up_blocks[3].resnets[0]",
-    "up_blocks[3].attentions[0]",
-    "up_blocks[3].resnets[1]",
-    "up_blocks[3].attentions[1]",
-    "up_blocks[3].resnets[2]",
-    "up_blocks[3].attentions[2]",
-    "conv_out",
-)
+if TYPE_CHECKING:
+    import torch
 
-# Named layer sets that ``params.yaml`` may use instead of an explicit list.
-LAYER_SETS: dict[str, tuple[str, ...]] = {"paper": PAPER_LAYERS}
+#: Named layer sets that ``params.yaml`` may use instead of an explicit list: ``paper`` is the paper's list on
+#: SD-1/2 and its analogue on other layouts (each family's ``paper_layers``, :mod:`diffaudit.families`).
+LAYER_SETS: tuple[str, ...] = ("paper",)
 
-_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\d+\])*$")
+_SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def parse_segment(part: str) -> tuple[str, tuple[int, ...]] | None:
+    """One dotted part of a layer name: ``attentions[0]`` -> ``("attentions", (0,))``; ``None`` if malformed."""
+    m = _SEGMENT.match(part)
+    if not m:
+        return None
+    return m.group(1), tuple(int(i) for i in _INDEX.findall(m.group(2)))
+
+
+def layer_segments(name: str) -> list[tuple[str, tuple[int, ...]]] | None:
+    """The one parser of layer names: ``up_blocks[1].attentions[0]`` -> ``[("up_blocks", (1,)), ("attentions",
+    (0,))]``; ``None`` if any part is malformed."""
+    segs = [parse_segment(part) for part in str(name).strip().split(".")]
+    return None if any(s is None for s in segs) else segs
 
 
 class UnknownLayerError(DiffauditError, KeyError):
@@ -80,13 +51,13 @@ def to_module_path(name: str) -> str:
     name = name.strip()
     if not name:
         raise UnknownLayerError("empty layer name")
-    parts = name.split(".")
-    if not all(_SEGMENT.match(p) for p in parts):
+    segs = layer_segments(name)
+    if segs is None:
         raise UnknownLayerError(
             f"malformed layer name {name!r}: expected dotted attributes with [i] indices, "
             "e.g. 'up_blocks[1].upsamplers[0]'"
         )
-    return re.sub(r"\[(\d+)\]", r".\1", name)
+    return ".".join(".".join([attr, *map(str, idx)]) for attr, idx in segs)
 
 
 def from_module_path(path: str) -> str:
@@ -136,64 +107,17 @@ def resolve_layers(unet: torch.nn.Module, names: list[str] | tuple[str, ...]) ->
     return resolved
 
 
-def unet_layers(unet: torch.nn.Module) -> list[str]:
-    """Every resnet, attention, down/upsampler and the in/out convolutions of a diffusers U-Net, in execution order:
-    the paper's choice of layers, for any U-Net layout (SDXL's three levels, attention-free blocks, ...)."""
-    names = ["conv_in"]
-
-    def block(prefix: str, blk) -> None:
-        resnets = getattr(blk, "resnets", None) or []
-        attentions = getattr(blk, "attentions", None) or []
-        if prefix == "mid_block":  # resnet, then (attention, resnet) pairs
-            names.append(f"{prefix}.resnets[0]")
-            for i in range(1, len(resnets)):
-                if i - 1 < len(attentions):
-                    names.append(f"{prefix}.attentions[{i - 1}]")
-                names.append(f"{prefix}.resnets[{i}]")
-            return
-        for i in range(len(resnets)):
-            names.append(f"{prefix}.resnets[{i}]")
-            if i < len(attentions):
-                names.append(f"{prefix}.attentions[{i}]")
-        for kind in ("downsamplers", "upsamplers"):
-            for i in range(len(getattr(blk, kind, None) or [])):
-                names.append(f"{prefix}.{kind}[{i}]")
-
-    for i, blk in enumerate(unet.down_blocks):
-        block(f"down_blocks[{i}]", blk)
-    if getattr(unet, "mid_block", None) is not None:
-        block("mid_block", unet.mid_block)
-    for i, blk in enumerate(unet.up_blocks):
-        block(f"up_blocks[{i}]", blk)
-    names.append("conv_out")
-    return names
-
-
-def paper_layers(model: torch.nn.Module) -> list[str]:
-    """``layers: paper`` for ``model``: the paper's 45 layers on an SD-1/2 U-Net (they omit
-    ``up_blocks[0].resnets[2]``), else every layer of :func:`unet_layers` (the same choice on the model's layout);
-    on a diffusion transformer the patch embedding and every block (:func:`diffaudit.dit.paper_layers`)."""
-    if hasattr(model, "transformer_blocks"):
-        from .dit import paper_layers as dit_layers
-
-        return dit_layers(model)
-    every = unet_layers(model)
-    if every == [*PAPER_LAYERS[:23], "up_blocks[0].resnets[2]", *PAPER_LAYERS[23:]]:
-        return list(PAPER_LAYERS)
-    return every
-
-
-def expand_layers(spec: str | list[str], model: torch.nn.Module | None = None) -> list[str]:
-    """A config ``layers`` value: a named set (``paper``: the paper's list, or with ``model`` its analogue for the
-    model's layout, :func:`paper_layers`) or an explicit list of names."""
+def expand_layers(spec: str | list[str], paper: Sequence[str] | None = None) -> list[str]:
+    """A config ``layers`` value: a named set (``paper``: the model's ``paper`` list, given by its family, e.g.
+    ``family.paper_layers(net)``) or an explicit list of names."""
     if isinstance(spec, str):
         if spec not in LAYER_SETS:
             raise UnknownLayerError(
                 f"unknown layer set {spec!r}; use one of {sorted(LAYER_SETS)} or a list of layer names"
             )
-        if spec == "paper" and model is not None:
-            return paper_layers(model)
-        return list(LAYER_SETS[spec])
+        if paper is None:
+            raise UnknownLayerError(f"the layer set {spec!r} depends on the model: pass its family's list")
+        return list(paper)
     if not spec:
         raise UnknownLayerError("the layer list is empty")
     return [str(s) for s in spec]

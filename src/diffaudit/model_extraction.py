@@ -23,8 +23,9 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
     from . import experiments
     from .datasets import load_images, load_index, load_label_names
     from .extract import ExtractionSettings, run_extraction
+    from .families.registry import family_of
     from .layers import expand_layers
-    from .models import backbone, compute_dtype, load_pipeline, model_revision, resolve_model
+    from .models import compute_dtype, load_pipeline, model_revision, resolve_model
     from .store import shard_ranges
 
     overrides = cfg.get("experiment") or {}
@@ -48,7 +49,8 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
     device = resolve_device(cfg["extraction"]["device"])
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]),
                          offload=bool(ex.get("offload", False)))
-    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), backbone(pipe))
+    family = family_of(pipe)
+    layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), family.paper_layers(family.backbone(pipe)))
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
     provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}

@@ -36,7 +36,6 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import urllib.error
@@ -49,7 +48,7 @@ import pandas as pd
 
 from .analyses.similarity import ratio_columns
 from .errors import DiffauditError
-from .layers import PAPER_LAYERS
+from .families.sd import PAPER_LAYERS, layer_shape
 from .layout import PAPER_CACHE
 from .tables import PAPER_TABLES, PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 
@@ -247,11 +246,6 @@ def _to_numpy(x) -> np.ndarray:
 # Layer geometry (SD-1.5 / SD-2.x at 512 x 512)
 # ---------------------------------------------------------------------------------------------
 
-_DOWN_CH = (320, 640, 1280, 1280)
-_UP_CH = (1280, 1280, 640, 320)
-_SEG = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
-
-
 def paper_layer_shape(name: str, image_size: int = 512) -> tuple[int, int] | None:
     """(channels, spatial) of a U-Net layer output of the SD-1.5 / SD-2.x U-Net (docs/method.md §1.3).
 
@@ -260,42 +254,7 @@ def paper_layer_shape(name: str, image_size: int = 512) -> tuple[int, int] | Non
     with ``image_size`` (64 latent tokens at 512 px). Other names (e.g. sub-modules inside an attention block,
     whose outputs are not feature maps) give ``None``.
     """
-    base = image_size // 8
-    segs = []
-    for part in name.strip().split("."):
-        m = _SEG.match(part)
-        if not m:
-            return None
-        segs.append((m.group(1), None if m.group(2) is None else int(m.group(2))))
-    if not segs:
-        return None
-    head, hi = segs[0]
-    sub = segs[1][0] if len(segs) > 1 else None
-    if len(segs) > 2:
-        return None
-    if head == "conv_in" and sub is None:
-        return 320, base
-    if head == "conv_out" and sub is None:
-        return 4, base
-    if head == "mid_block" and hi is None and sub in (None, "resnets", "attentions"):
-        return 1280, base // 8
-    if head == "down_blocks" and hi is not None and 0 <= hi < 4:
-        if sub in ("resnets", "attentions"):
-            return _DOWN_CH[hi], base >> hi
-        if sub == "downsamplers" and hi < 3:
-            return _DOWN_CH[hi], base >> (hi + 1)
-        if sub is None:  # block output = downsampler output (resnet output for the last block)
-            return _DOWN_CH[hi], base >> min(hi + 1, 3)
-        return None
-    if head == "up_blocks" and hi is not None and 0 <= hi < 4:
-        if sub in ("resnets", "attentions"):
-            return _UP_CH[hi], (base // 8) << hi
-        if sub == "upsamplers" and hi < 3:
-            return _UP_CH[hi], (base // 8) << (hi + 1)
-        if sub is None:  # block output = upsampler output (resnet/attention output for the last block)
-            return _UP_CH[hi], (base // 8) << min(hi + 1, 3)
-        return None
-    return None
+    return layer_shape(name, image_size)  # the SD family's geometry (diffaudit.families.sd)
 
 
 def _layer_meta(model: str) -> list[tuple]:

@@ -97,7 +97,7 @@ def model_inputs(wildcards):
 
 def label_files(wildcards):
     """User label files (a change re-runs the analysis); the authors' labels come from paper_reference."""
-    from diffaudit.pipeline.anomalies import user_label_files
+    from diffaudit.label_sources import user_label_files
 
     return user_label_files(config["anomalies"])
 

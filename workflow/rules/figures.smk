@@ -1,7 +1,7 @@
 # Summary table and figures. Quantitative figures read only the tidy tables; the qualitative views read the
 # stores of one model. The paper comparison runs for every model and compares where the authors' numbers apply
 # (status.json of rule paper_reference); elsewhere it writes an empty table and says why.
-from diffaudit.pipeline.common import TABLES as MODEL_TABLES
+from diffaudit.tables import MODEL_TABLES
 
 FIGURES = layout.figures_dir(RESULTS)
 TABLE_FILES = [f"{name}.csv" for name in MODEL_TABLES]

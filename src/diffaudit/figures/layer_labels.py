@@ -5,14 +5,14 @@ Used by :mod:`diffaudit.figures.style` (the layer axis under the panels) and :mo
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+
+from ..layers import parse_segment
 
 # ---------------------------------------------------------------------------------------------
 # Layer names -> type and block labels
 # ---------------------------------------------------------------------------------------------
 
-_SEG = re.compile(r"^([A-Za-z_]\w*)((?:\[\d+\])*)$")
 _TYPE_OF_LIST = {"resnets": "res", "attentions": "attn", "downsamplers": "down", "upsamplers": "up"}
 #: The patch embeddings of diffusion transformers (SD3 ``pos_embed``, FLUX ``x_embedder``): their first layer.
 PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed")
@@ -22,14 +22,10 @@ DIT_BLOCKS = {"transformer_blocks": ("tb", "joint"), "single_transformer_blocks"
 
 
 def layer_segments(name: str) -> list[tuple[str, list[int]]]:
-    out = []
-    for part in str(name).strip().split("."):
-        m = _SEG.match(part)
-        if not m:
-            out.append((part, []))
-            continue
-        out.append((m.group(1), [int(i) for i in re.findall(r"\d+", m.group(2))]))
-    return out
+    """``(attribute, indices)`` per dotted part of a layer name, by :func:`diffaudit.layers.parse_segment` (the one
+    parser of layer names); a malformed part is kept whole with no indices."""
+    parts = str(name).strip().split(".")
+    return [(seg[0], list(seg[1])) if seg else (raw, []) for seg, raw in zip(map(parse_segment, parts), parts)]
 
 
 def layer_block(name: str) -> str:

@@ -26,7 +26,6 @@ figure title; if no such layer exists, :class:`LayerNotAvailableError` lists the
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from matplotlib.patches import Patch, Rectangle
 from ..analyses.anomalies import REF_LAYER, detect_anomalies, reference_grid, validate_labels
 from ..datasets import load_images, load_index
 from ..errors import DiffauditError, UserError
+from ..families import sd
+from ..families.registry import of_store
 from ..layout import FULL
 from ..store import ReprStore
 
@@ -170,25 +171,9 @@ def anomaly_boxes(labels, h_ref: int, h: int) -> dict[int, list[tuple[int, int, 
 # Layers and images
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\[(\d+)\](.*)$")
-
-
 def sd_downsampling(layer: str) -> int | None:
     """Pixels per token of ``layer`` in an SD-1.x/2.x U-Net (8 at conv_in ... 64 at mid_block); None if unknown."""
-    if layer.startswith(("conv_in", "conv_out", "conv_norm_out", "conv_act")):
-        return 8
-    if layer.startswith("mid_block"):
-        return 64
-    m = _BLOCK.match(layer)
-    if not m:
-        return None
-    kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-    if not 0 <= i <= 3:
-        return None
-    whole = rest == ""  # a whole block's output includes its down/upsampler
-    if kind == "down_blocks":
-        return 8 * 2 ** (i + (1 if (".downsamplers" in rest or whole) and i < 3 else 0))
-    return 64 // 2 ** (i + (1 if (".upsamplers" in rest or whole) and i < 3 else 0))
+    return sd.token_px(layer)  # the SD family's geometry (diffaudit.families.sd)
 
 
 def _image_size(store: ReprStore) -> int | None:
@@ -217,7 +202,7 @@ def resolve_layer(store: ReprStore, layer: str, spatial: int | None = None, pref
     """
     if layer in store.layers:
         return layer, ""
-    if spatial is None and not any(_BLOCK.match(l) or l.startswith("mid_block") for l in store.layers):
+    if spatial is None and of_store(store.attrs).single_grid:
         # not a U-Net (a diffusion transformer: every block on one patch grid): the block at mid depth
         chosen = store.layers[len(store.layers) // 2]
         h, w = store.shape(chosen)[2:]

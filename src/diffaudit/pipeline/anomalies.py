@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..label_sources import label_sources, user_label_files  # noqa: F401 (user_label_files: read by the rules)
+from ..label_sources import label_sources
 from . import common
 
 

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..tables import MODEL_TABLES, read_tables, write_csv  # noqa: F401
-
-from ..layout import JOB_PARAMS  # noqa: F401  (rule params that describe the job, not the configuration)
-
-# The tidy tables of one model that the summaries and figures read, and their reading and writing: the library's
-# (diffaudit.tables), under the names the task modules and diffaudit.dvcgen use.
-TABLES = MODEL_TABLES
+from ..layout import JOB_PARAMS
+from ..tables import read_tables, write_csv  # noqa: F401  (the tasks' table reading and atomic writing)
 
 
 class UndeclaredConfigKey(KeyError):
