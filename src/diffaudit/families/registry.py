@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import ModelLoadError
-from . import flux, sd, sd3, sdxl
+from . import flux, pixart, sd, sd3, sdxl
 from .base import Family
 
 #: Every supported family, in the order they are tried and listed.
-FAMILIES: tuple[Family, ...] = (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)
+FAMILIES: tuple[Family, ...] = (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY)
 
 
 def names() -> tuple[str, ...]:
