@@ -118,6 +118,17 @@ def _cmd_explore(args):
           ref_layer=a.get("ref_layer"), threshold=a.get("threshold"), verbose=args.verbose)
 
 
+def _cmd_fingerprint(args):
+    """Fingerprint (or compare) results trees: :mod:`diffaudit.fingerprint`."""
+    from . import fingerprint
+
+    argv = list(args.dirs) + (["-o", args.output] if args.output else []) + (
+        ["--compare", args.compare] if args.compare else [])
+    code = fingerprint.main(argv)
+    if code:
+        raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="diffaudit", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--experiment", help="the extraction of this experiment (a key of `experiments`)")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_dvc_extract)
+
+    s = sub.add_parser("fingerprint", help="content hashes of results/model folders, or their comparison with an "
+                                            "earlier fingerprint (are two runs' outputs bitwise the same?)")
+    s.add_argument("dirs", nargs="+", help="results or model directories")
+    s.add_argument("-o", "--output", help="write the fingerprint JSON here (default: stdout)")
+    s.add_argument("--compare", help="a fingerprint JSON to compare with; exit 1 when anything differs")
+    s.set_defaults(fn=_cmd_fingerprint)
 
     s = sub.add_parser("explore", help="serve the browser explorer and anomaly labeller over the configuration's "
                                         "results (docs/explorer.md)")
