@@ -81,6 +81,22 @@ def test_padding_mode_changes_values_not_shapes_and_is_restored(mini_pipe):
         _run(mini_pipe, ExtractionSettings(padding_mode="reflect"), random_images(1, 64, seed=1))
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_padding_mode_on_a_dit_stops_in_one_line(family):
+    """SD3's patch convolution (kernel = stride) pads nothing and FLUX has no convolution: an experiment that changes
+    the padding would report "no effect", so the run stops instead."""
+    from diffaudit.errors import UserError
+    from diffaudit.families import registry
+
+    fam = registry.get(family)
+    pipe = fam.build_embedded(f"mini-{family}")
+    with pytest.raises(UserError, match=r"^padding_mode 'circular' has nothing to act on: .* no convolution that "
+                                        r"pads; leave the switch out for this model$"):
+        Extractor(pipe, fam.paper_layers(pipe.transformer)[:1],
+                  ExtractionSettings(mode="corrected", padding_mode="circular"))
+    Extractor(pipe, fam.paper_layers(pipe.transformer)[:1], ExtractionSettings(mode="corrected", padding_mode="zeros"))
+
+
 def test_circular_padding_makes_a_conv_translation_equivariant(mini_pipe):
     """With circular padding, conv_in commutes with a cyclic shift of its input (no position from the border)."""
     from diffaudit.extract import conv_padding

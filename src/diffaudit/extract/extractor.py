@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from .. import experiments
+from ..errors import UserError
 from ..families.common import diffusers_errors_only
 from ..families.registry import family_of
 from ..layers import resolve_layers
-from .hooks import conv_padding, deterministic_cudnn, hooked_pass, random_unet
+from .hooks import conv_padding, deterministic_cudnn, hooked_pass, padded_convs, random_unet
 from .settings import ExtractionSettings
 
 
@@ -45,6 +46,10 @@ class Extractor:
         if self.family.pixel_range is not None and settings.pixel_range is None:  # e.g. the DiTs: [-1, 1] pixels
             self.switches = {**self.switches, "pixel_range": self.family.pixel_range}
         self.t5_used: bool | None = None  # whether a T5 text encoder conditioned the backbone (families that have one)
+        if self.switches["padding_mode"] != "zeros" and not padded_convs(net):
+            raise UserError(f"padding_mode {self.switches['padding_mode']!r} has nothing to act on: the "
+                            f"{self.family.label} backbone ({type(net).__name__}) has no convolution that pads; "
+                            "leave the switch out for this model")
         self.layers = list(layers)
         self.modules = resolve_layers(self.unet, self.layers)
         # where the passes run: with model CPU offload the weights rest on the CPU between passes

@@ -22,6 +22,14 @@ def deterministic_cudnn():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+def padded_convs(net: torch.nn.Module) -> int:
+    """How many ``Conv2d`` of ``net`` pad their input: what ``padding_mode`` acts on (a DiT's patch convolution,
+    kernel = stride = patch, pads nothing; FLUX has no convolution at all)."""
+    def pads(m: torch.nn.Conv2d) -> bool:
+        return m.padding != "valid" if isinstance(m.padding, str) else any(m.padding)
+
+    return sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d) and pads(m))
+
 
 @contextmanager
 def conv_padding(unet, mode: str):
