@@ -163,7 +163,8 @@ def test_channels_are_informative_only():
     anom = anom_table({19: [("paper", 1.0, 10)]}, prevalence={"paper": (10, 10)})
     out = credibility(None, None, anom, chan_table({19: [12.0, 400.0]}), model="m")
     assert out.loc[0, "channel_max_ratio"] == pytest.approx(400.0)
-    assert out.loc[0, "anomaly_score"] == 0.0 and out.loc[0, "hazard"] == 0.0 and out.loc[0, "safe"]
+    assert out.loc[0, "anomaly_score"] == 0.0 and out.loc[0, "hazard"] == 0.0
+    assert pd.isna(out.loc[0, "safe"]) and out.loc[0, "missing_axes"] == "position;corner"
 
 
 def test_credibility_full_table_hazard_axis_and_safe():
@@ -178,11 +179,18 @@ def test_credibility_full_table_hazard_axis_and_safe():
     h = by_index(out, "hazard")
     assert h[0] == pytest.approx(0.1) and h[19] == pytest.approx(0.2) and h[30] == pytest.approx(0.6)
     assert list(out["hazard_axis"]) == ["corner", "position", "anomaly"]
-    assert list(out["safe"]) == [True, True, False]
+    assert list(out["safe"]) == [True, True, False] and list(out["missing_axes"]) == ["", "", ""]
     assert by_index(out, "corner_score")[30] == 0.0  # corners half as alike as the control: no hazard
-    strict = credibility(None, sim_table({0: 1.0, 19: 2 ** 0.2, 30: 1.0}), None, model="m", safe_threshold=0.1)
+    chance = probe_table({0: {8: 1 / 8}, 19: {8: 1 / 8}, 30: {8: 1 / 8}})
+    strict = credibility(chance, sim_table({0: 1.0, 19: 2 ** 0.2, 30: 1.0}),
+                         anom_table({i: [("paper", 1.0, 5)] for i in (0, 19, 30)}, prevalence={"paper": (10, 6)}),
+                         model="m", safe_threshold=0.1)
     assert list(strict["safe"]) == [True, False, True]
-    assert strict["safe"].dtype == bool
+    assert strict["safe"].dtype == "boolean"
+    # without the anomaly axis there is no verdict, even where a measured axis is over the threshold
+    partial = credibility(chance, sim_table({0: 1.0, 19: 2 ** 0.2, 30: 1.0}), None, model="m",
+                          safe_threshold=0.1)
+    assert partial["safe"].isna().all() and list(partial["missing_axes"]) == ["anomaly"] * 3
 
 
 def test_missing_tables_and_layers_give_nan():
@@ -197,9 +205,11 @@ def test_missing_tables_and_layers_give_nan():
     assert np.isnan(row30["position_score"]) and np.isnan(row30["corner_score"])
     assert row30["anomaly_score"] == pytest.approx(0.5) and row30["hazard"] == pytest.approx(0.5)
     assert row30["hazard_axis"] == "anomaly"
-    # a layer whose only evidence is an undefined corner ratio: hazard NaN, no axis, not safe
+    assert list(out["missing_axes"]) == ["corner;anomaly", "position;corner"] and out["safe"].isna().all()
+    # a layer whose only evidence is an undefined corner ratio: hazard NaN, no axis, no verdict
     out = credibility(None, sim_table({19: float("nan")}), None, model="m")
-    assert np.isnan(out.loc[0, "hazard"]) and out.loc[0, "hazard_axis"] == "" and not out.loc[0, "safe"]
+    assert np.isnan(out.loc[0, "hazard"]) and out.loc[0, "hazard_axis"] == "" and pd.isna(out.loc[0, "safe"])
+    assert out.loc[0, "missing_axes"] == "position;corner;anomaly"
 
 
 def test_model_filter_and_label():
@@ -314,7 +324,7 @@ def test_paper_upper_layers_unsafe_at_8x8_are_not_safe(published, model):
     assert not d.loc[d["position_score"] >= SAFE_BELOW, "safe"].any()
     # the few safe layers are at the ends of the U-Net (at 0.25: conv_in, down_blocks[0].resnets[0],
     # up_blocks[3].attentions[2], conv_out in all three models), none in the middle blocks
-    safe = d.index[d["safe"]]
+    safe = d.index[d["safe"].fillna(False).astype(bool)]
     assert 0 < len(safe) <= 6
     assert safe.str.startswith(("conv_in", "conv_out", "down_blocks[0]", "up_blocks[3]")).all(), list(safe)
 

@@ -83,7 +83,7 @@ CREDIBILITY_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial",
                        "position_acc_8x8", "position_score",
                        "corner_effect", "corner_score",
                        "anomaly_source", "anomaly_prevalence", "anomaly_rel_norm", "anomaly_score",
-                       "channel_max_ratio", "hazard", "hazard_axis", "safe"]
+                       "channel_max_ratio", "hazard", "hazard_axis", "safe", "missing_axes"]
 
 # paper_comparison.csv and layer_summary/{model}.csv (analyses.paper_comparison)
 PAPER_COMPARISON_COLUMNS = ["model", "layer_index", "layer", "quantity", "ours", "paper", "delta"]

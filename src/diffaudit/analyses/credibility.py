@@ -36,7 +36,9 @@ is a *fraction* on a scale that means the same thing at every layer (reasoning: 
     anomaly; "" when no score); NaN when no score is available.
 ``safe`` = hazard < ``safe_threshold`` (``credibility.safe_below``, 0.25: under a quarter of the possible position
     gain, a corner similarity under 2^0.25 = 1.19x the control, anomalies fully expressed in under a quarter of the
-    images). A layer without any score is not safe.
+    images), True or False only when all three axes were measured; otherwise empty (NA), and ``missing_axes``
+    names the axes without a score (e.g. ``corner`` for ``conv_out``, whose crop has no ring to compare, or for
+    every layer with ``crops: false``), separated by ``;``.
 
 Any input table may be empty or lack layers: the affected score is NaN, never an error. Tables holding several
 models are filtered to ``model``, or scored per model with ``model=""``.
@@ -62,7 +64,8 @@ FORMULA = (
     "of the crop control; only corners MORE similar than the control count; NaN if a ratio is NaN or <= 0); "
     "anomaly_score = prevalence x severity from one label source (paper, else auto, else a user source) with "
     "prevalence = n_images_with_anomalies/n_images (1 if unknown) and severity = clip(log2 rel_norm_mean, 0, 1); "
-    "hazard = max of available scores; safe = hazard < threshold (credibility.safe_below)"
+    "hazard = max of available scores; safe = hazard < threshold (credibility.safe_below), empty unless all three "
+    "axes were measured (missing_axes names the others)"
 )
 KEYS = ["model", "layer_index", "layer"]
 #: Column descriptions (e.g. for a data dictionary or a CSV sidecar).
@@ -78,7 +81,8 @@ DESCRIPTIONS = {
     "channel_max_ratio": "strongest channel's median max|activation| / median channel's (informative only)",
     "hazard": "max of the available scores (NaN if none)",
     "hazard_axis": "the axis attaining the hazard: position, corner or anomaly ('' if none)",
-    "safe": "hazard < safe_threshold (credibility.safe_below); False when no score is available",
+    "safe": "hazard < safe_threshold (credibility.safe_below); empty unless every axis was measured",
+    "missing_axes": "the axes without a score (position, corner, anomaly; ';'-separated; '' when all were measured)",
     "formula": FORMULA,
 }
 
@@ -221,7 +225,11 @@ def credibility(probe: pd.DataFrame | None, similarity: pd.DataFrame | None, ano
     out["hazard"] = scores.max(axis=1, skipna=True)  # all-NaN rows stay NaN
     axis = scores.fillna(-np.inf).to_numpy().argmax(axis=1) if len(out) else np.zeros(0, dtype=int)
     out["hazard_axis"] = np.where(out["hazard"].notna(), np.asarray(AXES, dtype=object)[axis], "")
-    out["safe"] = (out["hazard"] < safe_threshold).astype(bool)  # NaN < x is False
+    missing = scores.isna().to_numpy()
+    out["missing_axes"] = [";".join(a for a, m in zip(AXES, row) if m) for row in missing]
+    # a verdict only where every axis was measured: empty (NA) otherwise, whatever the measured axes say
+    safe = (out["hazard"] < safe_threshold).to_numpy()
+    out["safe"] = pd.array([pd.NA if m.any() else bool(v) for m, v in zip(missing, safe)], dtype="boolean")
     for col in ("channels", "spatial"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
     out["layer_index"] = out["layer_index"].astype(np.int64)
