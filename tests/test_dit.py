@@ -186,6 +186,25 @@ def test_encode_latents_and_generator(tiny_pipes):
     assert not torch.equal(a, (mean - vae.shift_factor) * vae.scaling_factor)  # a sample, not the mean
 
 
+def test_sd35_paper_mode_is_named_an_analogy(tiny_pipes):
+    """sdhelper 1.0.0 has no SD3.5 path: on an SD3.5-layout MMDiT (dual-attention layers) the stores say that paper
+    mode applied sdhelper's SD3 recipe, not that it reproduced a run; SD3 itself records no such note."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffaudit.extract import ExtractionSettings, Extractor
+    from diffaudit.families.sd3 import SD3_TRANSFORMER
+
+    pipe = tiny_pipes["sd3"]
+    layers = F["sd3"].paper_layers(pipe.transformer)[:1]
+    assert "paper_recipe" not in F["sd3"].describe(Extractor(pipe, layers, ExtractionSettings(mode="paper")))
+    sd35 = F["sd3"].build_embedded("mini-sd3")
+    sd35.transformer = SD3Transformer2DModel(**{**SD3_TRANSFORMER, "dual_attention_layers": (0,)})
+    assert F["sd3"].is_sd35(sd35.transformer) and not F["sd3"].is_sd35(pipe.transformer)
+    desc = F["sd3"].describe(Extractor(sd35, layers, ExtractionSettings(mode="paper")))
+    assert desc["paper_recipe"].startswith("sdhelper 1.0.0's SD3 recipe applied to SD3.5")
+    assert "paper_recipe" not in F["sd3"].describe(Extractor(sd35, layers, ExtractionSettings(mode="corrected")))
+
+
 def test_conditioning_records_t5(tiny_pipes):
     sd3 = tiny_pipes["sd3"]
     cond, used = F["sd3"].prompt_conditioning(sd3, ["a cat", ""])

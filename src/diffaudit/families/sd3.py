@@ -40,6 +40,21 @@ class SD3Family(FlowMatchingFamily):
     def patch(self, pipe) -> int:
         return pipe.transformer.config.patch_size
 
+    @staticmethod
+    def is_sd35(transformer) -> bool:
+        """SD3.5's MMDiT: query-key normalisation (large) or dual-attention "MMDiT-X" layers (medium); SD3 has
+        neither."""
+        cfg = transformer.config
+        return bool(cfg.get("qk_norm")) or bool(cfg.get("dual_attention_layers"))
+
+    def describe(self, ex) -> dict:
+        out = super().describe(ex)
+        if ex.settings.mode == "paper" and self.is_sd35(ex.pipe.transformer):
+            # sdhelper 1.0.0 takes its SD3 branch for SD3 only: on SD3.5 paper mode is an analogy, not a reproduction
+            out["paper_recipe"] = ("sdhelper 1.0.0's SD3 recipe applied to SD3.5 (sdhelper has no SD3.5 path): "
+                                   "not a reproduction of a run of the authors' code")
+        return out
+
     def model_timestep(self, sigma: float) -> float:
         return sigma * 1000
 
