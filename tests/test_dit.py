@@ -205,6 +205,25 @@ def test_sd35_paper_mode_is_named_an_analogy(tiny_pipes):
     assert "paper_recipe" not in F["sd3"].describe(Extractor(sd35, layers, ExtractionSettings(mode="corrected")))
 
 
+def test_bfloat16_runs_on_the_cpu_and_is_flux_default_on_cuda(tiny_dirs):
+    """``precision: bfloat16`` loads and extracts mini-flux on the CPU (finite maps); ``auto`` leaves the CUDA dtype
+    to the family: bfloat16 for FLUX, float16 for SD3."""
+    from diffaudit.extract import ExtractionSettings, Extractor
+    from diffaudit.models import ModelSpec, compute_dtype, load_pipeline
+
+    assert compute_dtype("cpu", "bfloat16") == torch.bfloat16 and compute_dtype("cpu", "auto") == torch.float32
+    assert compute_dtype("cuda", "auto") is None and compute_dtype("cuda", "float16") == torch.float16
+    pipe = load_pipeline(ModelSpec("mini-flux", str(tiny_dirs["flux"])), device="cpu",
+                         dtype=compute_dtype("cpu", "bfloat16"))
+    assert pipe.transformer.dtype == torch.bfloat16 and F["flux"].cuda_dtype(pipe) == torch.bfloat16
+    layers = F["flux"].paper_layers(pipe.transformer)
+    out = Extractor(pipe, layers, ExtractionSettings(mode="corrected", precision="bfloat16")).run_batch(
+        random_images(2, 128), [0, 1], out_dtype=torch.float16)
+    assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in out.values())
+    sd3 = _load(tiny_dirs["sd3"], torch.float32)
+    assert F["sd3"].cuda_dtype(sd3) == torch.float16
+
+
 def test_conditioning_records_t5(tiny_pipes):
     sd3 = tiny_pipes["sd3"]
     cond, used = F["sd3"].prompt_conditioning(sd3, ["a cat", ""])

@@ -82,7 +82,11 @@ def test_prefetching_a_hub_model_offline_says_what_to_do(monkeypatch, mini_dir):
 
 
 def test_precision_rule():
-    assert compute_dtype("cpu") == torch.float32 and compute_dtype("cuda") == torch.float16
+    from diffaudit.families import registry
+
+    # the paper's rule: float32 on the CPU; on CUDA float16, decided by the family once the model is loaded
+    assert compute_dtype("cpu") == torch.float32 and compute_dtype("cuda") is None
+    assert registry.get("sd").cuda_dtype(None) == torch.float16 and registry.get("sdxl").cuda_dtype(None) == torch.float16
     assert compute_dtype("cuda", "float32") == torch.float32
     with pytest.raises(ValueError):
         compute_dtype("cpu", "int8")

@@ -1,5 +1,6 @@
 """Resumable extraction: an interrupted run continues to exactly the stores of an uninterrupted run."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,3 +115,28 @@ def test_kill_9_mid_extraction_then_rerun(mini_dir, image_folder, tmp_path):
     assert 3 <= n < 9
     subprocess.run(cmd + [str(out)] + cfgs, check=True, capture_output=True)
     _stores_equal(tmp_path / "ref", out)
+
+
+def test_a_planted_infinite_activation_stops_the_run_naming_layer_and_image(mini_pipe, tmp_path):
+    """An inf in the second image's map of one layer stops the run, before that batch is written, with one line that
+    names the model, the layer and the image."""
+    from diffaudit.extract import NonFiniteError
+    from diffaudit.layers import resolve_layers
+
+    layer = "mid_block"  # a tensor output
+    module = resolve_layers(mini_pipe.unet, [layer])[layer]
+
+    def plant(_module, _inputs, output):
+        if output.shape[0] > 1:
+            output = output.clone()
+            output[1, 0, 0, 0] = float("inf")
+        return output
+
+    handle = module.register_forward_hook(plant)
+    try:
+        with pytest.raises(NonFiniteError, match=rf"^non-finite values \(inf/NaN\) in layer {re.escape(layer)} of "
+                                                 r"image 000001 of model mini; .*bfloat16 or float32$"):
+            _run(mini_pipe, random_images(6, 128, seed=3), tmp_path / "rep")
+    finally:
+        handle.remove()
+    assert not (tmp_path / "rep").exists()

@@ -68,15 +68,19 @@ def resolve_model(key: str, model_sources: dict) -> ModelSpec:
     )
 
 
-def compute_dtype(device: str, precision: str = "auto") -> torch.dtype:
-    """The paper's rule: float16 on CUDA, float32 on CPU (``precision: auto``)."""
+def compute_dtype(device: str, precision: str = "auto") -> torch.dtype | None:
+    """``precision`` as a dtype. ``auto`` is the paper's rule, float32 on the CPU and float16 on CUDA, where the
+    family may prefer bfloat16 (FLUX, SD3.5: their activations overflow float16): ``None`` there, decided by
+    :func:`load_pipeline` once the family is known."""
     if precision == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
+        return torch.float32 if str(device) == "cpu" else None
     if precision in ("float16", "fp16"):
         return torch.float16
+    if precision in ("bfloat16", "bf16"):
+        return torch.bfloat16
     if precision in ("float32", "fp32"):
         return torch.float32
-    raise ValueError(f"precision must be auto, float16 or float32, got {precision!r}")
+    raise ValueError(f"precision must be auto, float16, bfloat16 or float32, got {precision!r}")
 
 
 def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None,
@@ -93,7 +97,7 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
     from diffusers import AutoPipelineForText2Image
 
     device = device or default_device()
-    dtype = dtype or compute_dtype(device)
+    dtype = dtype or compute_dtype(device)  # None: CUDA's automatic choice, by the family below
     if spec.is_local and not (Path(spec.source) / "model_index.json").is_file():
         raise ModelLoadError(
             f"model {spec.describe()}: {spec.source}/model_index.json not found; "
@@ -113,6 +117,7 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {spec.describe()}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
+        dtype = dtype or family.cuda_dtype(pipe)
         upcast = family.vae_float32(pipe, dtype)
         if str(device).startswith("cuda"):
             check_gpu_memory(spec, pipe, device, dtype, offload, free_bytes, vae_float32=upcast)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..store import StoreWriter
 from .extractor import Extractor, crop_image
 
@@ -65,6 +66,23 @@ def _torch_dtype(dtype) -> torch.dtype | None:
     return getattr(torch, np.dtype(dtype).name, None) if np.dtype(dtype).kind in "fiub" else None
 
 
+class NonFiniteError(UserError):
+    """A representation holds inf or NaN (e.g. a float16 overflow): nothing of that batch is written."""
+
+
+def check_finite(reps: dict[str, torch.Tensor], image_ids: Sequence[str], model: str = "") -> None:
+    """Stop (:class:`NonFiniteError`, one line naming model, layer and image) before a batch with an inf or NaN in any
+    map is written; the batches before it stay, so the run resumes after the cause is fixed."""
+    for layer, v in reps.items():
+        bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise NonFiniteError(
+                f"non-finite values (inf/NaN) in layer {layer} of image {image_ids[i]}"
+                + (f" of model {model}" if model else "")
+                + "; a float16 overflow is the usual cause: set extraction.precision to bfloat16 or float32")
+
+
 def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundWriter, *,
                      images_fn: Callable[[int, int], list], labels: Sequence[int] | None, layers: Sequence[str],
                      crop_px: int, full_size: int | None, progress: bool, desc: str, stop_after: int | None,
@@ -88,6 +106,7 @@ def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundW
             reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
                                        crop_px=crop_px, full_size=full_size, out_dtype=out_dtype,
                                        labels=None if labels is None else list(labels[start:stop]))
+            check_finite(reps, writer.image_ids[start:stop], model=str(writer.root.attrs.get("model", "")))
             bg.put(start, {k: v.numpy() for k, v in reps.items()}, writer=writer)
             bar.update(stop - start)
             done_batches += 1

@@ -6,7 +6,7 @@ A :class:`Family` is a stateless object (one per family, listed in :mod:`diffaud
 * identity: :attr:`Family.name` (what stores record as ``family``), :attr:`Family.label`, :attr:`Family.kind`
   (``U-Net`` or ``DiT``, for figure legends);
 * recognition and loading: :meth:`Family.detect`, :meth:`Family.refusal`, :meth:`Family.backbone`,
-  :meth:`Family.vae_float32`;
+  :meth:`Family.cuda_dtype`, :meth:`Family.vae_float32`;
 * the paper's layer list (or its analogue) on a backbone: :meth:`Family.paper_layers`;
 * the extraction recipe: :meth:`Family.prepare` (noise level, schedulers), :meth:`Family.encode_prompt`,
   :meth:`Family.scale_latents` (VAE scaling/shift), :meth:`Family.add_noise`, :meth:`Family.backbone_call` (the
@@ -62,6 +62,11 @@ class Family:
     def backbone(self, pipe) -> torch.nn.Module:
         """The denoising network whose layers are extracted."""
         raise NotImplementedError
+
+    def cuda_dtype(self, pipe) -> torch.dtype:
+        """The compute dtype of ``precision: auto`` on CUDA: float16 (the paper's rule) unless the family's
+        activations overflow it."""
+        return torch.float16
 
     def vae_float32(self, pipe, dtype: torch.dtype) -> bool:
         """Whether the VAE runs in float32 when the model runs in ``dtype`` (SDXL's upcast)."""

@@ -40,6 +40,10 @@ class FluxFamily(FlowMatchingFamily):
     def patch(self, pipe) -> int:
         return 2  # 2x2 packing
 
+    def cuda_dtype(self, pipe) -> torch.dtype:
+        """bfloat16: FLUX's activations overflow float16 (its pipelines are run in bfloat16)."""
+        return torch.bfloat16
+
     def model_timestep(self, sigma: float) -> float:
         return sigma  # the pipeline divides by 1000 and the model multiplies back
 

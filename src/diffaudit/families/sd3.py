@@ -47,6 +47,10 @@ class SD3Family(FlowMatchingFamily):
         cfg = transformer.config
         return bool(cfg.get("qk_norm")) or bool(cfg.get("dual_attention_layers"))
 
+    def cuda_dtype(self, pipe) -> torch.dtype:
+        """bfloat16 for SD3.5, whose activations overflow float16; float16 for SD3 (the paper's rule)."""
+        return torch.bfloat16 if self.is_sd35(pipe.transformer) else torch.float16
+
     def describe(self, ex) -> dict:
         out = super().describe(ex)
         if ex.settings.mode == "paper" and self.is_sd35(ex.pipe.transformer):
