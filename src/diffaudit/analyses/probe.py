@@ -16,14 +16,14 @@ Metrics at granularity g (see :func:`accuracy_at_granularity`):
 * ``joint``: fraction of tokens whose row AND column are both right at granularity g (chance ``1/min(g,n)^2``).
 
 Interior probe (docs/method.md §3.7). ``interior_accuracy`` is the same metric, of the same probe, on the test
-tokens at least ``interior_k`` tokens from the map's border (row and column in ``[k, n-1-k]``; NaN when
-``n <= 2k``). It separates two things a high ``accuracy`` may mean. *Decoding the border*: features that only
+tokens at least ``interior_k`` bins of the evaluated grid from its border (G = ``min(g, n)`` bins per axis; the bin
+of row and column in ``[k, G-1-k]``; NaN when ``G <= 2k``). At native granularity a bin is a token. It separates two things a high ``accuracy`` may mean. *Decoding the border*: features that only
 say "this token is at (or near) an edge, and which one" (zero padding, edge artifacts) let the probe place the
 outer rings, most of the tokens of a small map, and that alone gives an accuracy far above chance. *Encoding
 position*: features that tell interior tokens apart from each other, i.e. a positional code everywhere on the
 map. Only the second lifts ``interior_accuracy``. The interior's own chance level is higher than the whole map's:
 a probe that knows only "interior" can put every interior token in the interior's most populated bin
-(:func:`interior_chance_level`: ``1/(n-2k)`` per axis at native granularity, e.g. 1/4 for n = 8, k = 2), so
+(:func:`interior_chance_level`: ``1/(G-2k)`` per axis, e.g. 1/4 for G = 8, k = 2), so
 compare ``interior_accuracy`` with that, not with ``1/min(g, n)``.
 
 Uncertainty. ``ci_low``/``ci_high`` are the percentile bootstrap interval of ``accuracy`` over the run's test
@@ -122,14 +122,21 @@ def chance_level(n: int, g: int, joint: bool = False) -> float:
     return 1.0 / (k * k) if joint else 1.0 / k
 
 
+def interior_bins(n: int, g: int) -> int:
+    """The number of bins per axis of the grid evaluated at granularity ``g`` on an n x n map: ``min(g, n)``."""
+    return min(int(g), int(n))
+
+
 def interior_chance_level(n: int, g: int, k: int, joint: bool = False) -> float:
-    """Accuracy on the interior tokens (row and col in [k, n-1-k]) of a guess that knows only that a token is
-    interior: the share of interior rows in the interior's most populated bin at granularity g (squared for
-    ``joint``). NaN when ``n <= 2k``."""
-    if n <= 2 * k:
+    """Accuracy on the interior tokens (row and col in the bins ``[k, G-1-k]`` of the evaluated G x G grid,
+    G = ``min(g, n)``) of a guess that knows only that a token is interior: the share of interior rows in the
+    interior's most populated bin, ``1/(G-2k)`` when G divides n (squared for ``joint``). NaN when ``G <= 2k``."""
+    bins = interior_bins(n, g)
+    if bins <= 2 * k:
         return float("nan")
-    rows = np.arange(k, n - k)
-    p = np.bincount((rows * g) // n).max() / rows.size
+    b = (np.arange(n) * bins) // n
+    inner = b[(b >= k) & (b <= bins - 1 - k)]
+    p = np.bincount(inner).max() / inner.size
     return float(p * p) if joint else float(p)
 
 
@@ -191,7 +198,6 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
     test_dev = test_tok.to(device)
     y_test = torch.stack([(test_dev % hw) // n, test_dev % n], dim=1)
     n_test_img = test_tok.numel() // hw
-    interior = _interior_mask(y_test, n, interior_k)
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     n_train = train_tok.numel()
     out: list[tuple] = []
@@ -216,6 +222,7 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
             ok = (pred * g) // n == (y_test * g) // n  # (T, 2) hits per axis
             per_image = {"per_axis": ok.view(n_test_img, hw * 2).double().mean(dim=1),
                          "joint": ok.all(dim=1).view(n_test_img, hw).double().mean(dim=1)}
+            interior = _interior_mask(y_test, n, g, interior_k)
             for metric in METRICS:
                 joint = metric == "joint"
                 inner = (accuracy_at_granularity(pred[interior], y_test[interior], n, g, joint=joint)
@@ -225,12 +232,16 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
     return out
 
 
-def _interior_mask(y: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
-    """Boolean mask of the tokens (rows of ``y``, (T, 2) row/col labels) at least ``k`` tokens from the border
-    of the n x n map, i.e. row and column in [k, n-1-k]; None when the map is too small (``n <= 2k``)."""
-    if n <= 2 * k:
+def _interior_mask(y: torch.Tensor, n: int, g: int, k: int) -> torch.Tensor | None:
+    """Boolean mask of the tokens (rows of ``y``, (T, 2) row/col labels) at least ``k`` bins of the evaluated grid
+    (G = ``min(g, n)`` bins per axis) from the border: bin of row and column in [k, G-1-k]. Counting in bins, not
+    tokens, keeps the outermost bins out of the interior at every granularity, so features that only tell where a
+    token of an outer bin is cannot lift the interior accuracy. None when the grid is too small (``G <= 2k``)."""
+    bins = interior_bins(n, g)
+    if bins <= 2 * k:
         return None
-    return ((y >= k) & (y <= n - 1 - k)).all(dim=1)
+    b = (y * bins) // n
+    return ((b >= k) & (b <= bins - 1 - k)).all(dim=1)
 
 
 def _class_name(label: int, class_names) -> str:
@@ -348,8 +359,8 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
     Columns (:data:`TABLE_COLUMNS`): ``model, layer_index, layer, channels, spatial, epoch, granularity, metric,
     seed, accuracy``, with ``metric`` in {"per_axis", "joint"} and epochs 1..``epochs``, then ``ci_low, ci_high``
     (the ``bootstrap`` percentile interval of the accuracy over the run's test images; default ``Bootstrap()``)
-    and ``interior_accuracy`` (the same metric on the test tokens at least ``interior_k`` tokens from the border;
-    NaN when ``n <= 2 * interior_k``). ``mode="paper"`` uses ``seed`` (one run, the authors' RNG stream and
+    and ``interior_accuracy`` (the same metric on the test tokens at least ``interior_k`` bins of the evaluated
+    grid from its border; NaN when ``min(g, n) <= 2 * interior_k``). ``mode="paper"`` uses ``seed`` (one run, the authors' RNG stream and
     positional split); ``mode="corrected"`` one run per seed in ``seeds``.
     ``device=None`` picks CUDA when available. Memory: one layer's tokens in float16 at a time (module docstring).
 
