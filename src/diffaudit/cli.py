@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .errors import UserError, run_task
+from .fingerprint import add_arguments as fingerprint_arguments
 
 
 def _cmd_layers(args):
@@ -122,9 +123,7 @@ def _cmd_fingerprint(args):
     """Fingerprint (or compare) results trees: :mod:`diffaudit.fingerprint`."""
     from . import fingerprint
 
-    argv = list(args.dirs) + (["-o", args.output] if args.output else []) + (
-        ["--compare", args.compare] if args.compare else [])
-    code = fingerprint.main(argv)
+    code = fingerprint.run(args)
     if code:
         raise SystemExit(code)
 
@@ -186,9 +185,7 @@ def main(argv: list[str] | None = None) -> None:
 
     s = sub.add_parser("fingerprint", help="content hashes of results/model folders, or their comparison with an "
                                             "earlier fingerprint (are two runs' outputs bitwise the same?)")
-    s.add_argument("dirs", nargs="+", help="results or model directories")
-    s.add_argument("-o", "--output", help="write the fingerprint JSON here (default: stdout)")
-    s.add_argument("--compare", help="a fingerprint JSON to compare with; exit 1 when anything differs")
+    fingerprint_arguments(s)
     s.set_defaults(fn=_cmd_fingerprint)
 
     s = sub.add_parser("explore", help="serve the browser explorer and anomaly labeller over the configuration's "

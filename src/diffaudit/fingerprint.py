@@ -21,8 +21,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from . import layout
 
 #: Attributes that record where and with what a run happened, not what it computed.
@@ -47,6 +45,7 @@ def _attrs_hash(attrs: dict) -> str:
 
 def store_fingerprint(path: Path) -> Iterator[tuple[str, str]]:
     """(key, hash) for each array and attribute set of one Zarr store, keys relative to the store."""
+    import numpy as np
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
@@ -90,14 +89,15 @@ def compare(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="diffaudit fingerprint", description=__doc__.split("\n\n")[0])
+def add_arguments(ap) -> None:
+    """The command's arguments (shared by ``python -m diffaudit.fingerprint`` and ``diffaudit fingerprint``)."""
     ap.add_argument("dirs", nargs="+", help="results or model directories (keys are prefixed by their name)")
     ap.add_argument("-o", "--output", help="write the fingerprint JSON here (default: stdout)")
     ap.add_argument("--compare", help="a fingerprint JSON to compare with; exit 1 when anything differs")
-    args = ap.parse_args(argv)
+
+
+def run(args) -> int:
+    """Fingerprint ``args.dirs``; write or print it, or compare it with ``args.compare`` (1 when anything differs)."""
     fp: dict[str, str] = {}
     for d in args.dirs:
         for k, v in fingerprint_tree(d).items():
@@ -112,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(diff) if diff else f"identical: {len(fp)} entries")
         return 1 if diff else 0
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="diffaudit fingerprint", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
