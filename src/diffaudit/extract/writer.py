@@ -95,6 +95,7 @@ def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundW
     n = writer.n_images
     start0 = writer.n_complete
     out_dtype = _torch_dtype(s.store_dtype)  # converted in one pass before the copy (identical to numpy's astype)
+    model = str(writer.root.attrs.get("model", ""))  # for the non-finite check's message (read once, not per batch)
     bar = tqdm(total=n, initial=start0, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     done_batches = 0
     try:
@@ -106,7 +107,7 @@ def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundW
             reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
                                        crop_px=crop_px, full_size=full_size, out_dtype=out_dtype,
                                        labels=None if labels is None else list(labels[start:stop]))
-            check_finite(reps, writer.image_ids[start:stop], model=str(writer.root.attrs.get("model", "")))
+            check_finite(reps, writer.image_ids[start:stop], model=model)
             bg.put(start, {k: v.numpy() for k, v in reps.items()}, writer=writer)
             bar.update(stop - start)
             done_batches += 1
