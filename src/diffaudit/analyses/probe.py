@@ -198,6 +198,7 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
     test_dev = test_tok.to(device)
     y_test = torch.stack([(test_dev % hw) // n, test_dev % n], dim=1)
     n_test_img = test_tok.numel() // hw
+    interiors = {int(g): _interior_mask(y_test, n, int(g), interior_k) for g in granularities}  # fixed per g
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     n_train = train_tok.numel()
     out: list[tuple] = []
@@ -222,7 +223,7 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
             ok = (pred * g) // n == (y_test * g) // n  # (T, 2) hits per axis
             per_image = {"per_axis": ok.view(n_test_img, hw * 2).double().mean(dim=1),
                          "joint": ok.all(dim=1).view(n_test_img, hw).double().mean(dim=1)}
-            interior = _interior_mask(y_test, n, g, interior_k)
+            interior = interiors[g]
             for metric in METRICS:
                 joint = metric == "joint"
                 inner = (accuracy_at_granularity(pred[interior], y_test[interior], n, g, joint=joint)
