@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from diffaudit.dvcgen import module_imports
 from diffaudit.families import registry
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -24,26 +25,6 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package modules ``name`` imports anywhere in its code (module level or inside functions)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            for alias in node.names:  # `from . import store` imports a module, `from .store import X` a name
-                sub = f"{target}.{alias.name}"
-                found.add(sub if sub in modules else target)
-    return {m for m in found if m in modules and m != name}
-
-
 def test_no_module_is_over_600_lines():
     too_long = {}
     for name, path in _modules().items():
@@ -56,7 +37,7 @@ def test_no_module_is_over_600_lines():
 
 def test_no_import_cycle():
     modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    graph = {name: module_imports(name) for name in modules}
     state: dict[str, int] = {}  # 1: on the stack, 2: done
     stack: list[str] = []
     cycles = []

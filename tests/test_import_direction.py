@@ -2,8 +2,9 @@
 use the library, never the workflow's tasks (static analysis of the sources, function-level imports included)."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
+
+from diffaudit.dvcgen import module_imports
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "diffaudit"
 
@@ -21,23 +22,8 @@ MODULES = _modules()
 
 
 def _imports(name: str) -> set[str]:
-    """The package modules that module ``name`` imports (anywhere in its source)."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base_parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(base_parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                out.add(sub if sub in MODULES else base)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return {m for m in out if m in MODULES and m != name}
+    """The package modules that module ``name`` imports (anywhere in its source): the project's one walker."""
+    return module_imports(name)
 
 
 def _reachable(name: str) -> set[str]:

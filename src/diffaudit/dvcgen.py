@@ -109,6 +109,15 @@ def _imports(tree: ast.AST, module: str) -> set[str]:
     return {m for m in out if _module_file(m)}
 
 
+def module_imports(name: str) -> set[str]:
+    """The package modules that module ``name`` (``diffaudit.x.y``; a package stands for its ``__init__``) imports
+    anywhere in its source, itself left out. The one import walker: the stages' code dependencies here, and the
+    tests of the package's shape (no cycle, imports that point down)."""
+    path = _module_file(name)
+    key = f"{name}.__init__" if path.name == "__init__.py" else name  # relative imports start from the package
+    return _imports(ast.parse(path.read_text()), key) - {name}
+
+
 def _closure(start: set[str]) -> set[str]:
     """``start`` and every package module they import (at module or function level), transitively."""
     seen: set[str] = set()
@@ -118,9 +127,7 @@ def _closure(start: set[str]) -> set[str]:
         if mod in seen:
             continue
         seen.add(mod)
-        path = _module_file(mod)
-        name = mod if path.name != "__init__.py" else mod + ".__init__"
-        todo += _imports(ast.parse(path.read_text()), name) - seen
+        todo += module_imports(mod) - seen
         parts = mod.split(".")  # importing a.b.c runs the __init__ of a and a.b first
         todo += [p for p in (".".join(parts[:k]) for k in range(1, len(parts))) if p not in seen]
     return seen
