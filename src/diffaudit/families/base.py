@@ -44,6 +44,9 @@ class Family:
     scales_model_input: bool = False
     #: The pixel range this family's pipelines feed the VAE in both modes (``None``: the mode's default).
     pixel_range: str | None = None
+    #: Whether the family's pipeline runs the VAE in float32 under float16 when its config says ``force_upcast``
+    #: (SDXL, PixArt; sdhelper and the SD-1/2 pipelines do not).
+    upcasts_vae: bool = False
     #: Whether every layer of the backbone sits on one token grid (a DiT's patch grid; a U-Net has levels).
     single_grid: bool = False
 
@@ -69,8 +72,9 @@ class Family:
         return torch.float16
 
     def vae_float32(self, pipe, dtype: torch.dtype) -> bool:
-        """Whether the VAE runs in float32 when the model runs in ``dtype`` (SDXL's upcast)."""
-        return False
+        """Whether the VAE runs in float32 when the model runs in ``dtype``: in float16, where the family's pipeline
+        honours the VAE config's ``force_upcast`` (:attr:`upcasts_vae`: SDXL's VAE, which overflows in float16)."""
+        return self.upcasts_vae and dtype == torch.float16 and bool(pipe.vae.config.get("force_upcast", False))
 
     # -- layers --------------------------------------------------------------------------------
     def paper_layers(self, net: torch.nn.Module) -> list[str]:

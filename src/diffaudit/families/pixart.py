@@ -62,10 +62,7 @@ class PixArtFamily(DDPMFamily, TransformerFamily):
     patch_embedding = "pos_embed"
     tiny_transformer = MINI_PIXART_TRANSFORMER
     scales_model_input = False  # DPM-Solver's scale_model_input is the identity; no paper mode anyway
-
-    def vae_float32(self, pipe, dtype: torch.dtype) -> bool:
-        """SDXL's VAE overflows in float16; the pipeline upcasts it when its config says so."""
-        return dtype == torch.float16 and bool(pipe.vae.config.get("force_upcast", False))
+    upcasts_vae = True  # SDXL's VAE (PixArt-Sigma's) overflows in float16; the pipeline upcasts it (force_upcast)
 
     def patch(self, pipe) -> int:
         return pipe.transformer.config.patch_size

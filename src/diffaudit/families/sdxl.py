@@ -24,15 +24,12 @@ class SDXLFamily(UNetFamily):
     name = "sdxl"
     label = "SDXL U-Net"
     embedded = ("mini-sdxl",)
+    upcasts_vae = True  # SDXL's VAE overflows in float16; its pipeline (and sdhelper) upcast it (force_upcast)
 
     def detect(self, pipe) -> bool:
         unet = getattr(pipe, "unet", None)
         return (unet is not None and hasattr(pipe, "vae") and unet.config.get("addition_embed_type") == "text_time"
                 and hasattr(pipe, "text_encoder_2"))
-
-    def vae_float32(self, pipe, dtype: torch.dtype) -> bool:
-        """SDXL's VAE overflows in float16; its pipeline (and sdhelper) upcast it when its config says so."""
-        return dtype == torch.float16 and bool(pipe.vae.config.get("force_upcast", False))
 
     def conditioning(self, encoded) -> dict:
         """The concatenation of both towers' penultimate states and the pooled embedding (third of the four
