@@ -25,7 +25,6 @@ import yaml
 
 from . import layout
 from .layout import JOB_PARAMS
-from .tables import MODEL_TABLES
 
 PACKAGE = Path(__file__).resolve().parent
 HEADER = ("# Written by `diffaudit dvc-yaml > dvc.yaml` from the workflow's rules (see diffaudit.dvcgen); do not edit.\n"

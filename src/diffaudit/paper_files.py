@@ -28,7 +28,7 @@ DataFrames with the leading columns of our ``position_probe.csv``, ``token_group
 
 Rule ``paper_reference`` copies the files that apply to a run into ``{results_dir}/{model}/paper_reference/`` with
 its verdict in ``status.json``: :func:`read_status` and :func:`paper_file` read that folder (for the tasks, the
-label sources and the explorer). :data:`PAPER_CACHE` is the download cache of the workflow.
+label sources and the explorer). :data:`diffaudit.layout.PAPER_CACHE` is the download cache of the workflow.
 """
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ import pandas as pd
 from .analyses.similarity import ratio_columns
 from .errors import DiffauditError
 from .families.sd import PAPER_LAYERS, layer_shape
-from .layout import PAPER_CACHE
 from .tables import PAPER_TABLES, PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 
 REPO = "JonasLoos/sd-representation-anomalies"
