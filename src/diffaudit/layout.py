@@ -64,9 +64,14 @@ def run_name(suffix: str) -> str:
     return suffix.split("/")[-1] if suffix else BASELINE
 
 
+def _in(results_dir: str | Path, name: str) -> str:
+    """``results_dir/name`` as the rules spell it (no doubled slash)."""
+    return f"{str(results_dir).rstrip('/')}/{name}"
+
+
 def run_dir(results_dir: str | Path, model: str, suffix: str = "") -> str:
     """Where a model's run keeps its stores and tables: the baseline's (``suffix`` ""), or an experiment's."""
-    return f"{str(results_dir).rstrip('/')}/{model}{suffix}"
+    return _in(results_dir, f"{model}{suffix}")
 
 
 def experiments_dir(model_dir: str | Path) -> Path:
@@ -80,25 +85,25 @@ def paper_reference_dir(run_folder: str | Path) -> str:
 
 
 def dataset_dir(results_dir: str | Path) -> str:
-    return f"{str(results_dir).rstrip('/')}/{DATASET}"
+    return _in(results_dir, DATASET)
 
 
 def figures_dir(results_dir: str | Path) -> str:
-    return f"{str(results_dir).rstrip('/')}/{FIGURES}"
+    return _in(results_dir, FIGURES)
 
 
 def logs_dir(results_dir: str | Path) -> str:
-    return f"{str(results_dir).rstrip('/')}/{LOGS}"
+    return _in(results_dir, LOGS)
 
 
 def layer_summary_dir(results_dir: str | Path) -> str:
     """The folder of the per-model layer summaries (``<model>.csv``)."""
-    return f"{str(results_dir).rstrip('/')}/{LAYER_SUMMARY}"
+    return _in(results_dir, LAYER_SUMMARY)
 
 
 def experiment_summary_dir(results_dir: str | Path) -> str:
     """The folder of the run summaries (``<model>/<run>.csv``)."""
-    return f"{str(results_dir).rstrip('/')}/{EXPERIMENT_SUMMARY}"
+    return _in(results_dir, EXPERIMENT_SUMMARY)
 
 
 def run_summary_path(results_dir: str | Path, model: str, run: str) -> str:
