@@ -96,8 +96,12 @@ class PixArtFamily(DDPMFamily, TransformerFamily):
         kwargs = dict(hidden_states=lat, encoder_hidden_states=cond["encoder_hidden_states"],
                       encoder_attention_mask=cond["encoder_attention_mask"], timestep=t.expand(b),
                       added_cond_kwargs=added, return_dict=False)
-        grid = self.grid_hw(ex.pipe, tuple(lat.shape[-2:]))
-        return (), kwargs, lambda name, out: image_map(name, out, grid, 0)  # image tokens only
+        return (), kwargs, self.selector(ex.pipe, lat, cond)
+
+    def selector(self, pipe, lat: torch.Tensor, cond: dict):
+        """Every block's sequence is the image tokens alone (the caption enters by cross-attention)."""
+        grid = self.grid_hw(pipe, tuple(lat.shape[-2:]))
+        return lambda name, out: image_map(name, out, grid, 0)
 
     def describe(self, ex) -> dict:
         abar = float(ex.ddim.alphas_cumprod[int(ex.settings.timestep)])
