@@ -25,7 +25,7 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
     from .extract import ExtractionSettings, run_extraction
     from .families.registry import family_of
     from .layers import expand_layers
-    from .models import compute_dtype, load_pipeline, model_revision, resolve_model
+    from .models import compute_dtype, load_pipeline, resolve_model, resolve_snapshot
     from .store import shard_ranges
 
     overrides = cfg.get("experiment") or {}
@@ -47,13 +47,18 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
         index = index.iloc[first:last]
     spec = resolve_model(model, cfg["model_sources"])
     device = resolve_device(cfg["extraction"]["device"])
+    snapshot = resolve_snapshot(spec)
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]),
-                         offload=bool(ex.get("offload", False)))
+                         offload=bool(ex.get("offload", False)), snapshot=snapshot)
     family = family_of(pipe)
     layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), family.paper_layers(family.backbone(pipe)))
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
-    provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
+    # the hub id the files came from (a mirror if the main id failed) and the resolved commit
+    provenance = {"model": model, "model_source": snapshot.source,
+                  "model_revision": snapshot.commit or snapshot.revision or spec.revision,
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
+    if snapshot.mirror:
+        provenance["model_source_requested"] = spec.source
     if overrides:
         provenance["experiment"] = dict(overrides)
     if shard is not None:
