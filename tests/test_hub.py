@@ -82,3 +82,107 @@ def test_a_bad_mirror_entry_is_one_clear_error():
         resolve_model("x", {"x": {"id": "a/b", "mirrors": [3]}})
     with pytest.raises(ModelLoadError, match=r"model_sources\.x\.mirrors"):
         resolve_model("x", {"x": {"id": "a/b", "mirrors": "c/d"}})
+
+
+# -- the weights lock ------------------------------------------------------------------------------------------------
+
+def _sd21_sources():
+    return {"models": ["sd21"], "model_sources": yaml.safe_load(PARAMS.read_text())["model_sources"]}
+
+
+def test_lock_records_the_mirror_commit_and_every_file(hub_cache, tmp_path, mini_dir):
+    from diffaudit.lock import lock_models, read_lock
+
+    _, commit = hub_cache
+    path = lock_models(_sd21_sources(), path=tmp_path / "models.lock")
+    entry = read_lock(path)["sd21"]
+    assert (entry["source"], entry["requested"], entry["commit"]) == (MIRROR, "stabilityai/stable-diffusion-2-1",
+                                                                      commit)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert entry["files"][weights] == {"sha256": sha256_file(mini_dir / weights),
+                                       "size": (mini_dir / weights).stat().st_size}
+    assert set(entry["files"]) == {p.relative_to(mini_dir).as_posix() for p in mini_dir.rglob("*") if p.is_file()}
+    assert path.read_text().startswith("# The weights lock")
+
+
+def test_a_run_verifies_the_lock_and_refuses_a_tampered_file(hub_cache, tmp_path):
+    from diffaudit.lock import LockMismatch, check, lock_models
+
+    cache, commit = hub_cache
+    lock = lock_models(_sd21_sources(), path=tmp_path / "models.lock")
+    spec = resolve_model("sd21", _sd21_sources()["model_sources"])
+    snap = resolve_snapshot(spec)
+    hashes = check("sd21", snap, lock)
+    assert len(hashes) > 5 and all(len(h) == 64 for h in hashes.values())
+    # the unet's weights replaced by other bytes (as a new upstream commit would bring): one line naming the file
+    target = Path(snap.path) / "unet" / "diffusion_pytorch_model.safetensors"
+    data = target.read_bytes()
+    target.unlink()
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(LockMismatch) as e:
+        check("sd21", snap, lock)
+    msg = str(e.value)
+    assert "\n" not in msg and "unet/diffusion_pytorch_model.safetensors" in msg and "diffaudit lock" in msg
+    assert sha256_file(target) in msg and hashes["unet/diffusion_pytorch_model.safetensors"] in msg
+    # a blob cut short keeps its name but not its size
+    target.unlink()
+    blob = repo_folder(cache, MIRROR) / "blobs" / hashes["unet/diffusion_pytorch_model.safetensors"]
+    target.symlink_to(blob)
+    blob.write_bytes(data[:-10])
+    with pytest.raises(LockMismatch, match="bytes"):
+        check("sd21", snap, lock)
+
+
+def test_a_model_without_a_lock_entry_runs_with_a_warning(hub_cache, tmp_path, caplog):
+    from diffaudit.lock import check, write_lock
+
+    lock = write_lock({}, tmp_path / "models.lock")
+    snap = resolve_snapshot(ModelSpec("m", MIRROR, "main"))
+    with caplog.at_level(logging.WARNING, logger="diffaudit.lock"):
+        hashes = check("m", snap, lock)
+    assert "no entry in" in caplog.text and "diffaudit lock" in caplog.text
+    assert hashes  # a hub snapshot's hashes cost nothing: the store records them anyway
+
+
+def test_the_repository_lock_is_valid():
+    from diffaudit.lock import read_lock
+
+    lock = PARAMS.parent / "models.lock"
+    assert lock.is_file(), "models.lock is committed (an input of rule extract)"
+    for model, entry in read_lock(lock).items():
+        assert entry["commit"] and entry["files"], model
+
+
+def _extraction_config(n_images: int = 2) -> dict:
+    from diffaudit.config import load_config
+
+    cfg = load_config(PARAMS, PARAMS.parent / "config" / "demo.yaml")
+    cfg["models"] = ["sd21"]
+    cfg["layers"] = ["mid_block.resnets[0]"]
+    cfg["dataset"]["n_images"] = n_images
+    cfg["extraction"].update(crops=False, batch_size=n_images)
+    return cfg
+
+
+def test_the_extraction_checks_the_lock_and_its_store_records_commit_and_hashes(hub_cache, tmp_path):
+    from diffaudit.datasets import build_dataset
+    from diffaudit.lock import LockMismatch, lock_models
+    from diffaudit.model_extraction import extract_model
+    from diffaudit.store import open_model_stores
+
+    _, commit = hub_cache
+    cfg = _extraction_config()
+    data = build_dataset(cfg["dataset"], tmp_path / "data")
+    lock = lock_models(cfg, path=tmp_path / "models.lock")
+    out = extract_model(cfg, "sd21", data, tmp_path / "rep", progress=False, lock_file=lock)
+    attrs = open_model_stores(out)[0].attrs
+    assert (attrs["model_source"], attrs["model_revision"]) == (MIRROR, commit)
+    assert attrs["model_source_requested"] == "stabilityai/stable-diffusion-2-1"
+    assert attrs["model_files"] == {k: v["sha256"] for k, v in
+                                    yaml.safe_load(lock.read_text())["models"]["sd21"]["files"].items()}
+    # the same run against a lock of other files stops before anything is loaded or written
+    text = lock.read_text().replace(attrs["model_files"]["unet/config.json"], "0" * 64)
+    lock.write_text(text)
+    with pytest.raises(LockMismatch, match="unet/config.json"):
+        extract_model(cfg, "sd21", data, tmp_path / "rep2", progress=False, lock_file=lock)
+    assert not (tmp_path / "rep2").exists()

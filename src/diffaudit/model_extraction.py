@@ -13,19 +13,23 @@ from .errors import UserError
 
 
 def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, progress: bool = True,
-                  stop_after: int | None = None, shard: int | None = None) -> Path:
+                  stop_after: int | None = None, shard: int | None = None, lock_file: str | Path | None = None
+                  ) -> Path:
     """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable).
 
     With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
     (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
     ``cfg["experiment"]`` (the overrides of one experiment, :mod:`diffaudit.experiments`) changes the extraction.
+    Before anything is loaded, the model's files are checked against the weights lock ``lock_file`` (default
+    :data:`diffaudit.lock.LOCK_FILE`; :func:`diffaudit.lock.check`), and the store records their hashes.
     """
     from . import experiments
     from .datasets import load_images, load_index, load_label_names
     from .extract import ExtractionSettings, run_extraction
     from .families.registry import family_of
     from .layers import expand_layers
-    from .models import compute_dtype, load_pipeline, resolve_model, resolve_snapshot
+    from . import lock
+    from .models import compute_dtype, embedded_model, load_pipeline, resolve_model, resolve_snapshot
     from .store import shard_ranges
 
     overrides = cfg.get("experiment") or {}
@@ -48,6 +52,10 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
     spec = resolve_model(model, cfg["model_sources"])
     device = resolve_device(cfg["extraction"]["device"])
     snapshot = resolve_snapshot(spec)
+    if embedded_model(spec.source):  # built from seeded code by the workflow: nothing to lock, cheap to hash
+        files = lock.file_hashes(snapshot.path)
+    else:
+        files = lock.check(model, snapshot, lock.LOCK_FILE if lock_file is None else lock_file)
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]),
                          offload=bool(ex.get("offload", False)), snapshot=snapshot)
     family = family_of(pipe)
@@ -59,6 +67,8 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
     if snapshot.mirror:
         provenance["model_source_requested"] = spec.source
+    if files:
+        provenance["model_files"] = files
     if overrides:
         provenance["experiment"] = dict(overrides)
     if shard is not None:
