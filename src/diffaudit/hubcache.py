@@ -30,10 +30,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def write_snapshot(src: str | Path, cache_dir: str | Path, repo_id: str, branch: str = "main",
-                   commit: str | None = None) -> str:
+                   commit: str | None = None, link: bool = False) -> str:
     """Put the files of ``src`` (a diffusers directory) into ``cache_dir`` as repository ``repo_id`` at ``branch``;
     returns the commit (40 hex digits; by default derived from the files' paths and hashes, so the same files give
-    the same commit)."""
+    the same commit). ``link``: hard-link the blobs to ``src``'s files instead of copying them (same file system;
+    full-size models)."""
     src = Path(src)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     hashes = {p.relative_to(src).as_posix(): sha256_file(p) for p in files}
@@ -45,7 +46,10 @@ def write_snapshot(src: str | Path, cache_dir: str | Path, repo_id: str, branch:
     for rel, digest in hashes.items():
         blob = repo / "blobs" / digest
         if not blob.exists():
-            shutil.copyfile(src / rel, blob)
+            if link:
+                os.link(src / rel, blob)
+            else:
+                shutil.copyfile(src / rel, blob)
         link = snap / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
