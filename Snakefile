@@ -25,6 +25,7 @@ rule all:
         expand(rules.quantitative_figure.output, model=MODELS),
         expand(rules.qualitative_figures.output, model=MODELS),
         expand(rules.paper_comparison.output, model=MODELS),
+        expand(rules.model_files.output, model=MODELS),
         rules.cross_model_figure.output,
         expand(f"{run_dir('{model}', layout.run_suffix('{name}'))}/{{table}}", model=MODELS, name=EXPERIMENTS,
                table=TABLE_FILES),

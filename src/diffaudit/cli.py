@@ -46,6 +46,14 @@ def _cmd_extract(args):
     print(extract_model(load_config(*args.configfile), args.model, args.dataset, args.out))
 
 
+def _cmd_lock(args):
+    from .config import load_config
+    from .lock import lock_models
+
+    cfg = load_config(*args.configfile)
+    print(lock_models(cfg, args.models or None, args.out))
+
+
 def _cmd_prefetch(args):
     """Everything the configured run downloads, fetched now (on a machine with internet)."""
     from .config import load_config
@@ -162,6 +170,13 @@ def main(argv: list[str] | None = None) -> None:
                                         "files (resources/paper) now, for runs on machines without internet")
     s.add_argument("--configfile", **cfg_kw)
     s.set_defaults(fn=_cmd_prefetch)
+    s = sub.add_parser("lock", help="write models.lock: per configured model the hub id used, the resolved commit and "
+                                    "the sha256 and size of every file it loads (run where the hub is reachable; "
+                                    "commit the file)")
+    s.add_argument("--configfile", **cfg_kw)
+    s.add_argument("--models", nargs="+", help="only these models (the other entries of the lock stay)")
+    s.add_argument("-o", "--out", default="models.lock", help="the lock file (default: models.lock)")
+    s.set_defaults(fn=_cmd_lock)
 
     s = sub.add_parser("footprint", help="disk, memory and GPU time of an extraction per model, before running it "
                                          "(docs/footprint.md)")

@@ -44,9 +44,13 @@ LAYER_SUMMARY = "layer_summary"
 EXPERIMENT_SUMMARY = "experiment_summary"
 #: The table comparing a model's runs, in the model's folder.
 EXPERIMENTS_TABLE = "experiments.csv"
+#: Where a model's weights came from, per file (rule ``model_files``), in the model's folder.
+MODEL_FILES_TABLE = "model_files.csv"
 
 #: Where the workflow builds the embedded models (rule build_mini; ``model_sources.<name>`` in params.yaml).
 EMBEDDED_ROOT = "resources/models"
+#: The weights lock (``diffaudit lock``, :mod:`diffaudit.lock`), at the repository root, committed.
+MODELS_LOCK = "models.lock"
 #: Downloaded reference files of the authors (sha256-checked; git-ignored).
 PAPER_CACHE = Path("resources/paper")
 

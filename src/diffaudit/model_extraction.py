@@ -13,19 +13,23 @@ from .errors import UserError
 
 
 def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str | Path, progress: bool = True,
-                  stop_after: int | None = None, shard: int | None = None) -> Path:
+                  stop_after: int | None = None, shard: int | None = None, lock_file: str | Path | None = None
+                  ) -> Path:
     """Extract all variants of ``model`` for the dataset into ``out_dir`` (resumable).
 
     With ``extraction.shards`` > 1, ``shard`` selects one of the batch-aligned image ranges
     (:func:`diffaudit.store.shard_ranges`); the shards together equal the unsharded extraction.
     ``cfg["experiment"]`` (the overrides of one experiment, :mod:`diffaudit.experiments`) changes the extraction.
+    Before anything is loaded, the model's files are checked against the weights lock ``lock_file`` (default
+    :data:`diffaudit.lock.LOCK_FILE`; :func:`diffaudit.lock.check`), and the store records their hashes.
     """
     from . import experiments
     from .datasets import load_images, load_index, load_label_names
     from .extract import ExtractionSettings, run_extraction
     from .families.registry import family_of
     from .layers import expand_layers
-    from .models import compute_dtype, load_pipeline, model_revision, resolve_model
+    from . import lock
+    from .models import compute_dtype, embedded_model, load_pipeline, resolve_model, resolve_snapshot
     from .store import shard_ranges
 
     overrides = cfg.get("experiment") or {}
@@ -47,13 +51,24 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
         index = index.iloc[first:last]
     spec = resolve_model(model, cfg["model_sources"])
     device = resolve_device(cfg["extraction"]["device"])
+    snapshot = resolve_snapshot(spec)
+    if embedded_model(spec.source):  # built from seeded code by the workflow: nothing to lock, cheap to hash
+        files = lock.file_hashes(snapshot.path)
+    else:
+        files = lock.check(model, snapshot, lock.LOCK_FILE if lock_file is None else lock_file)
     pipe = load_pipeline(spec, device=device, dtype=compute_dtype(device, ex["precision"]),
-                         offload=bool(ex.get("offload", False)))
+                         offload=bool(ex.get("offload", False)), snapshot=snapshot)
     family = family_of(pipe)
     layers = expand_layers(experiments.layers_of(cfg["layers"], overrides), family.paper_layers(family.backbone(pipe)))
     index_sha = hashlib.sha256((Path(dataset_dir) / "index.csv").read_bytes()).hexdigest()
-    provenance = {"model": model, "model_source": spec.source, "model_revision": model_revision(spec, pipe),
+    # the hub id the files came from (a mirror if the main id failed) and the resolved commit
+    provenance = {"model": model, "model_source": snapshot.source,
+                  "model_revision": snapshot.commit or snapshot.revision or spec.revision,
                   "dataset": str(cfg["dataset"]["source"]), "dataset_index_sha256": index_sha}
+    if snapshot.mirror:
+        provenance["model_source_requested"] = spec.source
+    if files:
+        provenance["model_files"] = files
     if overrides:
         provenance["experiment"] = dict(overrides)
     if shard is not None:

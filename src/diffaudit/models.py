@@ -8,6 +8,7 @@ built offline by their family's module (:mod:`diffaudit.families`) into :data:`E
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +21,25 @@ from .errors import ModelLoadError
 from .families import registry
 from .families.common import MINI_SEED, diffusers_errors_only, quiet_libraries, save_pipeline
 
-__all__ = ["ModelLoadError", "ModelSpec", "resolve_model", "compute_dtype", "load_pipeline", "weight_bytes",
-           "check_gpu_memory", "GPU_HEADROOM_BYTES", "pipeline_family", "backbone", "download_model", "model_revision",
+__all__ = ["ModelLoadError", "ModelSpec", "Snapshot", "resolve_model", "resolve_snapshot", "compute_dtype",
+           "load_pipeline", "weight_bytes", "check_gpu_memory", "GPU_HEADROOM_BYTES", "pipeline_family", "backbone",
+           "download_model",
            "EMBEDDED_ROOT", "EMBEDDED_MODELS", "MINI_DIR", "MINI_SEED", "embedded_model", "save_embedded_model",
            "diffusers_errors_only", "quiet_libraries", "save_pipeline"]
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model comes from: a hub id (with revision) or a local diffusers directory."""
+    """Where a model comes from: a hub id (with revision) or a local diffusers directory, and the hub ids to try in
+    order when the main one is gone or unreachable (``mirrors``: ``(id, revision)`` pairs)."""
 
     key: str
     source: str
     revision: str | None = None
+    mirrors: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -43,11 +50,38 @@ class ModelSpec:
             return f"{self.key} (local directory {self.source})"
         return f"{self.key} (hub id {self.source} @ {self.revision or 'main'})"
 
+    def candidates(self) -> list[tuple[str, str | None]]:
+        """The hub ids to try, in order: the main id, then each mirror (``(id, revision)``)."""
+        return [(self.source, self.revision), *self.mirrors]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The files a model was loaded from: ``source`` the hub id actually used (the main id or a mirror; for a local
+    directory the directory), its ``revision`` as asked, the resolved ``commit`` (None for a local directory) and
+    the local folder holding the files (``path``: the hub cache's snapshot folder, or the directory)."""
+
+    source: str
+    revision: str | None
+    commit: str | None
+    path: str
+    mirror: bool = False
+
+
+def _mirror(key: str, entry) -> tuple[str, str | None]:
+    if isinstance(entry, str) and entry:
+        return entry, None
+    if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+        return entry["id"], entry.get("revision")
+    raise ModelLoadError(f"model_sources.{key}.mirrors: each mirror is a hub id or {{id: ..., revision: ...}}, "
+                         f"got {entry!r}")
+
 
 def resolve_model(key: str, model_sources: dict) -> ModelSpec:
     """Look ``key`` up in the ``model_sources`` config mapping.
 
-    Values are either a string (hub id or local directory) or a mapping ``{id: ..., revision: ...}``.
+    Values are either a string (hub id or local directory) or a mapping ``{id: ..., revision: ..., mirrors: [...]}``
+    (each mirror a hub id, tried at its ``main``, or ``{id: ..., revision: ...}``).
     A key that is not registered but looks like a hub id (``owner/name``) or an existing directory
     is accepted as its own source.
     """
@@ -62,10 +96,54 @@ def resolve_model(key: str, model_sources: dict) -> ModelSpec:
     if isinstance(entry, str):
         return ModelSpec(key=key, source=entry)
     if isinstance(entry, dict) and "id" in entry:
-        return ModelSpec(key=key, source=str(entry["id"]), revision=entry.get("revision"))
+        mirrors = entry.get("mirrors") or []
+        if not isinstance(mirrors, list):
+            raise ModelLoadError(f"model_sources.{key}.mirrors: expected a list of hub ids, got {mirrors!r}")
+        return ModelSpec(key=key, source=str(entry["id"]), revision=entry.get("revision"),
+                         mirrors=tuple(_mirror(key, m) for m in mirrors))
     raise ModelLoadError(
         f"model_sources.{key}: expected a hub id, a directory, or {{id: ..., revision: ...}}, got {entry!r}"
     )
+
+
+def _reason(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def resolve_snapshot(spec: ModelSpec) -> Snapshot:
+    """The local files of ``spec``: a local directory as it is; a hub model through the Hugging Face cache
+    (downloaded if needed and allowed; with ``HF_HUB_OFFLINE=1`` only what the cache holds), trying the main id and
+    then each mirror in order, each failed attempt logged with its reason. The snapshot folder names the resolved
+    commit. When no id works, one :class:`ModelLoadError` names every id tried, why each failed, and what to do."""
+    if spec.is_local:
+        return Snapshot(spec.source, None, None, spec.source)
+    from diffusers import DiffusionPipeline
+
+    failures = []
+    for i, (repo_id, revision) in enumerate(spec.candidates()):
+        kwargs = dict(use_safetensors=True, safety_checker=None)
+        if revision:
+            kwargs["revision"] = revision
+        try:
+            with diffusers_errors_only():
+                path = Path(DiffusionPipeline.download(repo_id, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - every hub failure is an attempt that failed
+            failures.append(f"{repo_id} @ {revision or 'main'} ({_reason(exc)})")
+            log.warning("model %s: hub id %s @ %s could not be loaded: %s%s", spec.key, repo_id, revision or "main",
+                        _reason(exc), "; trying the next mirror" if i + 1 < len(spec.candidates()) else "")
+            continue
+        commit = path.name if path.parent.name == "snapshots" else None
+        if i:
+            log.warning("model %s: loaded from mirror %s @ %s (commit %s) instead of %s", spec.key, repo_id,
+                        revision or "main", commit, spec.source)
+        return Snapshot(repo_id, revision, commit, str(path), mirror=bool(i))
+    tried = "; ".join(failures)
+    raise ModelLoadError(
+        f"could not load model {spec.key}: tried {len(failures)} hub id(s): {tried}. To fix: check the network, log "
+        f"in with `hf auth login` and accept the licence if the model is gated, add a working mirror to "
+        f"model_sources.{spec.key}.mirrors, pre-fill the HF cache and set HF_HUB_OFFLINE=1, or set "
+        f"model_sources.{spec.key} to a local diffusers directory.")
 
 
 def compute_dtype(device: str, precision: str = "auto") -> torch.dtype | None:
@@ -84,7 +162,7 @@ def compute_dtype(device: str, precision: str = "auto") -> torch.dtype | None:
 
 
 def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None,
-                  offload: bool = False, free_bytes: int | None = None):
+                  offload: bool = False, free_bytes: int | None = None, snapshot: Snapshot | None = None):
     """Load a Stable Diffusion pipeline as sdhelper 1.0.0 does.
 
     The weights are loaded as float16 (as the authors did) and then moved to ``device`` in ``dtype``; with
@@ -92,6 +170,8 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
     extraction's hooks sit on the backbone's submodules and capture as before). On CUDA the weights must fit the
     device's free memory (``free_bytes``: what it has, default asked from CUDA), else one ``ModelLoadError`` says
     what to do. Any failure (gated, missing, no network, not a diffusers directory) becomes one ``ModelLoadError``.
+    A hub model is first resolved to its snapshot in the HF cache (:func:`resolve_snapshot`: the main id, then its
+    mirrors), unless ``snapshot`` says where its files are, and is then loaded from that folder.
     """
     quiet_libraries()
     from diffusers import AutoPipelineForText2Image
@@ -103,13 +183,12 @@ def load_pipeline(spec: ModelSpec, device: str | None = None, dtype: torch.dtype
             f"model {spec.describe()}: {spec.source}/model_index.json not found; "
             "point model_sources to a directory written by diffusers' save_pretrained"
         )
+    snapshot = snapshot or resolve_snapshot(spec)
     kwargs = dict(dtype=torch.float16, use_safetensors=True, safety_checker=None,
                   requires_safety_checker=False)
-    if not spec.is_local and spec.revision:
-        kwargs["revision"] = spec.revision
     with diffusers_errors_only():
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(spec.source, **kwargs)
+            pipe = AutoPipelineForText2Image.from_pretrained(snapshot.path, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every loader failure is reported the same way
             raise _load_error(spec, exc) from exc
         try:
@@ -184,19 +263,11 @@ def backbone(pipe) -> torch.nn.Module:
 
 def download_model(spec: ModelSpec) -> str | None:
     """Put the files :func:`load_pipeline` reads into the Hugging Face cache (``HF_HOME``), for runs on machines
-    without internet (cluster compute nodes then run with ``HF_HUB_OFFLINE=1``). Returns the snapshot directory,
-    or ``None`` for a local directory (nothing to download)."""
+    without internet (cluster compute nodes then run with ``HF_HUB_OFFLINE=1``), through a mirror if the main id
+    fails. Returns the snapshot directory, or ``None`` for a local directory (nothing to download)."""
     if spec.is_local:
         return None
-    from diffusers import DiffusionPipeline
-
-    kwargs = dict(use_safetensors=True)
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    try:
-        return str(DiffusionPipeline.download(spec.source, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - reported like a failed load
-        raise _load_error(spec, exc) from exc
+    return resolve_snapshot(spec).path
 
 
 def _load_error(spec: ModelSpec, exc: BaseException) -> ModelLoadError:
@@ -208,14 +279,6 @@ def _load_error(spec: ModelSpec, exc: BaseException) -> ModelLoadError:
                 f"the licence at https://huggingface.co/{spec.source} if it is gated, or pre-fill the HF cache "
                 f"and set HF_HUB_OFFLINE=1, or set model_sources.{spec.key} to a local diffusers directory")
     return ModelLoadError(f"could not load model {spec.describe()}: {type(exc).__name__}: {reason}. To fix: {hint}.")
-
-
-def model_revision(spec: ModelSpec, pipe) -> str | None:
-    """The resolved commit hash of a hub model (from the HF cache path), else ``None``."""
-    path = getattr(pipe, "config", {}).get("_name_or_path") if hasattr(pipe, "config") else None
-    if path and "snapshots" in str(path):
-        return Path(path).name
-    return spec.revision
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ rule extract:
     input:
         dataset=DATASET_DIR,
         model=model_inputs,
+        # the weights lock (diffaudit lock): the model's files are checked against it before the first batch
+        lock=layout.MODELS_LOCK,
     output:
         directory(REPR_DIR),
     params:
@@ -19,6 +21,26 @@ rule extract:
         gpu=1,
     log:
         f"{LOGS}/extract/{{model}}{{exp}}/{{part}}.log",
+    conda:
+        "../envs/diffaudit.yaml"
+    script:
+        "../scripts/task.py"
+
+
+# Where the weights came from (the store's provenance), for the report: hub id, mirror, commit, file hashes.
+rule model_files:
+    input:
+        rep=repr_dirs,
+    output:
+        report(
+            f"{run_dir('{model}')}/{layout.MODEL_FILES_TABLE}",
+            caption="../report/model_files.rst",
+            category="Models",
+            subcategory="{model}",
+            labels={"model": "{model}", "table": "model_files.csv (source, commit, sha256 per file)"},
+        ),
+    log:
+        f"{LOGS}/model_files/{{model}}.log",
     conda:
         "../envs/diffaudit.yaml"
     script:
