@@ -252,12 +252,16 @@ def test_formulas_documented():
 # (a') the inputs: independent noise, corrected modes, the corner control's bias
 # ---------------------------------------------------------------------------------------------
 
-def _summary(acc: dict[int, float]) -> pd.DataFrame:
-    """A run summary (diffaudit.analyses.comparison.run_summary's columns) with acc_8x8 per layer_index."""
+def _summary(acc: dict[int, float], own_index: bool = False) -> pd.DataFrame:
+    """A run summary (diffaudit.analyses.comparison.run_summary's columns) with acc_8x8 per layer_index;
+    ``own_index``: numbered 0, 1, ... as in an experiment's store that holds only these layers."""
     from diffaudit.tables import RUN_SUMMARY_COLUMNS
 
     rows = [{"layer_index": idx, "layer": name, "spatial": n, "acc_8x8": acc[idx]} for idx, name, c, n in LAYERS
             if idx in acc]
+    if own_index:
+        for k, row in enumerate(rows):
+            row["layer_index"] = k
     return pd.DataFrame(rows).reindex(columns=RUN_SUMMARY_COLUMNS)
 
 
@@ -297,11 +301,13 @@ def test_position_reads_the_independent_noise_experiment_and_names_it(tmp_path):
     # the shared-noise baseline places every token (the probe can read the shared noise tensor); with one noise
     # tensor per image layer 0 is at chance; the experiment extracted only layers 0 and 30
     probe = probe_table({0: {8: 1.0}, 19: {8: 1.0}, 30: {8: 1.0}})
-    runs = {"baseline": _summary({0: 1.0, 19: 1.0, 30: 1.0}), "ind": _summary({0: 1 / 8, 30: 1 / 8 + 0.5 * 7 / 8})}
+    runs = {"baseline": _summary({0: 1.0, 19: 1.0, 30: 1.0}),
+            "ind": _summary({0: 1 / 8, 30: 1 / 8 + 0.5 * 7 / 8}, own_index=True)}  # its store: layers 0 and 1
     paths = _write_tables(tmp_path, probe=probe, runs=runs)
     exps = {"t200": {"timestep": 200}, "ind": {"noise": "independent", "layers": ["conv_in", "x"]}}
     out = pd.read_csv(run(_task_cfg("paper", exps), "m", tmp_path, tmp_path / "c.csv", run_summaries=paths),
                       keep_default_na=False)
+    assert list(out["layer_index"]) == [0, 19, 30]  # one row per layer, at the baseline's layer_index
     s = by_index(out, "position_score")
     assert float(s[0]) == pytest.approx(0.0) and float(s[30]) == pytest.approx(0.5) and float(s[19]) == 1.0
     assert by_index(out, "position_input") == {0: "experiment ind (independent noise)",

@@ -251,8 +251,17 @@ def credibility(probe: pd.DataFrame | None, similarity: pd.DataFrame | None, ano
         "similarity": _prepare(similarity, model, ["corner_ratio"]),
         "anomalies": _prepare(anomalies, model, ["rel_norm_mean"]),
         "channels": _prepare(channels, model, ["median_abs_ratio"]),
-        "independent": _prepare(independent_summary, model, ["acc_8x8"]),
     }
+    # an experiment that extracted fewer layers numbers them in its own store: its rows take the baseline's
+    # layer_index of the same layer name
+    index: dict = {}
+    for t in tables.values():
+        for key in zip(t["model"], t["layer"], t["layer_index"]):
+            index.setdefault(key[:2], key[2])
+    independent_summary = _prepare(independent_summary, model, ["acc_8x8"])
+    independent_summary["layer_index"] = [int(index.get((m, lay), i)) for m, lay, i in zip(
+        independent_summary["model"], independent_summary["layer"], independent_summary["layer_index"])]
+    tables["independent"] = independent_summary
     meta = pd.concat([t[KEYS + ["channels", "spatial"]] for t in tables.values() if len(t)], ignore_index=True) \
         if any(len(t) for t in tables.values()) else pd.DataFrame(columns=KEYS + ["channels", "spatial"])
     if len(meta):
