@@ -149,3 +149,18 @@ def class_prompt(template: str, label_name: str) -> str:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return template.replace(CLASS_PLACEHOLDER, name.replace("_", " "))
+
+
+def baseline_noise(extraction: dict) -> str:
+    """The noise of the baseline run (``shared`` or ``independent``): what its mode does, unless it says otherwise."""
+    return str(resolved(extraction)["noise"])
+
+
+def independent_noise_experiment(experiments: dict | None) -> str | None:
+    """The first experiment (configuration order) whose only cause is ``noise: independent`` (scope keys allowed):
+    the run that tells the position probe's result apart from the shared noise tensor (docs/credibility.md);
+    None if there is none."""
+    for name, overrides in (experiments or {}).items():
+        if {k: v for k, v in (overrides or {}).items() if k in CAUSES} == {"noise": "independent"}:
+            return name
+    return None

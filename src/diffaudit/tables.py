@@ -80,9 +80,9 @@ CHANNEL_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial", "chan
 
 # credibility.csv (analyses.credibility)
 CREDIBILITY_COLUMNS = ["model", "layer_index", "layer", "channels", "spatial",
-                       "position_acc_8x8", "position_score",
-                       "corner_effect", "corner_score",
-                       "anomaly_source", "anomaly_prevalence", "anomaly_rel_norm", "anomaly_score",
+                       "position_acc_8x8", "position_score", "position_input",
+                       "corner_effect", "corner_score", "similarity_mode",
+                       "anomaly_source", "anomaly_prevalence", "anomaly_rel_norm", "anomaly_score", "anomaly_mode",
                        "channel_max_ratio", "hazard", "hazard_axis", "safe", "missing_axes"]
 
 # paper_comparison.csv and layer_summary/{model}.csv (analyses.paper_comparison)
@@ -102,6 +102,11 @@ EXPERIMENT_COMPARISON_COLUMNS = ["model", "experiment", "changes"] + RUN_SUMMARY
 
 #: The tidy tables of one model that the summaries and figures read (file stems in its table folder).
 MODEL_TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers")
+#: The corrected-mode twin of each table whose paper mode keeps an authors' quirk (file stem -> the twin's stem):
+#: written next to it by the same rule from the same pass over the stores (in corrected mode a copy), and read
+#: by the credibility score, whose inputs are free of the quirks (docs/credibility.md).
+CORRECTED_TABLES: dict[str, str] = {"token_group_similarity": "token_group_similarity_corrected",
+                                    "anomaly_rel_norm": "anomaly_rel_norm_corrected"}
 #: The tables that have a published counterpart (file stem -> the shared leading columns).
 PAPER_TABLES: dict[str, list[str]] = {"position_probe": PROBE_COLUMNS,
                                       "token_group_similarity": list(SIMILARITY_COLUMNS),
@@ -122,18 +127,20 @@ def write_csv(df, out: str | Path) -> Path:
     return out
 
 
-def read_tables(table_dir: str | Path) -> dict:
-    """The tidy tables of one model (:data:`MODEL_TABLES`; a missing or empty table is None)."""
+def read_table(path: str | Path):
+    """One tidy table, None when the file is missing or empty."""
     import pandas as pd
 
-    out = {}
-    for name in MODEL_TABLES:
-        path = Path(table_dir) / f"{name}.csv"
-        try:
-            out[name] = pd.read_csv(path) if path.is_file() else None
-        except pd.errors.EmptyDataError:
-            out[name] = None
-    return out
+    path = Path(path)
+    try:
+        return pd.read_csv(path) if path.is_file() else None
+    except pd.errors.EmptyDataError:
+        return None
+
+
+def read_tables(table_dir: str | Path) -> dict:
+    """The tidy tables of one model (:data:`MODEL_TABLES`; a missing or empty table is None)."""
+    return {name: read_table(Path(table_dir) / f"{name}.csv") for name in MODEL_TABLES}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 # The analyses: each reads the Zarr stores of one run (a model's baseline, or one of its experiments: wildcard
 # `exp`, see common.smk) and writes one tidy table.
 
+from diffaudit.tables import CORRECTED_TABLES
+
 ANALYSIS_DIR = run_dir("{model}", "{exp}")
 
 
@@ -38,13 +40,15 @@ rule token_group_similarity:
     input:
         rep=repr_dirs,
     output:
-        report(
+        table=report(
             f"{ANALYSIS_DIR}/token_group_similarity.csv",
             caption="../report/token_group_similarity.rst",
             category="Tables",
             subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "token_group_similarity.csv (corner/border/other similarity ratios)"},
         ),
+        # the same table in corrected mode, from the same pass (the credibility score's input, docs/credibility.md)
+        corrected=f"{ANALYSIS_DIR}/{CORRECTED_TABLES['token_group_similarity']}.csv",
     params:
         **declare("similarity", "bootstrap"),
     log:
@@ -69,6 +73,8 @@ rule anomalies:
             labels={"model": "{model}", "table": "anomaly_rel_norm.csv (relative norm of labelled anomalies)"},
         ),
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
+        # the same table in corrected mode, from the same pass (the credibility score's input, docs/credibility.md)
+        corrected=f"{ANALYSIS_DIR}/{CORRECTED_TABLES['anomaly_rel_norm']}.csv",
     params:
         **declare("anomalies", "bootstrap"),
     log:

@@ -1,7 +1,7 @@
 # Summary table and figures. Quantitative figures read only the tidy tables; the qualitative views read the
 # stores of one model. The paper comparison runs for every model and compares where the authors' numbers apply
 # (status.json of rule paper_reference); elsewhere it writes an empty table and says why.
-from diffaudit.tables import MODEL_TABLES
+from diffaudit.tables import CORRECTED_TABLES, MODEL_TABLES
 
 FIGURES = layout.figures_dir(RESULTS)
 TABLE_FILES = [f"{name}.csv" for name in MODEL_TABLES]
@@ -11,11 +11,17 @@ SUMMARIES = layout.layer_summary_dir(RESULTS)
 QUALITATIVE = ["token_similarity", "corner", "norms", "pca"]
 # A model's tables (in its baseline folder).
 MODEL_TABLES_OF = [f"{run_dir('{model}')}/{table}" for table in TABLE_FILES]
+# Their corrected-mode twins (the credibility score's inputs, free of the authors' quirks).
+CORRECTED_TABLES_OF = [f"{run_dir('{model}')}/{twin}.csv" for twin in CORRECTED_TABLES.values()]
 
 
 rule credibility:
     input:
-        MODEL_TABLES_OF,
+        tables=MODEL_TABLES_OF,
+        corrected=CORRECTED_TABLES_OF,
+        # every run's summary (DVC tracks the folder): the position score reads the independent-noise
+        # experiment's probe where there is one (docs/credibility.md)
+        runs=expand(layout.run_summary_path(RESULTS, "{{model}}", "{run}"), run=RUNS),
     output:
         table=report(
             f"{run_dir('{model}')}/credibility.csv",
@@ -27,7 +33,7 @@ rule credibility:
         # the figure's quantities one row per layer, for `dvc plots` (see dvc.yaml's top-level plots)
         summary=f"{SUMMARIES}/{{model}}.csv",
     params:
-        **declare("credibility"),
+        **declare("credibility", "extraction.mode", "experiments"),
     log:
         f"{LOGS}/credibility/{{model}}.log",
     conda:

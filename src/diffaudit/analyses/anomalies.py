@@ -146,8 +146,23 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
     Only images that carry labels are read, in contiguous runs of ``chunk_images`` images, one layer at a
     time: memory is O(chunk_images * C * h * w). ``H_ref`` comes from :func:`reference_grid`.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown relative-norm mode {mode!r}; use one of {MODES}")
+    return relative_norms_modes(store, labels, (mode,), layers, ref_layer, label_source, model_name, chunk_images,
+                                progress, bootstrap)[mode]
+
+
+def relative_norms_modes(store: ReprStore, labels, modes=MODES, layers: list[str] | None = None,
+                         ref_layer: str = REF_LAYER, label_source: str = "paper", model_name: str = "",
+                         chunk_images: int = 20, progress: bool = False, bootstrap: Bootstrap | None = None
+                         ) -> dict[str, pd.DataFrame]:
+    """:func:`relative_norms` in several modes from ONE pass over the store: ``{mode: table}``.
+
+    The modes differ only in the denominator computed from the same patch and image sums, so the paper-mode
+    table and the corrected-mode one (the credibility score's input, free of the patch-in-denominator quirk)
+    cost one read of the store; each mode's table is the one :func:`relative_norms` writes alone."""
+    modes = tuple(modes)
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown relative-norm mode {mode!r}; use one of {MODES}")
     h_ref = reference_grid(store, ref_layer)
     labels = validate_labels(labels, n_images=store.n_images, grid=h_ref)
     layers = store.select_layers(layers)
@@ -163,12 +178,12 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
         from tqdm.auto import tqdm
 
         it = tqdm(layers, desc=f"anomaly norms {model_name}".strip())
-    rows = []
+    rows: dict[str, list] = {mode: [] for mode in modes}
     for layer in it:
         _, c, h, w = store.shape(layer)
         scale = h / h_ref
         k = max(1, int(2 * scale))
-        values: list[float] = []
+        values: dict[str, list[float]] = {mode: [] for mode in modes}
         value_image: list[int] = []
         for start, stop in runs:
             for i0, chunk in store.iter_chunks(layer, chunk_images=chunk_images, start=start, stop=stop,
@@ -184,22 +199,25 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
                         r0, c0 = int(y * scale), int(x * scale)
                         patch = nm[r0:r0 + k, c0:c0 + k]
                         p_sum, p_cnt = float(patch.sum(dtype=np.float64)), patch.size
-                        if mode == "paper":
-                            denom = total / (h * w)
-                        else:
-                            rest = h * w - p_cnt
-                            denom = (total - p_sum) / rest if rest > 0 else np.nan
-                        values.append((p_sum / p_cnt) / denom if denom else np.nan)
+                        for mode in modes:
+                            if mode == "paper":
+                                denom = total / (h * w)
+                            else:
+                                rest = h * w - p_cnt
+                                denom = (total - p_sum) / rest if rest > 0 else np.nan
+                            values[mode].append((p_sum / p_cnt) / denom if denom else np.nan)
                         value_image.append(img)
-        v = np.asarray(values, dtype=np.float64)
-        mean = float(np.mean(v)) if v.size else np.nan
-        ci = (np.nan, np.nan)
-        if np.isfinite(mean):
-            per_image = np.bincount(np.asarray(value_image, dtype=np.int64), weights=v, minlength=store.n_images)
-            ci = tuple(float(b) for b in boot.ratio_interval(per_image, label_count))
-        rows.append((model_name, store.layer_index(layer), layer, int(c), int(h), label_source,
-                     mean, float(np.std(v)) if v.size else np.nan, int(v.size), *prevalence, *ci))
-    return pd.DataFrame(rows, columns=ANOMALY_TABLE_COLUMNS)
+        for mode in modes:
+            v = np.asarray(values[mode], dtype=np.float64)
+            mean = float(np.mean(v)) if v.size else np.nan
+            ci = (np.nan, np.nan)
+            if np.isfinite(mean):
+                per_image = np.bincount(np.asarray(value_image, dtype=np.int64), weights=v,
+                                        minlength=store.n_images)
+                ci = tuple(float(b) for b in boot.ratio_interval(per_image, label_count))
+            rows[mode].append((model_name, store.layer_index(layer), layer, int(c), int(h), label_source,
+                               mean, float(np.std(v)) if v.size else np.nan, int(v.size), *prevalence, *ci))
+    return {mode: pd.DataFrame(r, columns=ANOMALY_TABLE_COLUMNS) for mode, r in rows.items()}
 
 
 # ---------------------------------------------------------------------------------------------

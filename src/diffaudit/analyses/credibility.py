@@ -1,7 +1,14 @@
 """Per-layer credibility table: how strongly each hazard of the paper affects a layer, on [0, 1].
 
 One row per layer (``model, layer_index, layer``) with three hazard scores, 0 = no hazard, 1 = severe. Each score
-is a *fraction* on a scale that means the same thing at every layer (reasoning: ``docs/credibility.md``).
+keeps its meaning from layer to layer and model to model, but the three axes measure different things in
+different units (a share of the possible probe gain, a log2 similarity ratio, a prevalence x severity product);
+``hazard`` = their maximum is a convention, not a common scale (reasoning: ``docs/credibility.md``).
+
+Inputs (named in the table): the position score reads the baseline's probe, or, where the baseline draws one
+noise tensor for every image and an experiment changes only ``noise: independent``, that experiment's probe
+(``position_input``); the corner and anomaly scores read the corrected-mode similarity and relative-norm tables
+(``similarity_mode``, ``anomaly_mode``), free of the authors' count and denominator quirks.
 
 ``position_score`` = clip((acc8 - c) / (1 - c), 0, 1),  c = 1 / min(8, n)
     ``acc8``: the position probe's ``per_axis`` test accuracy at the paper's fixed 8 x 8 grid (granularity 8: is
@@ -18,7 +25,9 @@ is a *fraction* on a scale that means the same thing at every layer (reasoning: 
     Their quotient is the corner effect net of the crop control, on a log2 scale, signed: > 0 = corner tokens
     become MORE alike at the corner (the paper's hazard: content-independent corner similarity), < 0 = less alike
     (no hazard, score 0). An effect of 1 (twice the control's similarity ratio) scores 1. NaN when either ratio
-    is NaN or <= 0 (a log-ratio is undefined); several rows of one layer are averaged in log2 space.
+    is NaN or <= 0 (a log-ratio is undefined); several rows of one layer are averaged in log2 space. The control is
+    biased: the crop moves every interior token one token closer to the edge too, so an edge effect that reaches
+    into the interior raises ``other_ratio`` and lowers ``corner_effect`` (its size: docs/credibility.md).
 ``anomaly_score`` = prevalence x severity, from ONE label source
     Source: ``paper`` (the hand labels) if the table has it, else ``auto`` (the detector), else the first user
     source (``anomaly_source``). ``prevalence`` = n_images_with_anomalies / n_images of that source: the share of
@@ -33,7 +42,9 @@ is a *fraction* on a scale that means the same thing at every layer (reasoning: 
     The channel census' strongest channel: max over channels of median_abs_ratio (its max |activation| / the
     median channel's). A different quantity (a channel, not a token), so it is reported, not mixed into a score.
 ``hazard`` = max of the available (non-NaN) scores, ``hazard_axis`` the axis that attains it (position, corner,
-    anomaly; "" when no score); NaN when no score is available.
+    anomaly; "" when no score); NaN when no score is available. A convention: the maximum compares numbers of
+    different meanings (0.25 is a quarter of the possible 8 x 8 probe gain, a 1.19x corner similarity, or
+    anomalies fully expressed in a quarter of the images), no common scale.
 ``safe`` = hazard < ``safe_threshold`` (``credibility.safe_below``, 0.25: under a quarter of the possible position
     gain, a corner similarity under 2^0.25 = 1.19x the control, anomalies fully expressed in under a quarter of the
     images), True or False only when all three axes were measured; otherwise empty (NA), and ``missing_axes``
@@ -64,22 +75,28 @@ FORMULA = (
     "of the crop control; only corners MORE similar than the control count; NaN if a ratio is NaN or <= 0); "
     "anomaly_score = prevalence x severity from one label source (paper, else auto, else a user source) with "
     "prevalence = n_images_with_anomalies/n_images (1 if unknown) and severity = clip(log2 rel_norm_mean, 0, 1); "
-    "hazard = max of available scores; safe = hazard < threshold (credibility.safe_below), empty unless all three "
-    "axes were measured (missing_axes names the others)"
+    "hazard = max of available scores (a convention: the axes have different units, no common scale); "
+    "safe = hazard < threshold (credibility.safe_below), empty unless all three axes were measured (missing_axes "
+    "names the others); inputs: corrected-mode similarity and relative norms, the independent-noise experiment's "
+    "probe where there is one (position_input, similarity_mode, anomaly_mode)"
 )
 KEYS = ["model", "layer_index", "layer"]
 #: Column descriptions (e.g. for a data dictionary or a CSV sidecar).
 DESCRIPTIONS = {
     "position_acc_8x8": "final-epoch per_axis probe accuracy at the fixed 8x8 grid, mean over seeds",
     "position_score": "position decodability at 8x8 above chance, 0..1: (acc8 - c)/(1 - c), c = 1/min(8, n)",
+    "position_input": "the probe the position score read: 'baseline probe (shared|independent noise)' or "
+                      "'experiment <name> (independent noise)' ('' when no probe has the layer)",
     "corner_effect": "log2(corner_ratio / other_ratio): corner similarity change net of the crop control, signed",
     "corner_score": "clip(corner_effect, 0, 1): only corners more similar than the control are a hazard",
+    "similarity_mode": "mode of the similarity table the corner score read (corrected: no pair-count quirk)",
     "anomaly_source": "label source of the anomaly axis (paper, else auto, else the first user source)",
     "anomaly_prevalence": "share of images with >= 1 anomaly in that source (NaN: unknown, scored as 1)",
     "anomaly_rel_norm": "mean relative norm of the source's anomaly patches at this layer",
     "anomaly_score": "prevalence x clip(log2 anomaly_rel_norm, 0, 1)",
+    "anomaly_mode": "mode of the relative-norm table the anomaly score read (corrected: patch not in the denominator)",
     "channel_max_ratio": "strongest channel's median max|activation| / median channel's (informative only)",
-    "hazard": "max of the available scores (NaN if none)",
+    "hazard": "max of the available scores (NaN if none); a convention, the axes have different units",
     "hazard_axis": "the axis attaining the hazard: position, corner or anomaly ('' if none)",
     "safe": "hazard < safe_threshold (credibility.safe_below); empty unless every axis was measured",
     "missing_axes": "the axes without a score (position, corner, anomaly; ';'-separated; '' when all were measured)",
@@ -110,6 +127,12 @@ def _prepare(df: pd.DataFrame | None, model: str, needed: list[str]) -> pd.DataF
     return df
 
 
+def _position_score(acc: float, spatial) -> float:
+    k = POSITION_GRID if pd.isna(spatial) else min(POSITION_GRID, int(spatial))
+    chance = 1.0 / k
+    return np.nan if np.isnan(acc) or chance >= 1 else float(_clip01((acc - chance) / (1 - chance)))
+
+
 def position_scores(probe: pd.DataFrame | None, model: str = "") -> pd.DataFrame:
     """KEYS + ``position_acc_8x8, position_score`` (see the module docstring)."""
     cols = KEYS + ["position_acc_8x8", "position_score"]
@@ -125,11 +148,18 @@ def position_scores(probe: pd.DataFrame | None, model: str = "") -> pd.DataFrame
     out = []
     for r in acc.itertuples(index=False):
         a = float(r.value)
-        s = n.get((r.model, r.layer), np.nan)
-        k = POSITION_GRID if pd.isna(s) else min(POSITION_GRID, int(s))
-        chance = 1.0 / k
-        score = np.nan if np.isnan(a) or chance >= 1 else float(_clip01((a - chance) / (1 - chance)))
-        out.append((r.model, int(r.layer_index), r.layer, a, score))
+        out.append((r.model, int(r.layer_index), r.layer, a, _position_score(a, n.get((r.model, r.layer), np.nan))))
+    return pd.DataFrame(out, columns=cols)
+
+
+def summary_position_scores(summary: pd.DataFrame | None, model: str = "") -> pd.DataFrame:
+    """KEYS + ``position_acc_8x8, position_score`` from a run summary (``acc_8x8``: the same final-epoch 8 x 8
+    accuracy, mean over seeds, :func:`diffaudit.analyses.comparison.run_summary`), e.g. the independent-noise
+    experiment's."""
+    cols = KEYS + ["position_acc_8x8", "position_score"]
+    df = _prepare(summary, model, ["acc_8x8"])
+    out = [(r.model, int(r.layer_index), r.layer, float(r.acc_8x8), _position_score(float(r.acc_8x8), r.spatial))
+           for r in df.itertuples(index=False) if pd.notna(r.acc_8x8)]
     return pd.DataFrame(out, columns=cols)
 
 
@@ -200,12 +230,21 @@ def channel_max_ratios(channels: pd.DataFrame | None, model: str = "") -> pd.Dat
 
 
 def credibility(probe: pd.DataFrame | None, similarity: pd.DataFrame | None, anomalies: pd.DataFrame | None,
-                channels: pd.DataFrame | None = None, model: str = "", safe_threshold: float = 0.25) -> pd.DataFrame:
+                channels: pd.DataFrame | None = None, model: str = "", safe_threshold: float = 0.25, *,
+                position_input: str = "baseline probe", independent_summary: pd.DataFrame | None = None,
+                independent_input: str = "", similarity_mode: str = "", anomaly_mode: str = "") -> pd.DataFrame:
     """Per-layer hazard scores and a ``safe`` flag (formulas: module docstring / :data:`FORMULA`).
 
     ``model``: the model name written to the output; tables holding several models are filtered to it. With
     ``model=""`` every model found in the tables gets its own rows. Layers present in any table appear; a score
     whose table lacks the layer is NaN. Sorted by model and layer_index.
+
+    The inputs are named in the table: ``position_input`` (the probe table ``probe``; e.g. ``baseline probe
+    (shared noise)``), ``similarity_mode`` and ``anomaly_mode`` (the mode the ``similarity`` and ``anomalies``
+    tables were computed in), each on the rows whose layer its table holds ('' elsewhere). ``independent_summary``
+    (a run summary of the independent-noise experiment, named ``independent_input``) replaces the probe for the
+    layers it holds: the position score then measures position that is not read off a noise tensor shared by
+    every image.
     """
     tables = {
         "probe": _prepare(probe, model, ["epoch", "granularity", "metric", "accuracy"]),
@@ -213,14 +252,31 @@ def credibility(probe: pd.DataFrame | None, similarity: pd.DataFrame | None, ano
         "anomalies": _prepare(anomalies, model, ["rel_norm_mean"]),
         "channels": _prepare(channels, model, ["median_abs_ratio"]),
     }
+    # an experiment that extracted fewer layers numbers them in its own store: its rows take the baseline's
+    # layer_index of the same layer name
+    index: dict = {}
+    for t in tables.values():
+        for key in zip(t["model"], t["layer"], t["layer_index"]):
+            index.setdefault(key[:2], key[2])
+    independent_summary = _prepare(independent_summary, model, ["acc_8x8"])
+    independent_summary["layer_index"] = [int(index.get((m, lay), i)) for m, lay, i in zip(
+        independent_summary["model"], independent_summary["layer"], independent_summary["layer_index"])]
+    tables["independent"] = independent_summary
     meta = pd.concat([t[KEYS + ["channels", "spatial"]] for t in tables.values() if len(t)], ignore_index=True) \
         if any(len(t) for t in tables.values()) else pd.DataFrame(columns=KEYS + ["channels", "spatial"])
     if len(meta):
         meta = meta.groupby(KEYS, as_index=False, sort=False).agg({"channels": "first", "spatial": "first"})
+    position = position_scores(probe, model).assign(position_input=position_input)
+    independent = summary_position_scores(independent_summary, model).assign(position_input=independent_input)
+    position = pd.concat([independent, position[~position.set_index(KEYS).index.isin(
+        independent.set_index(KEYS).index)]], ignore_index=True) if len(independent) else position
+    corner = corner_scores(similarity, model).assign(similarity_mode=similarity_mode)
+    anomaly = anomaly_scores(anomalies, model).assign(anomaly_mode=anomaly_mode)
     out = meta
-    for part in (position_scores(probe, model), corner_scores(similarity, model), anomaly_scores(anomalies, model),
-                 channel_max_ratios(channels, model)):
+    for part in (position, corner, anomaly, channel_max_ratios(channels, model)):
         out = out.merge(part, on=KEYS, how="left")
+    for col in ("position_input", "similarity_mode", "anomaly_mode"):
+        out[col] = out[col].fillna("").astype(str)
     scores = out[[f"{a}_score" for a in AXES]].astype(float)
     out["hazard"] = scores.max(axis=1, skipna=True)  # all-NaN rows stay NaN
     axis = scores.fillna(-np.inf).to_numpy().argmax(axis=1) if len(out) else np.zeros(0, dtype=int)

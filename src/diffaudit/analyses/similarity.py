@@ -128,6 +128,32 @@ def similarity_from_sums(pair_sums: np.ndarray, self_sums: np.ndarray, n_images:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)  # no pairs -> undefined
 
 
+def corrected_from_paper(table: pd.DataFrame) -> pd.DataFrame:
+    """A paper-mode similarity table (e.g. the authors' published one) in corrected mode, from its raw values.
+
+    Per group and map set, R_paper = (P - K(n)N) / ((K(n)^2 - K(n))N) gives the pooled pair sum P (diagonal
+    included), and R_corrected = (P - K(m)N) / ((K(m)^2 - K(m))N): exact when every token has a non-zero norm
+    (self-cosine 1; see "zero-norm tokens"). The corner group is unchanged (K = 4 on both grids); the ratios are
+    recomputed from the converted values; bootstrap interval columns, if any, are dropped (they cannot be
+    converted)."""
+    out = table.drop(columns=[c for c in CI_COLUMNS if c in table.columns]).copy()
+    for row in out.index:
+        n = int(out.at[row, "spatial"])
+        m = n - 2
+        count_q, self_q = pair_counts(m, 1, count_quirk=True)
+        count_c, self_c = pair_counts(m, 1, count_quirk=False)
+        for gi, g in enumerate(GROUPS):
+            for ms in MAP_SETS:
+                col = f"{g}_sim_{ms}"
+                pair_sum = float(out.at[row, col]) * (count_q[gi, gi] - self_q[gi]) + self_q[gi]
+                den = count_c[gi, gi] - self_c[gi]
+                out.at[row, col] = (pair_sum - self_c[gi]) / den if den > 0 else np.nan
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out.at[row, f"{g}_ratio"] = (np.float64(out.at[row, f"{g}_sim_cropped_image"])
+                                             / np.float64(out.at[row, f"{g}_sim_full_image_ring_removed"]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Group sums (the efficient algorithm)
 # ---------------------------------------------------------------------------------------------
@@ -458,10 +484,25 @@ def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], o
     Columns :data:`TABLE_COLUMNS`: :data:`COLUMNS`, then the percentile bootstrap intervals over images of the
     corner and border ratios (:func:`ratio_intervals`; ``bootstrap`` defaults to ``Bootstrap()``).
     """
+    return token_group_similarity_modes(full, crops, (mode,), layers, image_size, chunk_images, model_name,
+                                        bootstrap)[mode]
+
+
+def token_group_similarity_modes(full, crops: Mapping[int, object] | Callable[[int], object],
+                                 modes: Sequence[str] = tuple(MODES), layers: Sequence[str] | None = None,
+                                 image_size: int = 512, chunk_images: int = 20, model_name: str = "",
+                                 bootstrap: Bootstrap | None = None) -> dict[str, pd.DataFrame]:
+    """:func:`token_group_similarity` in several count modes from ONE pass over the stores: ``{mode: table}``.
+
+    The modes differ only in the counts applied to the same pooled sums, so the paper-mode table and the
+    corrected-mode one (the credibility score's input, free of the count quirk) cost one read of the stores.
+    Every mode's intervals use the same resamples (:meth:`Bootstrap.weights` depends only on the seed and N), so
+    the paper-mode table is the one :func:`token_group_similarity` writes alone.
+    """
+    quirks = {mode: _count_quirk(mode) for mode in modes}
     boot = Bootstrap() if bootstrap is None else bootstrap
-    count_quirk = _count_quirk(mode)
     layers = list(full.layers if layers is None else layers)
-    rows = []
+    rows: dict[str, list] = {mode: [] for mode in modes}
     for layer in layers:
         if layer not in full.layers:
             raise KeyError(f"layer {layer!r} not in the full store {full.path} (has {full.layers})")
@@ -472,9 +513,10 @@ def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], o
         if layer not in crop.layers:
             raise KeyError(f"layer {layer!r} missing from crop store variant {crop_variant(t)!r} ({crop.path})")
         acc_crop, acc_full, _ = _layer_accumulators(full, crop, layer, chunk_images)
-        rc, rf = acc_crop.matrix(count_quirk, n), acc_full.matrix(count_quirk, n)
         layer_index = attrs.get("layer_index", full.layer_indices[full.layers.index(layer)])
-        rows.append({"model": model_name, "layer_index": int(layer_index), "layer": layer, "channels": int(c),
-                     "spatial": int(n), **ratio_columns(rc, rf),
-                     **ratio_intervals(acc_crop, acc_full, count_quirk, n, boot)})
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+        for mode, count_quirk in quirks.items():
+            rc, rf = acc_crop.matrix(count_quirk, n), acc_full.matrix(count_quirk, n)
+            rows[mode].append({"model": model_name, "layer_index": int(layer_index), "layer": layer,
+                               "channels": int(c), "spatial": int(n), **ratio_columns(rc, rf),
+                               **ratio_intervals(acc_crop, acc_full, count_quirk, n, boot)})
+    return {mode: pd.DataFrame(r, columns=list(TABLE_COLUMNS)) for mode, r in rows.items()}

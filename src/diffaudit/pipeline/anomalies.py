@@ -10,13 +10,16 @@ from . import common
 
 
 def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
-        detector_json: str | Path | None = None, paper_dir: str | Path | None = None) -> Path:
+        detector_json: str | Path | None = None, paper_dir: str | Path | None = None,
+        corrected_csv: str | Path | None = None) -> Path:
+    """The table in ``anomalies.mode``, and (``corrected_csv``) its corrected-mode twin from the same pass (the
+    credibility score's input; a copy when the mode is corrected)."""
     import json
     import logging
 
     import pandas as pd
 
-    from ..analyses.anomalies import (detect_anomalies, load_label_file, precision_recall, relative_norms,
+    from ..analyses.anomalies import (detect_anomalies, load_label_file, precision_recall, relative_norms_modes,
                                       strongest_outlier_layer)
     from ..analyses.bootstrap import Bootstrap
     from ..store import open_model_stores
@@ -30,7 +33,9 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
     if a["ref_layer"] not in full.layers:
         raise UserError(f"anomalies.ref_layer {a['ref_layer']!r} was not extracted; add it to `layers` "
                         "(or set anomalies.ref_layer: auto)")
-    tables, labels = [], {}
+    modes = list(dict.fromkeys([a["mode"]] + (["corrected"] if corrected_csv is not None else [])))
+    tables: dict[str, list] = {mode: [] for mode in modes}
+    labels = {}
     sources, skipped = label_sources(a, model, paper_dir)
     if skipped is not None:
         logging.getLogger(__name__).warning("%s: the authors' hand labels are not used: %s", model, skipped)
@@ -39,10 +44,12 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
             labels[source] = detect_anomalies(full, layer=a["ref_layer"], threshold=a["threshold"])
         else:
             labels[source] = load_label_file(path, n_images=full.n_images)
-        tables.append(relative_norms(full, labels[source], ref_layer=a["ref_layer"], mode=a["mode"],
-                                     label_source=source, model_name=model,
-                                     bootstrap=Bootstrap.from_config(cfg["bootstrap"])))
-    df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        by_mode = relative_norms_modes(full, labels[source], modes, ref_layer=a["ref_layer"], label_source=source,
+                                       model_name=model, bootstrap=Bootstrap.from_config(cfg["bootstrap"]))
+        for mode in modes:
+            tables[mode].append(by_mode[mode])
+    df, corrected = (pd.concat(tables[m], ignore_index=True) if tables[m] else pd.DataFrame()
+                     for m in (a["mode"], modes[-1]))
     if detector_json is not None:
         evals = {f"auto_vs_{s}": precision_recall(labels["auto"], lab)
                  for s, lab in labels.items() if s != "auto" and "auto" in labels}
@@ -52,9 +59,11 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
                    "paper_labels": ({"used": "paper" in labels} if skipped is None
                                     else {"used": False, "reason": skipped})}
         Path(detector_json).write_text(json.dumps(summary, indent=1, default=float))
+    if corrected_csv is not None:
+        common.write_csv(corrected, corrected_csv)
     return common.write_csv(df, out_csv)
 
 
 def from_snakemake(smk):
     return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output.table,
-               smk.output.detector, paper_dir=smk.input.paper)
+               smk.output.detector, paper_dir=smk.input.paper, corrected_csv=smk.output.corrected)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..layout import JOB_PARAMS
-from ..tables import read_tables, write_csv  # noqa: F401  (the tasks' table reading and atomic writing)
+from ..tables import read_table, read_tables, write_csv  # noqa: F401  (the tasks' table reading and atomic writing)
 
 
 class UndeclaredConfigKey(KeyError):

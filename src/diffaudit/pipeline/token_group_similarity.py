@@ -18,9 +18,12 @@ def image_size(store) -> int:
     return int(size)
 
 
-def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
+def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
+        corrected_csv: str | Path | None = None) -> Path:
+    """The table in ``similarity.mode``, and (``corrected_csv``) its corrected-mode twin from the same pass (the
+    credibility score's input; a copy when the mode is corrected)."""
     from ..analyses.bootstrap import Bootstrap
-    from ..analyses.similarity import token_group_similarity
+    from ..analyses.similarity import token_group_similarity_modes
     from ..store import open_model_stores
 
     full, crops = open_model_stores(rep_dirs)
@@ -33,13 +36,21 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
 
         logging.getLogger(__name__).warning("%s: no cropped variants were extracted (crops: false), so there is no "
                                             "corner/border control: the table is empty", model)
-        return common.write_csv(pd.DataFrame(columns=list(TABLE_COLUMNS)), out_csv)
+        empty = pd.DataFrame(columns=list(TABLE_COLUMNS))
+        if corrected_csv is not None:
+            common.write_csv(empty, corrected_csv)
+        return common.write_csv(empty, out_csv)
     layers = sorted(set().union(*(c.layers for c in crops.values())), key=full.layers.index)
-    df = token_group_similarity(full, crops, layers=layers, mode=cfg["similarity"]["mode"],
-                                image_size=image_size(full), chunk_images=cfg["similarity"]["chunk_images"],
-                                model_name=model, bootstrap=Bootstrap.from_config(cfg["bootstrap"]))
-    return common.write_csv(df, out_csv)
+    mode = cfg["similarity"]["mode"]
+    modes = list(dict.fromkeys([mode] + (["corrected"] if corrected_csv is not None else [])))
+    tables = token_group_similarity_modes(full, crops, modes, layers=layers, image_size=image_size(full),
+                                          chunk_images=cfg["similarity"]["chunk_images"], model_name=model,
+                                          bootstrap=Bootstrap.from_config(cfg["bootstrap"]))
+    if corrected_csv is not None:
+        common.write_csv(tables["corrected"], corrected_csv)
+    return common.write_csv(tables[mode], out_csv)
 
 
 def from_snakemake(smk):
-    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output[0])
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output.table,
+               smk.output.corrected)
