@@ -52,7 +52,10 @@ class _BackgroundWriter:
     def put(self, start: int, batch: dict[str, np.ndarray], writer: StoreWriter | None = None,
             nonfinite: dict[str, np.ndarray] | None = None):
         w = writer or self.writer
-        self._submit(lambda: w.write_batch(start, batch, nonfinite=nonfinite))
+        if nonfinite is None:
+            self._submit(lambda: w.write_batch(start, batch))
+        else:  # extraction.nonfinite: count
+            self._submit(lambda: w.write_batch(start, batch, nonfinite=nonfinite))
 
     def finalize(self, writer: StoreWriter | None = None):
         """Mark the store complete once its queued batches are written."""
