@@ -46,8 +46,9 @@ class Extractor:
     """Runs the backbone (U-Net or transformer) on batches of PIL images and returns the hooked representations.
 
     The experiment switches of ``settings`` (:mod:`diffaudit.experiments`) act here: ``weights: random`` runs a
-    re-initialised copy of the U-Net, ``padding_mode`` changes the padding of every ``Conv2d`` of the U-Net for the
-    duration of each pass, ``noise``/``pixel_range``/``latent`` replace what the mode does."""
+    re-initialised copy of the U-Net, ``padding_mode`` changes the padding of every ``Conv2d`` of the U-Net (or, by
+    ``padding_scope``, of the VAE encoder, or both) for the duration of each pass, ``noise``/``pixel_range``/``latent``
+    replace what the mode does."""
 
     def __init__(self, pipe, layers: Sequence[str], settings: ExtractionSettings, label_names: Sequence[str] = ()):
         self.pipe = pipe
