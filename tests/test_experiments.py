@@ -19,6 +19,10 @@ LAYERS = ["down_blocks[0].resnets[0]", "mid_block"]
     ({"a": {"padding": "circular"}}, "experiments.a.padding: unknown key"),
     ({"a": {"padding_mode": "mirror"}}, "experiments.a.padding_mode: 'mirror' is not one of zeros, reflect"),
     ({"a": {"noise": "own"}}, "experiments.a.noise: 'own' is not one of shared, independent"),
+    ({"a": {"padding_scope": "vae"}}, "experiments.a.padding_scope: 'vae' needs a padding_mode (reflect, replicate"),
+    ({"a": {"padding_scope": "both", "padding_mode": "zeros"}}, "experiments.a.padding_scope: 'both' needs a padding"),
+    ({"a": {"padding_scope": "unet", "padding_mode": "circular"}},
+     "experiments.a.padding_scope: 'unet' is not one of denoiser, vae, both"),
     ({"a": {"timestep": 1000}}, "experiments.a.timestep: 1000 is outside 0..999"),
     ({"a": {"timestep": "50"}}, "experiments.a.timestep: expected an integer"),
     ({"a": {"resolution": 500}}, "experiments.a.resolution: 500 is not a positive multiple of 64"),
@@ -48,7 +52,8 @@ def test_effective_extraction_changes_only_the_named_keys():
     assert experiments.effective_extraction(base, {}) == base
     eff = experiments.effective_extraction(base, {"padding_mode": "circular", "layers": ["mid_block"], "crops": False})
     assert eff == {**base, "padding_mode": "circular", "crops": False}
-    assert experiments.resolved(base) == {"padding_mode": "zeros", "weights": "trained", "noise": "shared",
+    assert experiments.resolved(base) == {"padding_mode": "zeros", "padding_scope": "denoiser", "weights": "trained",
+                                          "noise": "shared",
                                           "pixel_range": "unit", "latent": "sample", "timestep": 50, "seed": 42,
                                           "prompt": ""}
     assert experiments.resolved({**base, "mode": "corrected"})["noise"] == "independent"
@@ -90,11 +95,15 @@ def test_padding_mode_on_a_dit_stops_in_one_line(family):
 
     fam = registry.get(family)
     pipe = fam.build_embedded(f"mini-{family}")
-    with pytest.raises(UserError, match=r"^padding_mode 'circular' has nothing to act on: .* no convolution that "
-                                        r"pads; leave the switch out for this model$"):
-        Extractor(pipe, fam.paper_layers(pipe.transformer)[:1],
-                  ExtractionSettings(mode="corrected", padding_mode="circular"))
+    for scope in (None, "both"):
+        with pytest.raises(UserError, match=r"^padding_mode 'circular' has nothing to act on: .* no convolution that "
+                                            r"pads; leave the switch out for this model \(or set padding_scope: vae\)$"):
+            Extractor(pipe, fam.paper_layers(pipe.transformer)[:1],
+                      ExtractionSettings(mode="corrected", padding_mode="circular", padding_scope=scope))
     Extractor(pipe, fam.paper_layers(pipe.transformer)[:1], ExtractionSettings(mode="corrected", padding_mode="zeros"))
+    # the VAE encoder has padded convolutions: the scope `vae` is an experiment a DiT can run
+    Extractor(pipe, fam.paper_layers(pipe.transformer)[:1],
+              ExtractionSettings(mode="corrected", padding_mode="circular", padding_scope="vae"))
 
 
 def test_circular_padding_makes_a_conv_translation_equivariant(mini_pipe):

@@ -4,6 +4,8 @@
 switches one thing (docs/experiments.md):
 
 ``padding_mode``  zeros | reflect | replicate | circular: the padding of every ``Conv2d`` of the U-Net
+``padding_scope`` denoiser (default) | vae | both: where ``padding_mode`` acts (the VAE: its encoder's convolutions
+                  and its downsamplers' zero pad); needs a ``padding_mode`` other than zeros
 ``noise``         shared (one noise tensor for every image) | independent (one per image, seeded by its index)
 ``timestep``      the DDPM timestep the latents are noised to (0..999)
 ``seed``          the noise seed
@@ -30,6 +32,7 @@ from .layout import BASELINE
 #: Keys that change a cause, with their allowed values (a tuple) or type.
 CAUSES: dict[str, object] = {
     "padding_mode": ("zeros", "reflect", "replicate", "circular"),
+    "padding_scope": ("denoiser", "vae", "both"),
     "noise": ("shared", "independent"),
     "timestep": int,
     "seed": int,
@@ -49,7 +52,7 @@ MODE_DEFAULTS: dict[str, dict[str, str]] = {
     "corrected": {"noise": "independent", "pixel_range": "symmetric", "latent": "mean"},
 }
 #: What every extraction does unless an experiment says otherwise.
-DEFAULTS: dict[str, object] = {"padding_mode": "zeros", "weights": "trained"}
+DEFAULTS: dict[str, object] = {"padding_mode": "zeros", "padding_scope": "denoiser", "weights": "trained"}
 
 #: Seed of the re-initialised U-Net of ``weights: random`` (recorded in the stores as ``weights_seed``).
 RANDOM_WEIGHTS_SEED = 0
@@ -115,7 +118,19 @@ def validate(experiments: dict | None) -> dict:
             if key not in KEYS:
                 raise ExperimentError(f"experiments.{name}.{key}: unknown key (one of {', '.join(KEYS)})")
             _check_value(name, key, value)
+        problem = padding_scope_problem(overrides)
+        if problem:
+            raise ExperimentError(f"experiments.{name}.padding_scope: {problem}")
     return experiments
+
+
+def padding_scope_problem(switches: dict) -> str | None:
+    """Why ``padding_scope`` cannot apply to ``switches`` (set without a ``padding_mode`` other than zeros: there
+    would be nothing to change), or ``None``."""
+    if switches.get("padding_scope") is None or switches.get("padding_mode", "zeros") != "zeros":
+        return None
+    return (f"{switches['padding_scope']!r} needs a padding_mode (reflect, replicate or circular); with zero padding "
+            "there is nothing to change")
 
 
 def effective_extraction(extraction: dict, overrides: dict | None) -> dict:

@@ -37,6 +37,7 @@ def extract_model(cfg: dict, model: str, dataset_dir: str | Path, out_dir: str |
     settings = ExtractionSettings(mode=ex["mode"], timestep=ex["timestep"], seed=ex["seed"],
                                   batch_size=ex["batch_size"], prompt=ex["prompt"], precision=ex["precision"],
                                   store_dtype=ex["store_dtype"], crops=ex["crops"], sigma=ex.get("sigma"),
+                                  nonfinite=ex.get("nonfinite", "stop"),
                                   **{k: ex[k] for k in experiments.CAUSES if k in ex and k not in (
                                       "timestep", "seed", "prompt")})
     index = load_index(dataset_dir)

@@ -141,8 +141,11 @@ class StoreWriter:
         return existing
 
     # -- writing -------------------------------------------------------------------------------
-    def write_batch(self, start: int, batch: dict[str, np.ndarray]) -> None:
-        """Write representations of images ``start:start+B`` for every layer, then advance ``n_complete``."""
+    def write_batch(self, start: int, batch: dict[str, np.ndarray],
+                    nonfinite: dict[str, np.ndarray] | None = None) -> None:
+        """Write representations of images ``start:start+B`` for every layer, then advance ``n_complete``.
+        ``nonfinite`` (``extraction.nonfinite: count``): ``{layer: non-finite values per image of the batch}``, merged
+        into the layer's attribute ``nonfinite`` (:meth:`_record_nonfinite`) before ``n_complete`` advances."""
         missing = set(self.layers) - set(batch)
         if missing:
             raise ValueError(f"batch lacks layers {sorted(missing)}")
@@ -153,7 +156,26 @@ class StoreWriter:
             arr = np.asarray(batch[layer])
             n = arr.shape[0]
             self._array(layer, arr.shape[1:])[start:start + n] = arr.astype(self.dtype, copy=False)
+        if nonfinite is not None:
+            self._record_nonfinite(start, nonfinite)
         self.root.attrs["n_complete"] = start + (n or 0)
+
+    def _record_nonfinite(self, start: int, counts: dict[str, np.ndarray]) -> None:
+        """Merge per-image counts of non-finite values into each layer's attribute ``nonfinite``: ``count`` (values in
+        all images), ``images`` (the ids of the images with any, in dataset order) and ``counts`` (per such image).
+        Keyed by image, so a batch written again after an interruption is not counted twice."""
+        for layer, per_image in counts.items():
+            g = self.root[group_name(layer)]
+            old = dict(g.attrs.get("nonfinite") or {})
+            by_image = dict(zip(old.get("images", []), old.get("counts", [])))
+            for image, n in zip(self.image_ids[start:start + len(per_image)], per_image):
+                if int(n):
+                    by_image[image] = int(n)
+                else:
+                    by_image.pop(image, None)
+            images = [i for i in self.image_ids if i in by_image]
+            g.attrs["nonfinite"] = {"count": int(sum(by_image.values())), "images": images,
+                                    "counts": [by_image[i] for i in images]}
 
     def finalize(self) -> None:
         if self.n_complete != self.n_images:

@@ -40,7 +40,7 @@ activations for reuse instead of page-faulting fresh ones (:func:`cpu_heap_reuse
 from __future__ import annotations
 
 from .extractor import Extractor, crop_image, describe_family
-from .hooks import conv_padding, deterministic_cudnn, hooked_pass, probe_shapes, random_unet
+from .hooks import conv_padding, deterministic_cudnn, hooked_pass, no_tf32, probe_shapes, random_unet
 from .memory import cpu_heap_reuse
 from .plan import (COORD_BYTES_PER_IMAGE, DISK_MARGIN_BYTES, DISK_MARGIN_FRACTION, LAYER_META_BYTES,
                    SHARD_INDEX_BYTES, SHARD_INDEX_BYTES_PER_IMAGE, STORE_META_BYTES, Footprint,
@@ -48,9 +48,9 @@ from .plan import (COORD_BYTES_PER_IMAGE, DISK_MARGIN_BYTES, DISK_MARGIN_FRACTIO
                    human_bytes, plan_variants, store_nbytes, token_sizes)
 from .run import library_versions, run_extraction
 from .settings import MODES, ExtractionSettings, describe_switches
-from .writer import NonFiniteError, _BackgroundWriter, check_finite, extract_variant
+from .writer import NonFiniteError, _BackgroundWriter, check_finite, count_nonfinite, extract_variant
 
-__all__ = ["NonFiniteError", "check_finite", "COORD_BYTES_PER_IMAGE", "DISK_MARGIN_BYTES", "DISK_MARGIN_FRACTION", "LAYER_META_BYTES", "MODES",
+__all__ = ["NonFiniteError", "check_finite", "count_nonfinite", "no_tf32", "COORD_BYTES_PER_IMAGE", "DISK_MARGIN_BYTES", "DISK_MARGIN_FRACTION", "LAYER_META_BYTES", "MODES",
            "SHARD_INDEX_BYTES", "SHARD_INDEX_BYTES_PER_IMAGE", "STORE_META_BYTES", "ExtractionSettings", "Extractor",
            "Footprint", "InsufficientDiskSpaceError", "VariantPlan", "_BackgroundWriter", "check_disk_space",
            "conv_padding", "cpu_heap_reuse", "crop_image", "describe_family", "describe_switches",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -16,8 +17,23 @@ from ..errors import UserError
 from ..families.common import diffusers_errors_only
 from ..families.registry import family_of
 from ..layers import resolve_layers
-from .hooks import conv_padding, deterministic_cudnn, hooked_pass, padded_convs, random_unet
+from .hooks import (
+    conv_padding,
+    deterministic_cudnn,
+    hooked_pass,
+    no_tf32,
+    padded_convs,
+    random_unet,
+    vae_encoder,
+)
 from .settings import ExtractionSettings
+
+
+#: Offset of the posterior sample's seeds from the forward noise's (``noise: independent``): image ``i``'s posterior
+#: noise comes from a CPU generator seeded by ``seed * 1000003 + i + 2**31``, its forward noise from one seeded by
+#: ``seed * 1000003 + i``, so the two draws are never the same numbers. (torch's CPU generator keeps the low 32 bits of
+#: a seed, so the offset must lie below 2**32.)
+POSTERIOR_STREAM = 1 << 31
 
 
 def crop_image(img, token_px: int):
@@ -30,8 +46,9 @@ class Extractor:
     """Runs the backbone (U-Net or transformer) on batches of PIL images and returns the hooked representations.
 
     The experiment switches of ``settings`` (:mod:`diffaudit.experiments`) act here: ``weights: random`` runs a
-    re-initialised copy of the U-Net, ``padding_mode`` changes the padding of every ``Conv2d`` of the U-Net for the
-    duration of each pass, ``noise``/``pixel_range``/``latent`` replace what the mode does."""
+    re-initialised copy of the U-Net, ``padding_mode`` changes the padding of every ``Conv2d`` of the U-Net (or, by
+    ``padding_scope``, of the VAE encoder, or both) for the duration of each pass, ``noise``/``pixel_range``/``latent``
+    replace what the mode does."""
 
     def __init__(self, pipe, layers: Sequence[str], settings: ExtractionSettings, label_names: Sequence[str] = ()):
         self.pipe = pipe
@@ -46,10 +63,13 @@ class Extractor:
         if self.family.pixel_range is not None and settings.pixel_range is None:  # e.g. the DiTs: [-1, 1] pixels
             self.switches = {**self.switches, "pixel_range": self.family.pixel_range}
         self.t5_used: bool | None = None  # whether a T5 text encoder conditioned the backbone (families that have one)
-        if self.switches["padding_mode"] != "zeros" and not padded_convs(net):
-            raise UserError(f"padding_mode {self.switches['padding_mode']!r} has nothing to act on: the "
-                            f"{self.family.label} backbone ({type(net).__name__}) has no convolution that pads; "
-                            "leave the switch out for this model")
+        mode, scope = self.switches["padding_mode"], self.switches["padding_scope"]
+        #: the padding mode of the backbone's convolutions (``zeros`` unless ``padding_scope`` includes it)
+        self._denoiser_padding = mode if scope in ("denoiser", "both") else "zeros"
+        if self._denoiser_padding != "zeros" and not padded_convs(net):
+            raise UserError(f"padding_mode {mode!r} has nothing to act on: the {self.family.label} backbone "
+                            f"({type(net).__name__}) has no convolution that pads; leave the switch out for this "
+                            "model" + (" (or set padding_scope: vae)" if padded_convs(vae_encoder(pipe.vae)) else ""))
         self.layers = list(layers)
         self.modules = resolve_layers(self.unet, self.layers)
         # where the passes run: with model CPU offload the weights rest on the CPU between passes
@@ -136,28 +156,52 @@ class Extractor:
                 setattr(self.scheduler, attr, None)
         return self.scheduler.scale_model_input(lat, t)
 
+    def posterior_noise(self, image_indices: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Per-image noise of the VAE posterior sample (``noise: independent``): a CPU generator seeded by (seed, image
+        index) in a stream of its own (:data:`POSTERIOR_STREAM` apart from the forward noise's), float32, moved to the
+        device afterwards."""
+        return torch.stack([self._cpu_noise(int(self.settings.seed) * 1_000_003 + int(idx) + POSTERIOR_STREAM,
+                                            latent_hw, 0) for idx in image_indices]).to(self.device)
+
+    def _posterior(self, dist, image_indices: Sequence[int]) -> torch.Tensor:
+        """The latent the switches ask for: the posterior mean, or a sample whose noise is the paper's (the global
+        generator, just reseeded), per image (``noise: independent``) or one CPU draw seeded by the seed (shared)."""
+        sw = self.switches
+        if sw["latent"] == "mean":
+            return dist.mean.contiguous()  # a view into the moments; randn_like would follow its strides
+        if sw["noise"] == "independent":
+            eps = self.posterior_noise(image_indices, tuple(dist.mean.shape[-2:]))
+            return dist.mean + dist.std * eps.to(dtype=dist.mean.dtype)
+        if self.settings.mode == "paper":
+            return dist.sample()
+        # drawn on the CPU (then moved), so the values do not depend on the device
+        return dist.sample(generator=torch.Generator("cpu").manual_seed(int(self.settings.seed)))
+
+    @torch.no_grad()
+    def encode(self, images, image_indices: Sequence[int]) -> torch.Tensor:
+        """The clean latents the backbone's noise is added to: pixels through the VAE encoder (with ``padding_mode``
+        when ``padding_scope`` includes the VAE), the posterior mean or sample, the family's scaling. Paper mode
+        reseeds the global generator first (sdhelper does at every batch)."""
+        vae = self.pipe.vae
+        x = self._pixels(images)
+        if self.settings.mode == "paper":
+            torch.manual_seed(int(self.settings.seed))
+        with self._padding("vae", images):
+            dist = vae.encode(x.to(dtype=vae.dtype)).latent_dist
+        lat = self._posterior(dist, image_indices)
+        return self.family.scale_latents(vae, lat, self.dtype, latent_stats=self.settings.mode != "paper")
+
     @torch.no_grad()
     def latents(self, images, image_indices: Sequence[int], crop_px: int = 0, full_size: int | None = None):
-        vae = self.pipe.vae
         sw = self.switches
-        x = self._pixels(images)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
         paper = self.settings.mode == "paper"
-        if paper:
-            torch.manual_seed(int(self.settings.seed))
-        dist = vae.encode(x.to(dtype=vae.dtype)).latent_dist
-        if sw["latent"] == "mean":
-            lat = dist.mean.contiguous()  # a view into the moments; randn_like would follow its strides
-        elif paper:
-            lat = dist.sample()
-        else:
-            lat = dist.sample(generator=torch.Generator(self.device).manual_seed(int(self.settings.seed)))
-        lat = self.family.scale_latents(vae, lat, self.dtype)
+        lat = self.encode(images, image_indices)
         if paper and sw["noise"] == "shared":
             noise = torch.randn_like(lat[None, 0]).expand(lat.shape)
         else:
-            factor = x.shape[-1] // lat.shape[-1]
-            full = (full_size or x.shape[-1]) // factor
+            factor = images[0].size[0] // lat.shape[-1]
+            full = (full_size or images[0].size[0]) // factor
             if crop_px % factor:
                 raise ValueError(f"crop of {crop_px}px is not a whole number of latent pixels ({factor}px)")
             if sw["noise"] == "independent":
@@ -165,6 +209,27 @@ class Extractor:
             else:
                 noise = self.shared_noise(lat.shape[0], (full, full), crop_px // factor)
         return self.family.add_noise(self, lat, noise, t), t
+
+    @contextmanager
+    def _padding(self, part: str, images=()):
+        """``padding_mode`` on ``part`` (``denoiser``: the backbone; ``vae``: the VAE encoder) for the duration, where
+        ``padding_scope`` includes it; a padding too wide for a map is one clear error."""
+        mode, scope = self.switches["padding_mode"], self.switches["padding_scope"]
+        if mode == "zeros" or scope not in (part, "both"):
+            yield
+            return
+        net = self.unet if part == "denoiser" else vae_encoder(self.pipe.vae)
+        try:
+            with conv_padding(net, mode):
+                yield
+        except RuntimeError as exc:
+            if "Padding size should be less" in str(exc):
+                where = "the VAE encoder" if part == "vae" else "the backbone"
+                size = f"at {images[0].size[0]} px " if images else ""
+                raise ValueError(f"padding_mode {mode!r} needs every feature map larger than its padding, but "
+                                 f"{size}a map of {where} is too small; use a larger resolution (or "
+                                 "circular/replicate padding)") from exc
+            raise
 
     @torch.no_grad()
     def run_batch(self, images, image_indices: Sequence[int], layers: Sequence[str] | None = None,
@@ -181,18 +246,11 @@ class Extractor:
         def capture(name, out):
             captured[name] = out.detach().to("cpu", dtype=out_dtype or out.dtype)
 
-        with deterministic_cudnn():
+        with deterministic_cudnn(), no_tf32(self.dtype == torch.float32):
             lat, t = self.latents(images, image_indices, crop_px=crop_px, full_size=full_size)
             cond = self.conditioning(len(images), labels)
-            try:
-                with conv_padding(self.unet, self.switches["padding_mode"]):
-                    self._pass(layers, capture, lat, t, cond)
-            except RuntimeError as exc:
-                if "Padding size should be less" in str(exc):
-                    raise ValueError(f"padding_mode {self.switches['padding_mode']!r} needs every feature map larger "
-                                     f"than its padding, but at {images[0].size[0]} px a map of the U-Net is too "
-                                     "small; use a larger resolution (or circular/replicate padding)") from exc
-                raise
+            with self._padding("denoiser", images):
+                self._pass(layers, capture, lat, t, cond)
         return {name: captured[name] for name in layers}
 
     def _pass(self, layers: Sequence[str], on_output: Callable, lat, t, cond, twin=None) -> None:
@@ -229,7 +287,7 @@ class Extractor:
             lat = torch.zeros((1, self.latent_channels, h, h), device="meta", dtype=self.dtype)
             meta = {k: on_meta(v) for k, v in cond.items()}
             try:
-                with conv_padding(twin[0], self.switches["padding_mode"]):
+                with conv_padding(twin[0], self._denoiser_padding):
                     self._pass(layers, record, lat, torch.tensor(int(self.settings.timestep), dtype=torch.long), meta,
                                twin=twin)
                 return {name: shapes[name] for name in layers}
@@ -237,7 +295,7 @@ class Extractor:
                 shapes.clear()
         lat = torch.zeros((1, self.latent_channels, h, h), device=self.device, dtype=self.dtype)
         t = torch.tensor(int(self.settings.timestep), dtype=torch.long, device=self.device)
-        with deterministic_cudnn(), conv_padding(self.unet, self.switches["padding_mode"]):
+        with deterministic_cudnn(), conv_padding(self.unet, self._denoiser_padding):
             self._pass(layers, record, lat, t, cond)
         return {name: shapes[name] for name in layers}
 

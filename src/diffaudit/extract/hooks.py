@@ -1,11 +1,13 @@
 """Forward hooks on the backbone: one hooked pass that stops after the last layer it needs (:func:`hooked_pass`),
-shape probes, and what a pass runs under (:func:`deterministic_cudnn`, :func:`conv_padding`, :func:`random_unet`)."""
+shape probes, and what a pass runs under (:func:`deterministic_cudnn`, :func:`no_tf32`, :func:`conv_padding`,
+:func:`random_unet`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from .. import experiments
 
@@ -22,31 +24,77 @@ def deterministic_cudnn():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+@contextmanager
+def no_tf32(enabled: bool = True):
+    """TF32 off for CUDA matmuls and cuDNN convolutions for the duration (``enabled``: a float32 extraction, which
+    must compute in float32, not in TF32's 10-bit mantissa); the previous flags are restored afterwards. The flags
+    only act on CUDA (Ampere and later)."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def vae_encoder(vae) -> torch.nn.Module:
+    """The part of a VAE the extraction runs: its encoder (the whole VAE where it has none by that name)."""
+    return getattr(vae, "encoder", None) or vae
+
+
+def _zero_padded_downsamplers(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """diffusers' ``Downsample2D`` modules of ``net`` built with ``padding=0``: they pad ``(0, 1, 0, 1)`` with zeros
+    (``F.pad``) in front of their stride-2 convolution, which itself pads nothing (the SD VAE encoder's three)."""
+    return [m for m in net.modules() if type(m).__name__ == "Downsample2D" and getattr(m, "use_conv", False)
+            and getattr(m, "padding", None) == 0 and isinstance(getattr(m, "conv", None), torch.nn.Conv2d)]
+
+
 def padded_convs(net: torch.nn.Module) -> int:
-    """How many ``Conv2d`` of ``net`` pad their input: what ``padding_mode`` acts on (a DiT's patch convolution,
-    kernel = stride = patch, pads nothing; FLUX has no convolution at all)."""
+    """How many ``Conv2d`` of ``net`` pad their input, their own padding or a ``Downsample2D``'s zero pad in front:
+    what ``padding_mode`` acts on (a DiT's patch convolution, kernel = stride = patch, pads nothing; FLUX has no
+    convolution at all)."""
     def pads(m: torch.nn.Conv2d) -> bool:
         return m.padding != "valid" if isinstance(m.padding, str) else any(m.padding)
 
-    return sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d) and pads(m))
+    own = sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d) and pads(m))
+    return own + len(_zero_padded_downsamplers(net))
+
+
+def _repad(mode: str):
+    """A forward pre-hook for a ``Downsample2D``'s convolution: its input arrives padded ``(0, 1, 0, 1)`` with zeros;
+    the hook removes that row and column and pads them again with ``mode``."""
+    def hook(_module, args):
+        x = args[0][:, :, :-1, :-1]
+        return (F.pad(x, (0, 1, 0, 1), mode=mode), *args[1:])
+    return hook
 
 
 @contextmanager
 def conv_padding(unet, mode: str):
     """Every ``Conv2d`` of ``unet`` pads with ``mode`` (zeros | reflect | replicate | circular) for the duration;
-    the padding widths, and so every shape, stay as they are. ``zeros`` changes nothing."""
+    the padding widths, and so every shape, stay as they are. diffusers' ``Downsample2D`` with ``padding=0`` (the
+    SD VAE encoder's downsamplers) pads ``(0, 1, 0, 1)`` with zeros before its convolution: that pad takes ``mode``
+    too. ``zeros`` changes nothing."""
     if mode == "zeros":
         yield
         return
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     saved = [m.padding_mode for m in convs]
+    handles = []
     try:
         for m in convs:
             if isinstance(m.padding, str):
                 raise ValueError(f"padding_mode {mode!r}: a Conv2d with padding={m.padding!r} cannot change mode")
             m.padding_mode = mode
+        for m in _zero_padded_downsamplers(unet):
+            handles.append(m.conv.register_forward_pre_hook(_repad(mode)))
         yield
     finally:
+        for h in handles:
+            h.remove()
         for m, s in zip(convs, saved):
             m.padding_mode = s
 

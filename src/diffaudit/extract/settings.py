@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 from .. import experiments
 
 MODES = ("paper", "corrected")
+NONFINITE = ("stop", "count")
+#: Settings that do not enter the stores' config (and so not their fingerprint).
+NOT_RECORDED = ("nonfinite",)
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class ExtractionSettings:
     crops: bool = True
     # Experiment switches (diffaudit.experiments); None = what the mode does (and no entry in the stores' config).
     padding_mode: str | None = None
+    padding_scope: str | None = None
     noise: str | None = None
     pixel_range: str | None = None
     latent: str | None = None
@@ -28,6 +32,9 @@ class ExtractionSettings:
     weights: str | None = None
     # Diffusion transformers, corrected mode: the flow-matching noise level (None: as noisy as ``timestep``).
     sigma: float | None = None
+    # What a map with an inf or NaN does: ``stop`` the run (naming model, layer and image) or ``count`` it into the
+    # store's layer attributes. Not part of the stores' config (a run that completes writes the same maps either way).
+    nonfinite: str = "stop"
 
     @property
     def switches(self) -> dict:
@@ -37,7 +44,7 @@ class ExtractionSettings:
     def config(self) -> dict:
         """The settings as the stores record them (unset switches left out, so a baseline's config is what it was
         before experiments existed)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in NOT_RECORDED}
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -52,6 +59,11 @@ class ExtractionSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.sigma is not None and not 0 < float(self.sigma) <= 1:
             raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"extraction nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        problem = experiments.padding_scope_problem(self.config())
+        if problem:
+            raise ValueError(f"extraction padding_scope {problem}")
 
 
 
@@ -66,10 +78,19 @@ def describe_switches(settings: ExtractionSettings, switches: dict | None = None
            "latent": "VAE posterior sample" if sw["latent"] == "sample" else "VAE posterior mean",
            "noise": ("one tensor shared by a batch, torch.manual_seed(seed) per batch" if paper and sw["noise"] == "shared"
                      else "one tensor shared by every image, CPU generator seeded by seed" if sw["noise"] == "shared"
-                     else "independent per image, CPU generator seeded by seed*1000003+image_index"),
+                     else "independent per image, CPU generator seeded by seed*1000003+image_index"
+                     + ("; posterior sample likewise, seed*1000003+image_index+2**31" if sw["latent"] == "sample"
+                        else "")),
            "scale_model_input": paper and scales_model_input}
     if settings.padding_mode is not None:
         out["padding_mode"] = sw["padding_mode"]
+    if settings.padding_scope is not None:
+        out["padding_scope"] = {"denoiser": "the backbone's convolutions",
+                                "vae": "the VAE encoder's convolutions and downsampler pads",
+                                "both": "the backbone's and the VAE encoder's convolutions and downsampler pads",
+                                }[sw["padding_scope"]]
+    if settings.nonfinite == "count":
+        out["nonfinite"] = "counted per layer (layer attribute nonfinite), not stopped"
     if sw["weights"] == "random":
         out["weights_seed"] = experiments.RANDOM_WEIGHTS_SEED
     return out

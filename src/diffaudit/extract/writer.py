@@ -2,6 +2,7 @@
 store still lacks (:func:`_extract_batches`), one variant into one store (:func:`extract_variant`)."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -13,6 +14,8 @@ import torch
 from ..errors import UserError
 from ..store import StoreWriter
 from .extractor import Extractor, crop_image
+
+log = logging.getLogger("diffaudit.extract")
 
 
 class _BackgroundWriter:
@@ -46,9 +49,13 @@ class _BackgroundWriter:
             raise self.error
         self.q.put(job)
 
-    def put(self, start: int, batch: dict[str, np.ndarray], writer: StoreWriter | None = None):
+    def put(self, start: int, batch: dict[str, np.ndarray], writer: StoreWriter | None = None,
+            nonfinite: dict[str, np.ndarray] | None = None):
         w = writer or self.writer
-        self._submit(lambda: w.write_batch(start, batch))
+        if nonfinite is None:
+            self._submit(lambda: w.write_batch(start, batch))
+        else:  # extraction.nonfinite: count
+            self._submit(lambda: w.write_batch(start, batch, nonfinite=nonfinite))
 
     def finalize(self, writer: StoreWriter | None = None):
         """Mark the store complete once its queued batches are written."""
@@ -83,6 +90,11 @@ def check_finite(reps: dict[str, torch.Tensor], image_ids: Sequence[str], model:
                 + "; a float16 overflow is the usual cause: set extraction.precision to bfloat16 or float32")
 
 
+def count_nonfinite(reps: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``{layer: number of inf/NaN values per image}`` of a batch (``extraction.nonfinite: count``)."""
+    return {layer: (~torch.isfinite(v.reshape(v.shape[0], -1))).sum(dim=1).numpy() for layer, v in reps.items()}
+
+
 def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundWriter, *,
                      images_fn: Callable[[int, int], list], labels: Sequence[int] | None, layers: Sequence[str],
                      crop_px: int, full_size: int | None, progress: bool, desc: str, stop_after: int | None,
@@ -107,8 +119,18 @@ def _extract_batches(extractor: Extractor, writer: StoreWriter, bg: _BackgroundW
             reps = extractor.run_batch(imgs, range(index_offset + start, index_offset + stop), layers=layers,
                                        crop_px=crop_px, full_size=full_size, out_dtype=out_dtype,
                                        labels=None if labels is None else list(labels[start:stop]))
-            check_finite(reps, writer.image_ids[start:stop], model=model)
-            bg.put(start, {k: v.numpy() for k, v in reps.items()}, writer=writer)
+            counts = None
+            if s.nonfinite == "count":
+                counts = count_nonfinite(reps)
+                for layer, c in counts.items():
+                    if c.any():
+                        log.warning("%d non-finite values in layer %s of %d image(s), the first %s%s (counted in the "
+                                    "store)", int(c.sum()), layer, int((c > 0).sum()),
+                                    writer.image_ids[start + int(np.flatnonzero(c)[0])],
+                                    f" of model {model}" if model else "")
+            else:
+                check_finite(reps, writer.image_ids[start:stop], model=model)
+            bg.put(start, {k: v.numpy() for k, v in reps.items()}, writer=writer, nonfinite=counts)
             bar.update(stop - start)
             done_batches += 1
             if stop_after is not None and done_batches >= stop_after and stop < n:

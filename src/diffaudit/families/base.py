@@ -47,6 +47,9 @@ class Family:
     #: Whether the family's pipeline runs the VAE in float32 under float16 when its config says ``force_upcast``
     #: (SDXL, PixArt; sdhelper and the SD-1/2 pipelines do not).
     upcasts_vae: bool = False
+    #: Whether the family's pipelines standardise the latents with the VAE config's ``latents_mean``/``latents_std``
+    #: where it has them (the SDXL pipelines do; the SD-1/2, SD3, FLUX and PixArt pipelines never read them).
+    standardises_latents: bool = False
     #: Whether every layer of the backbone sits on one token grid (a DiT's patch grid; a U-Net has levels).
     single_grid: bool = False
 
@@ -93,9 +96,18 @@ class Family:
         """The backbone's text conditioning for ``prompts`` as keyword arguments (one row per prompt)."""
         raise NotImplementedError
 
-    def scale_latents(self, vae, sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A VAE posterior sample (or mean) -> the backbone's latent space (in ``dtype``)."""
-        return sample.to(dtype=dtype) * vae.config.scaling_factor
+    def scale_latents(self, vae, sample: torch.Tensor, dtype: torch.dtype, latent_stats: bool = True) -> torch.Tensor:
+        """A VAE posterior sample (or mean) -> the backbone's latent space (in ``dtype``): times ``scaling_factor``,
+        or, where the family's pipelines standardise latents (:attr:`standardises_latents`), ``latent_stats`` is set
+        and the VAE config carries ``latents_mean`` and ``latents_std`` (e.g. Playground v2.5's SDXL VAE),
+        ``(z - mean) * scaling_factor / std`` per channel, as the SDXL pipelines scale them. Paper mode passes
+        ``latent_stats=False``: sdhelper 1.0.0 scales by ``scaling_factor`` alone."""
+        z = sample.to(dtype=dtype)
+        stats = latent_statistics(vae, z) if latent_stats and self.standardises_latents else None
+        if stats is not None:
+            mean, std = stats
+            return (z - mean) * vae.config.scaling_factor / std
+        return z * vae.config.scaling_factor
 
     def add_noise(self, ex, lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noised latents the backbone sees at the extraction's noise level."""
@@ -122,3 +134,13 @@ class Family:
     def save_embedded(self, name: str, out_dir: str | Path, seed: int) -> Path:
         """Build the embedded model ``name`` and write it with ``save_pretrained`` to ``out_dir``."""
         raise NotImplementedError
+
+
+def latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE config's ``latents_mean`` and ``latents_std`` as ``(1, C, 1, 1)`` tensors on ``like``'s device and in
+    its dtype, or ``None`` unless the config has both (not ``None``), as the SDXL pipelines read them."""
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    c = like.shape[1]
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, c, 1, 1).to(like.device, like.dtype) for v in (mean, std))

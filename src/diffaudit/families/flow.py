@@ -251,8 +251,8 @@ class TransformerFamily(Family):
 class FlowMatchingFamily(TransformerFamily):
     """A rectified-flow DiT: noised as ``(1 - sigma) x0 + sigma eps`` at one noise level per extraction."""
 
-    def scale_latents(self, vae, sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Flow-matching VAEs are shifted, then scaled."""
+    def scale_latents(self, vae, sample: torch.Tensor, dtype: torch.dtype, latent_stats: bool = True) -> torch.Tensor:
+        """Flow-matching VAEs are shifted, then scaled (SD3's and FLUX's pipelines read no ``latents_mean``)."""
         return (sample.to(dtype=dtype) - vae.config.shift_factor) * vae.config.scaling_factor
 
     def new_scheduler(self):

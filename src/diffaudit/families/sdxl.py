@@ -25,6 +25,7 @@ class SDXLFamily(UNetFamily):
     label = "SDXL U-Net"
     embedded = ("mini-sdxl",)
     upcasts_vae = True  # SDXL's VAE overflows in float16; its pipeline (and sdhelper) upcast it (force_upcast)
+    standardises_latents = True  # the SDXL pipelines read latents_mean/latents_std where the VAE config has them
 
     def detect(self, pipe) -> bool:
         unet = getattr(pipe, "unet", None)
