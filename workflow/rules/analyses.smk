@@ -22,6 +22,7 @@ rule position_probe:
             subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "position_probe_summary.csv (mean and sd over seeds)"},
         ),
+        per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('position_probe')}",
     params:
         **declare("probe", "bootstrap", "extraction.device", "dataset.source", "dataset.imagenet.classes"),
     log:
@@ -38,13 +39,14 @@ rule token_group_similarity:
     input:
         rep=repr_dirs,
     output:
-        report(
+        table=report(
             f"{ANALYSIS_DIR}/token_group_similarity.csv",
             caption="../report/token_group_similarity.rst",
             category="Tables",
             subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "token_group_similarity.csv (corner/border/other similarity ratios)"},
         ),
+        per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('token_group_similarity')}",
     params:
         **declare("similarity", "bootstrap"),
     log:
@@ -60,6 +62,8 @@ rule anomalies:
         rep=repr_dirs,
         paper=paper_ref_dir,
         labels=label_files,
+        # an experiment's only: the baseline's label positions, evaluated on the experiment's stores (paired)
+        baseline_labels=baseline_anomaly_labels,
     output:
         table=report(
             f"{ANALYSIS_DIR}/anomaly_rel_norm.csv",
@@ -69,6 +73,8 @@ rule anomalies:
             labels={"model": "{model}", "table": "anomaly_rel_norm.csv (relative norm of labelled anomalies)"},
         ),
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
+        labels=f"{ANALYSIS_DIR}/{layout.ANOMALY_LABELS}",
+        per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('anomaly_rel_norm')}",
     params:
         **declare("anomalies", "bootstrap"),
     log:

@@ -18,8 +18,12 @@ def image_size(store) -> int:
     return int(size)
 
 
-def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path) -> Path:
+def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
+        per_image_csv: str | Path | None = None) -> Path:
+    """The similarity table (``out_csv``) and the corner group's per-image terms (``per_image_csv``, for the
+    experiments' paired comparison; empty without cropped variants)."""
     from ..analyses.bootstrap import Bootstrap
+    from ..analyses.paired import per_image_frame, store_image_size
     from ..analyses.similarity import token_group_similarity
     from ..store import open_model_stores
 
@@ -33,13 +37,20 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path)
 
         logging.getLogger(__name__).warning("%s: no cropped variants were extracted (crops: false), so there is no "
                                             "corner/border control: the table is empty", model)
+        if per_image_csv is not None:
+            common.write_csv(per_image_frame([], full.image_ids, store_image_size(full)), per_image_csv)
         return common.write_csv(pd.DataFrame(columns=list(TABLE_COLUMNS)), out_csv)
     layers = sorted(set().union(*(c.layers for c in crops.values())), key=full.layers.index)
+    records: list = []
     df = token_group_similarity(full, crops, layers=layers, mode=cfg["similarity"]["mode"],
                                 image_size=image_size(full), chunk_images=cfg["similarity"]["chunk_images"],
-                                model_name=model, bootstrap=Bootstrap.from_config(cfg["bootstrap"]))
+                                model_name=model, bootstrap=Bootstrap.from_config(cfg["bootstrap"]),
+                                image_records=records)
+    if per_image_csv is not None:
+        common.write_csv(per_image_frame(records, full.image_ids, store_image_size(full)), per_image_csv)
     return common.write_csv(df, out_csv)
 
 
 def from_snakemake(smk):
-    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output[0])
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.output.table,
+               smk.output.per_image)
