@@ -331,3 +331,19 @@ def test_experiments_leave_the_baseline_byte_identical(repo_copy, mini_dir, imag
     assert cmp["experiment"].drop_duplicates().tolist() == ["baseline", "circ"]
     assert (cmp.loc[cmp["experiment"] == "circ", "changes"] == "padding_mode=circular").all()
     assert (tmp_path / "one" / "figures" / "experiments_mini.png").stat().st_size > 5000
+    # paired with the baseline: the same test image on both sides, so every probed layer has a difference with its
+    # interval; no crops in the experiment, so no corner difference, and the note says why; the baseline's are empty
+    circ = cmp[cmp["experiment"] == "circ"]
+    assert circ["acc_8x8_diff"].notna().all(), circ
+    assert ((circ["acc_8x8_diff_ci_low"] <= circ["acc_8x8_diff"] + 1e-9)
+            & (circ["acc_8x8_diff"] <= circ["acc_8x8_diff_ci_high"] + 1e-9)).all()
+    assert circ["corner_ratio_diff"].isna().all()
+    assert circ["diff_note"].str.contains("corner_ratio: no cropped variants in this run").all()
+    assert cmp.loc[cmp["experiment"] == "baseline", ["acc_8x8_diff", "rel_norm_diff"]].isna().all().all()
+    # the experiment's anomaly analysis evaluated the baseline's label positions (source baseline:auto), or, where
+    # the baseline's detector found none on these 4 small images, the note says so
+    if len(pd.read_csv(tmp_path / "one" / "mini" / "anomaly_labels.csv")):
+        assert "baseline:auto" in set(pd.read_csv(exp / "anomaly_rel_norm.csv")["label_source"])
+        assert (circ["rel_norm_source"] == "baseline:auto").all()
+    else:
+        assert circ["diff_note"].str.contains("rel_norm_mean: no label positions of the baseline").all()
