@@ -133,7 +133,8 @@ def probe_frame(rep_dir, layer_data, mode="corrected"):
 
 @pytest.fixture(scope="module")
 def probe_runs(tmp_path_factory):
-    """The same random features with a planted position code (baseline) and without (experiment)."""
+    """The same random features with a planted position code (baseline), again in a store with one layer more, and
+    without the code (experiment)."""
     rng = np.random.default_rng(0)
     n, c, n_img = 8, 64, 30
     noise = rng.standard_normal((n_img, c, n, n))
@@ -141,14 +142,16 @@ def probe_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("paired_probe")
     (root / "b").mkdir(), (root / "e").mkdir(), (root / "b2").mkdir()
     base = probe_frame(root / "b", {"L": noise + 2.0 * code[None]})
-    again = probe_frame(root / "b2", {"L": noise + 2.0 * code[None]})
+    again = probe_frame(root / "b2", {"X": noise[:, ::-1], "L": noise + 2.0 * code[None]})  # one layer more
     exp = probe_frame(root / "e", {"L": noise})
     return base, again, exp
 
 
 def test_identical_runs_differ_by_zero_with_a_degenerate_interval(probe_runs):
     base, again, _ = probe_runs
-    pd.testing.assert_frame_equal(base, again)  # corrected mode: the same probe for the same layer and seed
+    # corrected mode: a run with another layer list fits the same probe for the same layer and seed
+    again = again[again["layer"] == "L"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(base, again)
     d = paired_differences(base, again, ["L"], BOOT)
     row = d.iloc[0]
     assert (row["acc_8x8_diff"], row["acc_8x8_diff_ci_low"], row["acc_8x8_diff_ci_high"]) == (0.0, 0.0, 0.0)
