@@ -26,7 +26,8 @@ BOOT = Bootstrap(n_resamples=400, level=0.95, seed=0)
 
 def write_store(rep_dir, data: dict[str, np.ndarray], image_size: int = 512) -> ReprStore:
     n = next(iter(data.values())).shape[0]
-    w = StoreWriter(rep_dir / "full.zarr", layers=list(data), image_ids=[f"img{i}" for i in range(n)], labels=None,
+    # ids of digits with leading zeros, as the datasets name images: they must stay strings through the CSVs
+    w = StoreWriter(rep_dir / "full.zarr", layers=list(data), image_ids=[f"{i:06d}" for i in range(n)], labels=None,
                     config={"p": str(rep_dir)}, layer_indices=list(range(len(data))),
                     attrs={"image_size": image_size})
     w.write_batch(0, {k: v.astype(np.float16) for k, v in data.items()})

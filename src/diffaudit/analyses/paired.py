@@ -237,6 +237,20 @@ def _rel_norm_job(base, run, layer, boot, base_source, run_source):
     return _ratio_diff([b], [r], boot)
 
 
+#: Column types of the per-image and label tables when read back: image ids stay strings (``000019``, not 19).
+READ_DTYPES = {"layer": str, "quantity": str, "label_source": str, "image_id": str}
+
+
+def read_table(path) -> pd.DataFrame | None:
+    """A per-image or label table as written (:data:`READ_DTYPES`); None for an empty file."""
+    try:
+        return pd.read_csv(path, dtype=READ_DTYPES, keep_default_na=False, na_values={"seed": [""], "num": [""],
+                                                                                       "den": [""],
+                                                                                       "image_size": [""]})
+    except pd.errors.EmptyDataError:
+        return None
+
+
 def store_image_size(store) -> int | None:
     """The image size (px) a store was extracted at, as it records it (None if it does not)."""
     size = store.attrs.get("image_size") or store.attrs.get("config", {}).get("image_size")

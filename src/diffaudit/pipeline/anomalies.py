@@ -55,7 +55,7 @@ def run(cfg: dict, model: str, rep_dirs: str | Path | list, out_csv: str | Path,
                                      image_records=records))
     baseline_used = None
     if baseline_labels_csv is not None:
-        table = pd.read_csv(baseline_labels_csv) if Path(baseline_labels_csv).stat().st_size else None
+        table = paired.read_table(baseline_labels_csv)
         at_base, why = paired.baseline_labels(table, full.image_ids, image_size)
         if why:
             logging.getLogger(__name__).warning("%s: the baseline's anomaly labels are not evaluated on this run (the "

@@ -22,9 +22,11 @@ def _read_all(paths: Sequence[str | Path] | None):
     """The per-image aggregates of a run's analyses in one table (None when no path is given)."""
     import pandas as pd
 
+    from ..analyses.paired import read_table
+
     if not paths:
         return None
-    frames = [f for f in (_read(p) for p in paths) if f is not None and not f.empty]
+    frames = [f for f in (read_table(p) for p in paths) if f is not None and not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
