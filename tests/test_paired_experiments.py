@@ -214,3 +214,28 @@ def test_another_resolution_refuses_every_difference():
     row = paired_differences(base, exp, ["L"], BOOT).iloc[0]
     assert np.isnan(row[["acc_8x8_diff", "corner_ratio_diff", "rel_norm_diff"]].to_numpy(float)).all()
     assert row["diff_note"] == "not paired: extracted at 256 px, the baseline at 512 px (other grids)"
+
+
+def test_one_labelled_image_gives_the_difference_but_no_interval():
+    """The baseline's labels all lie in one image: every defined resample holds that image, so the percentile
+    interval would collapse to the estimate and 'exclude 0' for any difference; it is left empty instead."""
+    n = 10
+    den = np.zeros(n)
+    den[3] = 2.0
+
+    def frame(value):
+        rec = {"layer": "L", "spatial": 8, "quantity": "rel_norm", "images": np.arange(n), "num": den * value,
+               "den": den}
+        return per_image_frame([{**rec, "label_source": src} for src in ("auto",)], [f"{i:06d}" for i in range(n)],
+                               512)
+
+    base, exp = frame(4.0), frame(1.5).assign(label_source="baseline:auto")
+    row = paired_differences(base, exp, ["L"], BOOT, "auto", "baseline:auto").iloc[0]
+    assert row["rel_norm_diff"] == pytest.approx(-2.5)
+    assert np.isnan(row["rel_norm_diff_ci_low"]) and np.isnan(row["rel_norm_diff_ci_high"])
+    assert "rel_norm_mean: 1 labelled image, no interval" in row["diff_note"]
+    # two labelled images: an interval
+    den[5] = 1.0
+    row = paired_differences(frame(4.0), frame(1.5).assign(label_source="baseline:auto"), ["L"], BOOT, "auto",
+                             "baseline:auto").iloc[0]
+    assert row["rel_norm_diff_ci_high"] == pytest.approx(-2.5) and "rel_norm_mean" not in row["diff_note"]

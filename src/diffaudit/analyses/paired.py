@@ -18,7 +18,9 @@ bootstrap weights (:meth:`~diffaudit.analyses.bootstrap.Bootstrap.paired_differe
 on both sides), so the interval covers the difference itself, not two separate bands. It refuses (an empty
 difference and a reason in ``diff_note``) where the two runs cannot be paired: another extracted image size
 (other grids), a layer the baseline lacks, other images, other probe test splits, or no anomaly values at the
-baseline's labels.
+baseline's labels. A difference that rests on fewer than :data:`MIN_IMAGES` images (one labelled image, one probe
+test image) keeps its estimate but gets no interval (a bootstrap over one image collapses to the estimate), and
+``diff_note`` says so.
 
 Anomalies are paired by position: the baseline writes the label positions it used (``anomaly_labels.csv``,
 :func:`label_table`), and an experiment's anomaly analysis evaluates them on its own stores under the source name
@@ -39,6 +41,9 @@ BASELINE_PREFIX = "baseline:"
 #: The probe grid of the comparison (the paper's 8 x 8).
 GRID = 8
 CORNER = ("corner_sim_cropped_image", "corner_sim_full_image_ring_removed")
+#: The fewest images a paired interval rests on: with one image (one labelled image of the baseline, one probe test
+#: image) every resample that is defined holds the same image, and the interval collapses to the estimate.
+MIN_IMAGES = 2
 REL_NORM = "rel_norm"
 
 
@@ -127,8 +132,9 @@ def _probe_diff(base: pd.DataFrame, run: pd.DataFrame, boot: Bootstrap):
                 for _, d in df.groupby("seed", sort=True)]
 
     sb, sr = subsets(base), subsets(run)
-    return boot.paired_difference(pool.size, lambda w: boot.subset_mean_resamples(pool.size, sr, weights=w)
-                                  - boot.subset_mean_resamples(pool.size, sb, weights=w)), None
+    return _enough(boot.paired_difference(pool.size, lambda w: boot.subset_mean_resamples(pool.size, sr, weights=w)
+                                          - boot.subset_mean_resamples(pool.size, sb, weights=w)),
+                   pool.size, "test image")
 
 
 def _ratio_of_ratios(parts: list[pd.DataFrame], w: np.ndarray, boot: Bootstrap) -> np.ndarray:
@@ -148,7 +154,16 @@ def _ratio_diff(base: list[pd.DataFrame], run: list[pd.DataFrame], boot: Bootstr
             return boot.ratio_resamples(parts[0]["num"].to_numpy(), parts[0]["den"].to_numpy(), weights=w)
         return _ratio_of_ratios(parts, w, boot)
 
-    return boot.paired_difference(n, lambda w: stat(run, w) - stat(base, w)), None
+    used = int((base[0]["den"].to_numpy() != 0).sum())  # the images the statistic rests on (labelled ones)
+    return _enough(boot.paired_difference(n, lambda w: stat(run, w) - stat(base, w)), used,
+                   "labelled image" if len(base) == 1 else "image")
+
+
+def _enough(res: tuple[float, float, float], images: int, what: str):
+    """The difference, and its interval only if it rests on :data:`MIN_IMAGES` images or more."""
+    if images >= MIN_IMAGES:
+        return res, None
+    return (res[0], np.nan, np.nan), f"{images} {what}{'s' if images != 1 else ''}, no interval"
 
 
 def paired_differences(base: pd.DataFrame | None, run: pd.DataFrame | None, layers: Iterable[str],
@@ -196,11 +211,10 @@ def paired_differences(base: pd.DataFrame | None, run: pd.DataFrame | None, laye
         for quantity, job in jobs.items():
             res, why = job()
             stem = PAIRED_QUANTITIES[quantity]
-            if res is None:
-                if why:
-                    notes.append(f"{quantity}: {why}")
-                continue
-            out.loc[i, [stem, f"{stem}_ci_low", f"{stem}_ci_high"]] = res
+            if why:
+                notes.append(f"{quantity}: {why}")
+            if res is not None:
+                out.loc[i, [stem, f"{stem}_ci_low", f"{stem}_ci_high"]] = res
         out.loc[i, "diff_note"] = "; ".join(notes)
     return out[cols + ["diff_note"]]
 
