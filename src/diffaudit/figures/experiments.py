@@ -15,7 +15,7 @@ One colour per run (the baseline black, thicker), each with its own 95 % bootstr
 alike in both runs) but by the paired interval of the difference (``<quantity>_diff_ci_low/high`` of
 experiments.csv, the same resampled images on both sides): a layer whose paired interval excludes 0 gets a filled
 marker in the run's colour (:data:`DIFFERS_MARKER`). Runs that extracted only some layers are drawn with small
-markers. Written as ``<out_stem>.png`` and ``.svg`` like the paper figure.
+hollow markers. Written as ``<out_stem>.png`` and ``.svg`` like the paper figure.
 """
 from __future__ import annotations
 
@@ -93,6 +93,8 @@ def experiments_figure(table: pd.DataFrame, model: str, title: str | None = None
                 continue
             sparse = len(df) < len(axis)
             style = dict(BASELINE_STYLE) if run == BASELINE else dict(color=colours[run], lw=1.4, zorder=4)
+            if sparse:  # hollow: only a layer whose paired interval excludes 0 gets a filled marker
+                style.update(ms=4, mfc="white")
             changes = str(df["changes"].iloc[0]) if "changes" in df and isinstance(df["changes"].iloc[0], str) else ""
             draw_line(ax, x, y, markers=sparse, label=run + (f" ({changes})" if changes else ""), **style)
             lo, hi = (df[c].to_numpy(float) * scale for c in CI[col])
