@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 
 from diffaudit.analyses.comparison import COMPARISON_COLUMNS, compare, run_summary
-from diffaudit.figures.experiments import plot_experiments
+from diffaudit.figures.experiments import differs, plot_experiments
 
 
 def _tables(layers, spatial, acc, start_index=0, ratio=1.5, rel=2.0, sources=("auto",)):
@@ -65,6 +65,13 @@ def test_experiments_figure_is_written(tmp_path):
     assert png.stat().st_size > 5000 and svg.stat().st_size > 5000
     text = svg.read_text()
     assert "x (noise=independent)" in text and "baseline" in text and "chance" in text
+    assert "paired 95% interval of the difference excludes 0" not in text  # no paired difference: no marker
+    # a layer whose paired interval excludes 0 gets a filled marker (and the legend says what it means)
+    table.loc[table["experiment"] == "x", ["acc_8x8_diff_ci_low", "acc_8x8_diff_ci_high"]] = [[-0.4, -0.3],
+                                                                                               [-0.1, 0.1]]
+    assert differs(table[table["experiment"] == "x"], "acc_8x8").tolist() == [True, False]
+    _, svg = plot_experiments(table, tmp_path / "experiments_m2", model="m")
+    assert "paired 95% interval of the difference excludes 0" in svg.read_text()
     # baseline only (no experiments configured) still draws
     png2, _ = plot_experiments(compare("m", {"baseline": base}, {}), tmp_path / "b", model="m", title="only")
     assert png2.stat().st_size > 5000

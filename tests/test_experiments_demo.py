@@ -3,9 +3,12 @@
 
 With random weights, zero padding and the noise shared by every image each make position decodable; only
 removing both (circular padding + independent noise) brings the probe to chance."""
+import numpy as np
 import pandas as pd
 import pytest
 
+from diffaudit.analyses.bootstrap import Bootstrap
+from diffaudit.analyses.paired import paired_differences
 from diffaudit.config import load_config
 from diffaudit.pipeline import dataset as dataset_task
 from diffaudit.pipeline import extract as extract_task
@@ -16,7 +19,8 @@ PROBED = ("mid_block", "up_blocks[0]")
 
 @pytest.fixture(scope="module")
 def demo_runs(mini_dir, tmp_path_factory):
-    """The baseline and `circular_independent` of the demo (40 images), on the experiments' layers."""
+    """The baseline and `circular_independent` of the demo (40 images), on the experiments' layers: their probe
+    summaries and their per-image accuracies."""
     root = tmp_path_factory.mktemp("demo_experiments")
     cfg = load_config("params.yaml", "config/demo.yaml")
     cfg["model_sources"]["mini"] = str(mini_dir)
@@ -24,13 +28,15 @@ def demo_runs(mini_dir, tmp_path_factory):
     exp = cfg["experiments"]["circular_independent"]
     cfg["layers"] = exp["layers"]
     dataset_task.run(cfg, root / "dataset")
-    out = {}
+    out, per_image = {}, {}
     for name, overrides in (("baseline", {}), ("circular_independent", exp)):
         run_cfg = {**cfg, "experiment": overrides}
         rep = extract_task.run(run_cfg, "mini", root / "dataset", root / name / "representations", progress=False)
-        probe_task.run(run_cfg, "mini", [rep], root / name / "probe.csv", root / name / "summary.csv")
+        probe_task.run(run_cfg, "mini", [rep], root / name / "probe.csv", root / name / "summary.csv",
+                       root / name / "per_image.csv")
         out[name] = pd.read_csv(root / name / "summary.csv")
-    return cfg, out
+        per_image[name] = pd.read_csv(root / name / "per_image.csv")
+    return cfg, out, per_image
 
 
 def _final_8x8(summary: pd.DataFrame) -> pd.DataFrame:
@@ -53,7 +59,7 @@ def test_the_demo_experiments_are_the_two_causes_alone_and_together():
 def test_circular_padding_and_independent_noise_bring_the_probe_to_chance(demo_runs):
     """Final-epoch 8x8 per-axis accuracy, mean over the mid_block and up_blocks[0] layers (chance 1/8): the baseline
     above 2x chance, circular_independent within 1.5x chance."""
-    _, runs = demo_runs
+    _, runs, _ = demo_runs
     base, both = (_final_8x8(runs[n]) for n in ("baseline", "circular_independent"))
     assert len(base) == len(both) == 6
     chance = 1 / 8
@@ -62,3 +68,17 @@ def test_circular_padding_and_independent_noise_bring_the_probe_to_chance(demo_r
     # and by number, per layer: the baseline's interval lies above the experiment's on most layers
     merged = base.merge(both, on="layer", suffixes=("_base", "_both"))
     assert (merged["ci_low_base"] > merged["ci_high_both"]).mean() >= 0.5, merged
+
+
+def test_the_paired_difference_of_the_demo_experiment_excludes_zero(demo_runs):
+    """The same comparison as a paired difference (the same test images, the same resamples on both sides): the
+    experiment minus the baseline is below 0 with its interval on every probed layer where the bands separate, and
+    the estimate is the difference of the two runs' accuracies."""
+    cfg, runs, per_image = demo_runs
+    layers = _final_8x8(runs["baseline"])["layer"].tolist()
+    d = paired_differences(per_image["baseline"], per_image["circular_independent"], layers,
+                           Bootstrap.from_config(cfg["bootstrap"])).set_index("layer")
+    base, both = (_final_8x8(runs[n]).set_index("layer")["accuracy"] for n in ("baseline", "circular_independent"))
+    assert np.allclose(d["acc_8x8_diff"], (both - base).loc[layers], atol=1e-5)
+    assert (d["acc_8x8_diff_ci_high"] < 0).mean() >= 0.5, d
+    assert (d["acc_8x8_diff_ci_low"] <= d["acc_8x8_diff"]).all() and (d["acc_8x8_diff"] <= d["acc_8x8_diff_ci_high"]).all()

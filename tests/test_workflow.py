@@ -331,3 +331,23 @@ def test_experiments_leave_the_baseline_byte_identical(repo_copy, mini_dir, imag
     assert cmp["experiment"].drop_duplicates().tolist() == ["baseline", "circ"]
     assert (cmp.loc[cmp["experiment"] == "circ", "changes"] == "padding_mode=circular").all()
     assert (tmp_path / "one" / "figures" / "experiments_mini.png").stat().st_size > 5000
+    # paired with the baseline: the same test image on both sides, so every probed layer has a difference, but no
+    # interval (one test image of 4 in paper mode); no crops in the experiment, so no corner difference; the notes
+    # say why; the baseline's differences are empty
+    circ = cmp[cmp["experiment"] == "circ"].set_index("layer")
+    shared = ["down_blocks[1].resnets[0]", "up_blocks[1].upsamplers[0]"]
+    assert circ.loc[shared, "acc_8x8_diff"].notna().all() and circ["acc_8x8_diff_ci_low"].isna().all(), circ
+    assert circ.loc[shared, "diff_note"].str.contains("acc_8x8: 1 test image, no interval").all()
+    assert circ.loc[shared, "diff_note"].str.contains("corner_ratio: no cropped variants in this run").all()
+    assert circ["corner_ratio_diff"].isna().all()
+    # `mid_block` (the whole block) is no layer of the baseline's: nothing to pair it with
+    assert circ.loc["mid_block", "diff_note"] == "not paired: the baseline has no such layer"
+    assert circ.loc[["mid_block"], ["acc_8x8_diff", "rel_norm_diff"]].isna().all().all()
+    assert cmp.loc[cmp["experiment"] == "baseline", ["acc_8x8_diff", "rel_norm_diff"]].isna().all().all()
+    # the experiment's anomaly analysis evaluated the baseline's label positions (source baseline:auto), or, where
+    # the baseline's detector found none on these 4 small images, the note says so
+    if len(pd.read_csv(tmp_path / "one" / "mini" / "anomaly_labels.csv")):
+        assert "baseline:auto" in set(pd.read_csv(exp / "anomaly_rel_norm.csv")["label_source"])
+        assert (circ["rel_norm_source"] == "baseline:auto").all()
+    else:
+        assert circ.loc[shared, "diff_note"].str.contains("rel_norm_mean: no label positions of the baseline").all()

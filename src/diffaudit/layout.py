@@ -12,6 +12,7 @@ ask this module; it imports nothing from the package, so anything may import it.
         shard<i>of<n>/<variant>.zarr           with ``extraction.shards`` = n > 1 (i from 1)
       paper_reference/                         the authors' files for this run and status.json
       <table>.csv, anomaly_detector.json       the analyses' tables, credibility.csv, paper_comparison.csv
+      <table>_per_image.csv, anomaly_labels.csv  per-image aggregates and label positions (paired comparison)
       experiments.csv                          the runs of the model compared
       experiments/<name>/                      an experiment's run: representations/, paper_reference/, tables
     layer_summary/<model>.csv                  the figure's per-layer quantities (``dvc plots``, cross-model figure)
@@ -46,6 +47,12 @@ EXPERIMENT_SUMMARY = "experiment_summary"
 EXPERIMENTS_TABLE = "experiments.csv"
 #: Where a model's weights came from, per file (rule ``model_files``), in the model's folder.
 MODEL_FILES_TABLE = "model_files.csv"
+#: The label positions a run's anomaly analysis used (per source), in the run's folder: its experiments' anomaly
+#: analyses evaluate them on their own stores (the paired anomaly comparison).
+ANOMALY_LABELS = "anomaly_labels.csv"
+#: The analyses whose per-image aggregates are kept (``<table>_per_image.csv`` in the run's folder) for the paired
+#: bootstrap of the experiments' comparison.
+PER_IMAGE_TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm")
 
 #: Where the workflow builds the embedded models (rule build_mini; ``model_sources.<name>`` in params.yaml).
 EMBEDDED_ROOT = "resources/models"
@@ -81,6 +88,14 @@ def run_dir(results_dir: str | Path, model: str, suffix: str = "") -> str:
 def experiments_dir(model_dir: str | Path) -> Path:
     """The folder of a model's experiment runs."""
     return Path(model_dir) / EXPERIMENTS
+
+
+def per_image_table(table: str) -> str:
+    """The file name of the per-image aggregates of an analysis table (``position_probe`` ->
+    ``position_probe_per_image.csv``), next to the table in the run's folder."""
+    if table not in PER_IMAGE_TABLES:
+        raise ValueError(f"no per-image aggregates for table {table!r}; one of {PER_IMAGE_TABLES}")
+    return f"{table}_per_image.csv"
 
 
 def paper_reference_dir(run_folder: str | Path) -> str:

@@ -11,8 +11,10 @@ the authors' numbers into, the figures and the explorer read, and ``diffaudit.dv
 - ``credibility``: :data:`CREDIBILITY_COLUMNS` (:mod:`diffaudit.analyses.credibility`);
 - ``paper_comparison``: :data:`PAPER_COMPARISON_COLUMNS`, and ``layer_summary/{model}``:
   :data:`LAYER_SUMMARY_COLUMNS` (:mod:`diffaudit.analyses.paper_comparison`);
-- a run's summary and the experiments' table: :data:`RUN_SUMMARY_COLUMNS`, :data:`EXPERIMENT_COMPARISON_COLUMNS`
-  (:mod:`diffaudit.analyses.comparison`).
+- a run's summary and the experiments' table: :data:`RUN_SUMMARY_COLUMNS` (+ :data:`PAIRED_COLUMNS`),
+  :data:`EXPERIMENT_COMPARISON_COLUMNS` (:mod:`diffaudit.analyses.comparison`);
+- the analyses' per-image aggregates (``<analysis>_per_image.csv``): :data:`PER_IMAGE_COLUMNS`, and the anomaly
+  label positions of a run (``anomaly_labels.csv``): :data:`ANOMALY_LABEL_COLUMNS` (:mod:`diffaudit.analyses.paired`).
 
 The published tables of the authors have the leading columns only (:data:`PROBE_COLUMNS`,
 :data:`SIMILARITY_COLUMNS`, :data:`RELNORM_COLUMNS`); ours append intervals and counts after them.
@@ -98,7 +100,26 @@ RUN_SUMMARY_COLUMNS = ["layer_index", "layer", "spatial",
                        "interior_chance_8x8",
                        "corner_ratio", "corner_ratio_ci_low", "corner_ratio_ci_high",
                        "rel_norm_mean", "rel_norm_ci_low", "rel_norm_ci_high", "rel_norm_source"]
-EXPERIMENT_COMPARISON_COLUMNS = ["model", "experiment", "changes"] + RUN_SUMMARY_COLUMNS
+#: The quantities of a run that :func:`diffaudit.analyses.comparison.paired_differences` compares with the
+#: baseline -> the stem of their difference columns (``<stem>``, ``<stem>_ci_low``, ``<stem>_ci_high``).
+PAIRED_QUANTITIES = {"acc_8x8": "acc_8x8_diff", "interior_acc_8x8": "interior_acc_8x8_diff",
+                     "corner_ratio": "corner_ratio_diff", "rel_norm_mean": "rel_norm_diff"}
+#: Appended to :data:`RUN_SUMMARY_COLUMNS` in a run's summary: the run's own anomaly detections (``rel_norm_*``
+#: are at the baseline's labels where the run could be evaluated there), then per quantity the paired difference
+#: to the baseline with its paired bootstrap interval, and ``diff_note`` (why a difference is empty).
+PAIRED_COLUMNS = (["own_rel_norm_mean", "own_rel_norm_ci_low", "own_rel_norm_ci_high", "own_rel_norm_source"]
+                  + [f"{stem}{end}" for stem in PAIRED_QUANTITIES.values() for end in ("", "_ci_low", "_ci_high")]
+                  + ["diff_note"])
+EXPERIMENT_COMPARISON_COLUMNS = ["model", "experiment", "changes"] + RUN_SUMMARY_COLUMNS + PAIRED_COLUMNS
+
+# <analysis>_per_image.csv: the per-image aggregates of a run's analyses, the input of the paired bootstrap
+# (diffaudit.analyses.paired). One row per (layer, quantity, label source, probe seed, image): the image's term
+# of the statistic, ``num`` / ``den`` (a mean over images has den 1; a ratio of sums sums both over images).
+PER_IMAGE_COLUMNS = ["layer", "spatial", "image_size", "quantity", "label_source", "seed", "image", "image_id",
+                     "num", "den"]
+# anomaly_labels.csv: the label positions a run's anomaly analysis used, per source (rows (image, x, y) on the
+# grid x grid reference grid of images of image_size px), read by its experiments' anomaly analyses.
+ANOMALY_LABEL_COLUMNS = ["label_source", "image", "x", "y", "grid", "image_size"]
 
 #: The tidy tables of one model that the summaries and figures read (file stems in its table folder).
 MODEL_TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm", "channel_outliers")

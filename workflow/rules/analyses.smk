@@ -24,6 +24,7 @@ rule position_probe:
             subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "position_probe_summary.csv (mean and sd over seeds)"},
         ),
+        per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('position_probe')}",
     params:
         **declare("probe", "bootstrap", "extraction.device", "dataset.source", "dataset.imagenet.classes"),
     log:
@@ -49,6 +50,7 @@ rule token_group_similarity:
         ),
         # the same table in corrected mode, from the same pass (the credibility score's input, docs/credibility.md)
         corrected=f"{ANALYSIS_DIR}/{CORRECTED_TABLES['token_group_similarity']}.csv",
+        per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('token_group_similarity')}",
     params:
         **declare("similarity", "bootstrap"),
     log:
@@ -64,6 +66,8 @@ rule anomalies:
         rep=repr_dirs,
         paper=paper_ref_dir,
         labels=label_files,
+        # an experiment's only: the baseline's label positions, evaluated on the experiment's stores (paired)
+        baseline_labels=baseline_anomaly_labels,
     output:
         table=report(
             f"{ANALYSIS_DIR}/anomaly_rel_norm.csv",
@@ -75,6 +79,8 @@ rule anomalies:
         detector=f"{ANALYSIS_DIR}/anomaly_detector.json",
         # the same table in corrected mode, from the same pass (the credibility score's input, docs/credibility.md)
         corrected=f"{ANALYSIS_DIR}/{CORRECTED_TABLES['anomaly_rel_norm']}.csv",
+        labels=f"{ANALYSIS_DIR}/{layout.ANOMALY_LABELS}",
+        per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('anomaly_rel_norm')}",
     params:
         **declare("anomalies", "bootstrap"),
     log:

@@ -104,9 +104,22 @@ def label_files(wildcards):
 
 # The run summaries (rules in experiments.smk): one per run, in one folder per model (DVC tracks the folder;
 # diffaudit.layout.run_summary_path).
-RUN_TABLES = ["position_probe_summary.csv", "token_group_similarity.csv", "anomaly_rel_norm.csv"]
+RUN_TABLES = {"probe": "position_probe_summary.csv", "similarity": "token_group_similarity.csv",
+              "anomalies": "anomaly_rel_norm.csv"}
 
 
 def run_tables(wildcards):
-    """The tables a run's summary reads (the baseline's, or an experiment's)."""
-    return [f"{run_dir(wildcards.model, layout.run_suffix(wildcards.run))}/{table}" for table in RUN_TABLES]
+    """The tables a run's summary reads (the baseline's, or an experiment's), its per-image aggregates and, for an
+    experiment, the baseline's per-image aggregates (the paired differences)."""
+    folder = run_dir(wildcards.model, layout.run_suffix(wildcards.run))
+    out = {key: f"{folder}/{table}" for key, table in RUN_TABLES.items()}
+    out["per_image"] = [f"{folder}/{layout.per_image_table(t)}" for t in layout.PER_IMAGE_TABLES]
+    if wildcards.run != layout.BASELINE:
+        out["base_per_image"] = [f"{run_dir(wildcards.model)}/{layout.per_image_table(t)}"
+                                 for t in layout.PER_IMAGE_TABLES]
+    return out
+
+
+def baseline_anomaly_labels(wildcards):
+    """An experiment's anomaly analysis reads the baseline's label positions (none for the baseline)."""
+    return [f"{run_dir(wildcards.model)}/{layout.ANOMALY_LABELS}"] if wildcards.get("exp", "") else []

@@ -1,14 +1,15 @@
 # Experiments (params.yaml `experiments`): the extraction and analysis rules above run for each experiment too
 # (wildcard `exp`); here each run (the baseline or an experiment) is reduced to the per-layer quantities of the
-# paper's three panels with bootstrap intervals, and the runs of a model are compared in one table and figure.
+# paper's three panels with bootstrap intervals (an experiment's with its paired differences to the baseline, from
+# both runs' per-image aggregates), and the runs of a model are compared in one table and figure.
 
 rule run_summary:
     input:
-        run_tables,
+        unpack(run_tables),
     output:
         layout.run_summary_path(RESULTS, "{model}", "{run}"),
     params:
-        **declare("probe.interior_k"),
+        **declare("probe.interior_k", "bootstrap"),
     log:
         f"{LOGS}/run_summary/{{model}}/{{run}}.log",
     conda:

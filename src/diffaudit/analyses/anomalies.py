@@ -135,8 +135,8 @@ def _token_norms(chunk: np.ndarray) -> np.ndarray:
 
 def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, ref_layer: str = REF_LAYER,
                    mode: str = "paper", label_source: str = "paper", model_name: str = "",
-                   chunk_images: int = 20, progress: bool = False, bootstrap: Bootstrap | None = None
-                   ) -> pd.DataFrame:
+                   chunk_images: int = 20, progress: bool = False, bootstrap: Bootstrap | None = None,
+                   ref_grid: int | None = None, image_records: list | None = None) -> pd.DataFrame:
     """Mean and std (ddof=0) over labels of the patch's relative token norm, per layer (module docstring).
 
     Columns :data:`ANOMALY_TABLE_COLUMNS`: the shared :data:`RELNORM_COLUMNS`, then ``n_images`` (the store's
@@ -144,26 +144,31 @@ def relative_norms(store: ReprStore, labels, layers: list[str] | None = None, re
     ``rel_norm_ci_low, rel_norm_ci_high``, the ``bootstrap`` interval of the mean over the store's images (default
     ``Bootstrap()``; module docstring).
     Only images that carry labels are read, in contiguous runs of ``chunk_images`` images, one layer at a
-    time: memory is O(chunk_images * C * h * w). ``H_ref`` comes from :func:`reference_grid`.
+    time: memory is O(chunk_images * C * h * w). ``H_ref`` is ``ref_grid`` when given (the grid the labels were
+    made on, e.g. another run's), else :func:`reference_grid`.
+    ``image_records``, a list, collects per layer every image's sum of relative norms and number of labels
+    (quantity ``rel_norm``, records of :func:`diffaudit.analyses.paired.per_image_frame`), the input of the
+    experiments' paired comparison.
     """
     return relative_norms_modes(store, labels, (mode,), layers, ref_layer, label_source, model_name, chunk_images,
-                                progress, bootstrap)[mode]
+                                progress, bootstrap, ref_grid, image_records)[mode]
 
 
 def relative_norms_modes(store: ReprStore, labels, modes=MODES, layers: list[str] | None = None,
                          ref_layer: str = REF_LAYER, label_source: str = "paper", model_name: str = "",
-                         chunk_images: int = 20, progress: bool = False, bootstrap: Bootstrap | None = None
-                         ) -> dict[str, pd.DataFrame]:
+                         chunk_images: int = 20, progress: bool = False, bootstrap: Bootstrap | None = None,
+                         ref_grid: int | None = None, image_records: list | None = None) -> dict[str, pd.DataFrame]:
     """:func:`relative_norms` in several modes from ONE pass over the store: ``{mode: table}``.
 
     The modes differ only in the denominator computed from the same patch and image sums, so the paper-mode
     table and the corrected-mode one (the credibility score's input, free of the patch-in-denominator quirk)
-    cost one read of the store; each mode's table is the one :func:`relative_norms` writes alone."""
+    cost one read of the store; each mode's table is the one :func:`relative_norms` writes alone.
+    ``image_records`` collects the per-image terms (as :func:`relative_norms`) in the first mode."""
     modes = tuple(modes)
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown relative-norm mode {mode!r}; use one of {MODES}")
-    h_ref = reference_grid(store, ref_layer)
+    h_ref = reference_grid(store, ref_layer) if ref_grid is None else int(ref_grid)
     labels = validate_labels(labels, n_images=store.n_images, grid=h_ref)
     layers = store.select_layers(layers)
     images = np.unique(labels[:, 0])
@@ -211,10 +216,13 @@ def relative_norms_modes(store: ReprStore, labels, modes=MODES, layers: list[str
             v = np.asarray(values[mode], dtype=np.float64)
             mean = float(np.mean(v)) if v.size else np.nan
             ci = (np.nan, np.nan)
+            per_image = np.bincount(np.asarray(value_image, dtype=np.int64), weights=v, minlength=store.n_images)
             if np.isfinite(mean):
-                per_image = np.bincount(np.asarray(value_image, dtype=np.int64), weights=v,
-                                        minlength=store.n_images)
                 ci = tuple(float(b) for b in boot.ratio_interval(per_image, label_count))
+            if image_records is not None and mode == modes[0]:
+                image_records.append({"layer": layer, "spatial": int(h), "quantity": "rel_norm",
+                                      "label_source": label_source, "images": np.arange(store.n_images),
+                                      "num": per_image, "den": label_count})
             rows[mode].append((model_name, store.layer_index(layer), layer, int(c), int(h), label_source,
                                mean, float(np.std(v)) if v.size else np.nan, int(v.size), *prevalence, *ci))
     return {mode: pd.DataFrame(r, columns=ANOMALY_TABLE_COLUMNS) for mode, r in rows.items()}

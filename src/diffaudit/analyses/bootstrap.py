@@ -14,13 +14,15 @@ Resamples in which a statistic is undefined (0/0: no image of a subset drawn) ar
 
 ``W`` depends only on ``(seed, n_resamples, n)``: every layer (and every analysis with the same number of images)
 sees the same resamples, so a layer's interval does not depend on which other layers ran, two runs with the same
-seed give identical intervals, and the bands of neighbouring layers are drawn from common random numbers.
+seed give identical intervals, and the bands of neighbouring layers are drawn from common random numbers. Two
+runs on the same images (the baseline and an experiment) see the same resamples too: the difference of their
+statistics, resample by resample, gives the paired interval of :meth:`Bootstrap.paired_difference`.
 """
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +69,13 @@ class Bootstrap:
         read-only and cached, the same for every call with this seed and ``n``."""
         return _weights(int(self.seed), int(self.n_resamples), int(n))
 
-    def ratio_resamples(self, num, den) -> np.ndarray:
+    def ratio_resamples(self, num, den, weights: np.ndarray | None = None) -> np.ndarray:
         """Resampled ratios of sums over images, ``sum num / sum den``: (B, ...) for ``num`` and ``den`` of shape
-        (n, ...) (one row per image); NaN where the resampled denominator is 0."""
+        (n, ...) (one row per image); NaN where the resampled denominator is 0. ``weights`` (B, n) replaces the
+        resamples (:meth:`paired_difference` passes all ones for the estimate itself)."""
         num = np.asarray(num, dtype=np.float64)
         den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
-        w = self.weights(num.shape[0])
+        w = self.weights(num.shape[0]) if weights is None else weights
         flat = num.shape[0], -1
         top = (w @ num.reshape(flat)).reshape((w.shape[0], *num.shape[1:]))
         bottom = (w @ den.reshape(flat)).reshape(top.shape)
@@ -84,16 +87,17 @@ class Bootstrap:
         values = np.asarray(values, dtype=np.float64)
         return self.ratio_resamples(values, np.ones(values.shape[0])[(...,) + (None,) * (values.ndim - 1)])
 
-    def subset_mean_resamples(self, n: int, subsets: Sequence[tuple[Sequence[int], np.ndarray]]) -> np.ndarray:
+    def subset_mean_resamples(self, n: int, subsets: Sequence[tuple[Sequence[int], np.ndarray]],
+                              weights: np.ndarray | None = None) -> np.ndarray:
         """Resampled mean over subsets of each subset's mean over its images, the images resampled jointly.
 
         ``n`` images (a pool) are resampled together; ``subsets`` lists ``(positions, values)`` with the
         positions (into the pool) of a subset's images and their values (len(positions), ...). For every resample
         each subset's mean is the multiplicity-weighted mean over its images (NaN if none was drawn), then the
         subsets' means are averaged. Returns (B, ...). With one subset covering the whole pool this is
-        :meth:`mean_resamples`.
+        :meth:`mean_resamples`. ``weights`` (B, n) replaces the resamples, as in :meth:`ratio_resamples`.
         """
-        w = self.weights(n)
+        w = self.weights(n) if weights is None else weights
         out = None
         for pos, values in subsets:
             values = np.asarray(values, dtype=np.float64)
@@ -106,6 +110,18 @@ class Bootstrap:
         if out is None:
             raise ValueError("no subsets")
         return out / len(subsets)
+
+    def paired_difference(self, n: int, statistic: Callable[[np.ndarray], np.ndarray]
+                          ) -> tuple[float, float, float]:
+        """``(difference, ci_low, ci_high)`` of a difference between two runs on the same ``n`` images.
+
+        ``statistic(weights)`` maps a (B, n) weight matrix to the (B,) differences (one run's statistic minus the
+        other's, both computed with the same weights). The estimate is the statistic with every weight 1 (the
+        images as they are); the interval is the percentile interval of the statistic under this bootstrap's
+        resamples, so both runs see the same resampled images in each resample (a paired bootstrap)."""
+        est = float(np.asarray(statistic(np.ones((1, int(n)))), dtype=np.float64).reshape(-1)[0])
+        lo, hi = self.interval(np.asarray(statistic(self.weights(n)), dtype=np.float64))
+        return est, float(lo), float(hi)
 
     # -- intervals --------------------------------------------------------------------------------
 

@@ -11,8 +11,15 @@ A *run* is the baseline (the ``extraction`` section) or one experiment (docs/exp
 ``corner_ratio`` (``_ci_low``, ``_ci_high``)
     the corner/border similarity control's corner ratio (cropped image vs full image with the ring removed)
 ``rel_norm_mean`` (``rel_norm_ci_low``, ``rel_norm_ci_high``)
-    the mean relative norm of the anomalies of one label source (paper, else auto, else the first user source:
-    ``rel_norm_source``)
+    the mean relative norm of the anomalies of one label source (``rel_norm_source``): for an experiment the
+    baseline's label positions evaluated on the experiment's stores (``baseline:paper``, ``baseline:auto``) where
+    that is possible, else, like for the baseline, the run's own labels (paper, else auto, else the first user
+    source); ``own_rel_norm_*`` are always the run's own labels (an experiment's own detections)
+``<quantity>_diff`` (``_ci_low``, ``_ci_high``) and ``diff_note``
+    the experiment minus the baseline with a paired bootstrap interval (the same resampled images on both sides,
+    :mod:`diffaudit.analyses.paired`) for ``acc_8x8``, ``interior_acc_8x8``, ``corner_ratio`` and
+    ``rel_norm_mean`` (``rel_norm_diff``, at the baseline's labels); empty for the baseline, and empty with the
+    reason in ``diff_note`` where the runs cannot be paired
 
 The intervals are the analyses' own percentile bootstrap over images (``bootstrap`` in params.yaml).
 :func:`compare` stacks the runs of a model, the baseline first, with each experiment's overrides in ``changes``
@@ -24,13 +31,13 @@ import numpy as np
 import pandas as pd
 
 from ..layout import BASELINE
-from ..tables import EXPERIMENT_COMPARISON_COLUMNS, RUN_SUMMARY_COLUMNS, final_epoch
+from ..tables import EXPERIMENT_COMPARISON_COLUMNS, PAIRED_COLUMNS, RUN_SUMMARY_COLUMNS, final_epoch
+from .bootstrap import Bootstrap
+from .paired import BASELINE_PREFIX, GRID, REL_NORM, paired_differences
 from .probe import interior_chance_level
 
-#: The probe grid of the comparison (the paper's 8 x 8).
-GRID = 8
 SOURCE_PREFERENCE = ("paper", "auto")
-SUMMARY_COLUMNS = RUN_SUMMARY_COLUMNS  # the schemas live in diffaudit.tables
+SUMMARY_COLUMNS = RUN_SUMMARY_COLUMNS + PAIRED_COLUMNS  # the schemas live in diffaudit.tables
 COMPARISON_COLUMNS = EXPERIMENT_COMPARISON_COLUMNS
 
 
@@ -62,26 +69,59 @@ def corner_rows(sim: pd.DataFrame | None) -> pd.DataFrame:
     return pd.DataFrame({c: _col(sim, c) for c in cols})
 
 
-def anomaly_rows(anom: pd.DataFrame | None) -> pd.DataFrame:
-    cols = ["layer", "rel_norm_mean", "rel_norm_ci_low", "rel_norm_ci_high", "rel_norm_source"]
+def _own_source(anom: pd.DataFrame | None) -> str | None:
+    """The run's own label source: paper, else auto, else the first (never one at the baseline's labels)."""
     if anom is None or anom.empty or "label_source" not in anom.columns:
+        return None
+    sources = [s for s in dict.fromkeys(anom["label_source"].astype(str)) if not s.startswith(BASELINE_PREFIX)]
+    return next((s for s in SOURCE_PREFERENCE if s in sources), sources[0] if sources else None)
+
+
+def anomaly_rows(anom: pd.DataFrame | None, source: str | None = None, prefix: str = "rel_norm") -> pd.DataFrame:
+    """``layer, <prefix>_mean, <prefix>_ci_low, <prefix>_ci_high, <prefix>_source`` of one label source of an
+    anomaly table (default: the run's own, :func:`_own_source`)."""
+    cols = ["layer", f"{prefix}_mean", f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_source"]
+    source = source or _own_source(anom)
+    if source is None:
         return pd.DataFrame(columns=cols)
-    sources = list(dict.fromkeys(anom["label_source"].astype(str)))
-    source = next((s for s in SOURCE_PREFERENCE if s in sources), sources[0])
     df = anom[anom["label_source"].astype(str) == source]
-    out = pd.DataFrame({c: _col(df, c) for c in cols[:-1]})
-    out["rel_norm_source"] = source
+    out = pd.DataFrame({new: _col(df, old) for new, old in zip(cols[:-1], ["layer", "rel_norm_mean", "rel_norm_ci_low",
+                                                                         "rel_norm_ci_high"])})
+    out[cols[-1]] = source
     return out
 
 
 def run_summary(probe: pd.DataFrame | None, sim: pd.DataFrame | None, anom: pd.DataFrame | None,
-                interior_k: int = 2) -> pd.DataFrame:
-    """One run's per-layer quantities (:data:`SUMMARY_COLUMNS`), in the run's layer order."""
-    parts = [probe_rows(probe, interior_k), corner_rows(sim), anomaly_rows(anom)]
+                interior_k: int = 2, per_image: pd.DataFrame | None = None,
+                base_per_image: pd.DataFrame | None = None, bootstrap: Bootstrap | None = None) -> pd.DataFrame:
+    """One run's per-layer quantities (:data:`SUMMARY_COLUMNS`), in the run's layer order.
+
+    ``rel_norm_*`` are at the baseline's label positions (source ``baseline:<the baseline's source>``) where the
+    run was evaluated there, else the run's own labels; ``own_rel_norm_*`` always the run's own. For an experiment
+    (``base_per_image``: the baseline's per-image aggregates; ``per_image``: the run's) the ``*_diff`` columns are
+    its paired differences to the baseline (:func:`diffaudit.analyses.paired.paired_differences`, ``bootstrap``
+    default ``Bootstrap()``); the baseline's (``base_per_image`` None) are empty."""
+    own_source = _own_source(anom)
+    base_source = paired_source = None
+    if base_per_image is not None and not base_per_image.empty:
+        rel = base_per_image[base_per_image["quantity"] == REL_NORM]
+        base_sources = [s for s in dict.fromkeys(rel["label_source"].fillna("").astype(str))
+                        if s and not s.startswith(BASELINE_PREFIX)]
+        base_source = next((s for s in SOURCE_PREFERENCE if s in base_sources),
+                           base_sources[0] if base_sources else None)
+        have = set(anom["label_source"].astype(str)) if anom is not None and "label_source" in anom else set()
+        if base_source and f"{BASELINE_PREFIX}{base_source}" in have:
+            paired_source = f"{BASELINE_PREFIX}{base_source}"
+    own = anomaly_rows(anom, own_source, prefix="own_rel_norm")
+    parts = [probe_rows(probe, interior_k), corner_rows(sim), anomaly_rows(anom, paired_source or own_source), own]
     layers = list(dict.fromkeys(layer for p in parts for layer in p["layer"]))
     out = pd.DataFrame({"layer": layers})
     for p in parts:
         out = out.merge(p.drop_duplicates("layer"), on="layer", how="left")
+    if base_per_image is not None:
+        diffs = paired_differences(base_per_image, per_image, layers, bootstrap or Bootstrap(), base_source,
+                                   paired_source)
+        out = out.merge(diffs, on="layer", how="left")
     order = {}
     for t in (probe, sim, anom):
         if t is not None and not t.empty and "layer_index" in t.columns:
@@ -94,7 +134,9 @@ def run_summary(probe: pd.DataFrame | None, sim: pd.DataFrame | None, anom: pd.D
                 spatial.update({lay: s for lay, s in zip(t["layer"], t["spatial"]) if lay not in spatial})
         out["spatial"] = [spatial.get(lay, np.nan) for lay in out["layer"]]
     out = out.sort_values("layer_index", kind="stable")
-    return out.reindex(columns=SUMMARY_COLUMNS).reset_index(drop=True)
+    out = out.reindex(columns=SUMMARY_COLUMNS).reset_index(drop=True)
+    out["diff_note"] = out["diff_note"].astype(object).where(out["diff_note"].notna(), "")
+    return out
 
 
 def describe_changes(overrides: dict | None) -> str:

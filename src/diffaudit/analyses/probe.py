@@ -191,7 +191,8 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
 
     ``train_tok``/``test_tok`` are int64 CPU tensors of token indices into ``x``; the label of token t is
     ``(row, col) = ((t % n^2) // n, t % n)``; the test tokens are whole images, image after image. Returns rows
-    (epoch, granularity, metric, accuracy, interior accuracy, per-image accuracies (float64, one per test image)).
+    (epoch, granularity, metric, accuracy, interior accuracy, per-image accuracies (float64, one per test image),
+    per-image interior accuracies (the same on each image's interior tokens; None without an interior)).
     """
     hw = n * n
     train_dev = train_tok.to(device)
@@ -224,12 +225,18 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
             per_image = {"per_axis": ok.view(n_test_img, hw * 2).double().mean(dim=1),
                          "joint": ok.all(dim=1).view(n_test_img, hw).double().mean(dim=1)}
             interior = interiors[g]
+            inner_image = {}
+            if interior is not None:  # the same tokens of every image are interior: one row per image
+                inner_ok = ok[interior].view(n_test_img, -1, 2)
+                inner_image = {"per_axis": inner_ok.double().mean(dim=(1, 2)),
+                               "joint": inner_ok.all(dim=2).double().mean(dim=1)}
             for metric in METRICS:
                 joint = metric == "joint"
                 inner = (accuracy_at_granularity(pred[interior], y_test[interior], n, g, joint=joint)
                          if interior is not None else float("nan"))
                 out.append((epoch, g, metric, accuracy_at_granularity(pred, y_test, n, g, joint=joint), inner,
-                            per_image[metric].cpu().numpy()))
+                            per_image[metric].cpu().numpy(),
+                            inner_image[metric].cpu().numpy() if inner_image else None))
     return out
 
 
@@ -354,7 +361,7 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
               seeds: Sequence[int] = (42, 43, 44), granularities: Sequence[int] = (8, 16, 32, 64), device=None,
               model_name: str = "", progress: bool = False, chunk_images: int = 20,
               class_names: Sequence | Mapping | None = None, interior_k: int = 2,
-              bootstrap: Bootstrap | None = None) -> pd.DataFrame:
+              bootstrap: Bootstrap | None = None, image_records: list | None = None) -> pd.DataFrame:
     """Train the positional linear probe on each layer; long-format accuracies (see the module docstring).
 
     Columns (:data:`TABLE_COLUMNS`): ``model, layer_index, layer, channels, spatial, epoch, granularity, metric,
@@ -370,6 +377,10 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
     single class of several is logged as a warning before any training. The bootstrap interval of the mean over
     all seeds (:func:`_seed_mean_interval`) is attached as ``df.attrs["probe_seed_mean_ci"]`` (columns as lists),
     for :func:`summarize_probe` as well.
+
+    ``image_records``, a list, collects the final epoch's ``per_axis`` accuracies of every test image, per layer,
+    seed and granularity (records of :func:`diffaudit.analyses.paired.per_image_frame`: quantities
+    ``acc_<g>x<g>`` and ``interior_acc_<g>x<g>``), the input of the experiments' paired comparison.
     """
     if mode not in MODES:
         raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
@@ -420,7 +431,9 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
                 acc_img = np.stack([r[5] for r in res])  # (rows, test images)
                 lo, hi = boot.mean_interval(acc_img.T)
                 rows.extend((*meta, ep, g, metric, int(s), acc, float(a), float(b), inner)
-                            for (ep, g, metric, acc, inner, _), a, b in zip(res, lo, hi))
+                            for (ep, g, metric, acc, inner, *_), a, b in zip(res, lo, hi))
+                if image_records is not None:
+                    image_records.extend(_per_image_records(res, layer, n, int(s), te_img))
                 per_image.append((te_img, acc_img))
             lo, hi = _seed_mean_interval(boot, per_image)
             for (ep, g, metric, *_), a, b in zip(res, lo, hi):
@@ -438,6 +451,20 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
         {"seed": int(r.seed), "test_images": int(r.test_images),
          "test_classes": None if pd.isna(r.test_classes) else int(r.test_classes), "test_class_mix": r.test_class_mix}
         for r in split_info.itertuples(index=False)]
+    return out
+
+
+def _per_image_records(res: Sequence[tuple], layer: str, n: int, seed: int, test_images) -> list[dict]:
+    """The final epoch's per-image ``per_axis`` accuracies of one layer and seed as per-image records."""
+    last = max(r[0] for r in res)
+    out = []
+    for ep, g, metric, _, _, acc_img, inner_img in res:
+        if ep != last or metric != "per_axis":
+            continue
+        for quantity, values in ((f"acc_{g}x{g}", acc_img), (f"interior_acc_{g}x{g}", inner_img)):
+            if values is not None:
+                out.append({"layer": layer, "spatial": int(n), "quantity": quantity, "seed": seed,
+                            "images": np.asarray(test_images, dtype=np.int64), "num": values, "den": 1.0})
     return out
 
 

@@ -475,7 +475,7 @@ def ratio_columns(r_crop: np.ndarray, r_full_ring: np.ndarray) -> dict[str, floa
 def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], object],
                            layers: Sequence[str] | None = None, mode: str = "paper", image_size: int = 512,
                            chunk_images: int = 20, model_name: str = "",
-                           bootstrap: Bootstrap | None = None) -> pd.DataFrame:
+                           bootstrap: Bootstrap | None = None, image_records: list | None = None) -> pd.DataFrame:
     """Per-layer corner/border/other similarity ratios (cropped image / full image ring removed).
 
     ``full``: the ``full`` variant ReprStore. ``crops``: ``{token_size: ReprStore}`` or a callable
@@ -483,16 +483,21 @@ def token_group_similarity(full, crops: Mapping[int, object] | Callable[[int], o
     (variant ``crop<t>``). ``mode``: ``"paper"`` (the authors' count quirk) or ``"corrected"``.
     Columns :data:`TABLE_COLUMNS`: :data:`COLUMNS`, then the percentile bootstrap intervals over images of the
     corner and border ratios (:func:`ratio_intervals`; ``bootstrap`` defaults to ``Bootstrap()``).
+    ``image_records``, a list, collects per layer and map set the per-image terms of the corner group's R_00
+    (quantities ``corner_sim_cropped_image`` and ``corner_sim_full_image_ring_removed``; records of
+    :func:`diffaudit.analyses.paired.per_image_frame`), the input of the experiments' paired comparison.
     """
     return token_group_similarity_modes(full, crops, (mode,), layers, image_size, chunk_images, model_name,
-                                        bootstrap)[mode]
+                                        bootstrap, image_records)[mode]
 
 
 def token_group_similarity_modes(full, crops: Mapping[int, object] | Callable[[int], object],
                                  modes: Sequence[str] = tuple(MODES), layers: Sequence[str] | None = None,
                                  image_size: int = 512, chunk_images: int = 20, model_name: str = "",
-                                 bootstrap: Bootstrap | None = None) -> dict[str, pd.DataFrame]:
-    """:func:`token_group_similarity` in several count modes from ONE pass over the stores: ``{mode: table}``.
+                                 bootstrap: Bootstrap | None = None, image_records: list | None = None
+                                 ) -> dict[str, pd.DataFrame]:
+    """:func:`token_group_similarity` in several count modes from ONE pass over the stores: ``{mode: table}``;
+    ``image_records`` collects the per-image terms (as :func:`token_group_similarity`) in the first mode's counts.
 
     The modes differ only in the counts applied to the same pooled sums, so the paper-mode table and the
     corrected-mode one (the credibility score's input, free of the count quirk) cost one read of the stores.
@@ -519,4 +524,9 @@ def token_group_similarity_modes(full, crops: Mapping[int, object] | Callable[[i
             rows[mode].append({"model": model_name, "layer_index": int(layer_index), "layer": layer,
                                "channels": int(c), "spatial": int(n), **ratio_columns(rc, rf),
                                **ratio_intervals(acc_crop, acc_full, count_quirk, n, boot)})
+        if image_records is not None:  # in the first mode's counts (the run's own table)
+            for name, acc in (("cropped_image", acc_crop), ("full_image_ring_removed", acc_full)):
+                num, den = acc.per_image_diagonal(quirks[modes[0]], n)
+                image_records.append({"layer": layer, "spatial": int(n), "quantity": f"corner_sim_{name}",
+                                      "images": np.arange(num.shape[0]), "num": num[:, 0], "den": den[:, 0]})
     return {mode: pd.DataFrame(r, columns=list(TABLE_COLUMNS)) for mode, r in rows.items()}
