@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     res["model"] = a.model
     print(f"{a.model}: {res['n_images']} images at {res['size']} px, latents {res['latent_shape']}, "
           f"scaling_factor {res['scaling_factor']:g}")
-    print(f"  posterior std {res['posterior_std']:.3f}  (scaled {res['posterior_std_scaled']:.3f})")
+    print(f"  posterior std {res['posterior_std']:.4f}  (scaled {res['posterior_std_scaled']:.4f})")
     print(f"  std over images of the posterior mean {res['mean_std']:.3f}  (scaled {res['mean_std_scaled']:.3f});"
           f" RMS of the mean {res['mean_abs']:.3f}  (scaled {res['mean_abs_scaled']:.3f})")
     print(f"  at t={a.timestep} (alpha_bar {res['alpha_bar']:.4f}): image signal {res['signal']:.3f}, posterior "
