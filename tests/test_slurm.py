@@ -42,7 +42,8 @@ pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
 N_IMAGES, BATCH = 8, 2
-# The small demo: config/demo.yaml without its experiments, fewer and smaller images, no crop variants.
+# The small demo: config/demo.yaml's images on mini (the VAE does not matter here) without its experiments, fewer and
+# smaller images, no crop variants.
 DEMO = {"models": ["mini"],
         "dataset": {"source": "demo", "n_images": N_IMAGES, "size": 128},
         "extraction": {"crops": False, "batch_size": BATCH},
