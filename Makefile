@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-# The offline demo: builds the mini model and demo images, extracts representations.
+# The offline demo: builds the mini-cal model and demo images, extracts representations, runs the analyses.
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml
 
@@ -31,4 +31,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_extraction.py
 
 clean-demo:
-	rm -rf results/demo resources/models/mini
+	rm -rf results/demo resources/models/mini-cal

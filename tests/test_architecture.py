@@ -87,7 +87,7 @@ def test_the_registry_knows_each_family_once():
     assert len(set(names)) == len(names) and set(names) >= {"sd", "sdxl", "sd3", "flux"}
     assert all(registry.get(n).name == n for n in names)
     embedded = registry.embedded_models()
-    assert embedded == {"mini": "sd", "mini-sdxl": "sdxl", "mini-sd3": "sd3", "mini-flux": "flux",
+    assert embedded == {"mini": "sd", "mini-cal": "sd", "mini-sdxl": "sdxl", "mini-sd3": "sd3", "mini-flux": "flux",
                         "mini-pixart": "pixart"}
     assert registry.of_store({"family": "flux"}) is registry.get("flux")
     assert registry.of_store({}) is registry.DEFAULT

@@ -10,7 +10,7 @@ def test_params_and_demo_validate():
     assert cfg["models"] == ["sd15", "sd21", "sdturbo"] and cfg["extraction"]["mode"] == "paper"
     assert cfg["dataset"]["source"] == "imagenet_subset" and cfg["dataset"]["n_images"] == 500
     demo = load_config(REPO / "params.yaml", REPO / "config" / "demo.yaml")
-    assert demo["models"] == ["mini"] and demo["dataset"]["source"] == "demo"
+    assert demo["models"] == ["mini-cal"] and demo["dataset"]["source"] == "demo"
     assert demo["extraction"] == cfg["extraction"]  # untouched sections are inherited
 
 

@@ -1,8 +1,9 @@
-"""Acceptance of the experiments on the demo: the demo's configuration (config/demo.yaml: the embedded model, its
-40 images, its experiments), run through the extraction and probe task modules on the experiments' layers.
+"""Acceptance of the experiments on the demo: the demo's configuration (config/demo.yaml: the embedded mini-cal, its
+32 images, its experiments), run through the extraction and probe task modules on the experiments' layers.
 
-With random weights, zero padding and the noise shared by every image each make position decodable; only
-removing both (circular padding + independent noise) brings the probe to chance."""
+With random weights, zero padding makes position decodable; circular padding with independent noise brings the probe
+close to chance. (With mini-cal's calibrated VAE the U-Net sees the images, so the shared noise no longer adds
+position of its own; README, "Why do the artifacts appear?".)"""
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,12 +19,15 @@ PROBED = ("mid_block", "up_blocks[0]")
 
 
 @pytest.fixture(scope="module")
-def demo_runs(mini_dir, tmp_path_factory):
-    """The baseline and `circular_independent` of the demo (40 images), on the experiments' layers: their probe
-    summaries and their per-image accuracies."""
+def demo_runs(tmp_path_factory):
+    """The baseline and `circular_independent` of the demo (its model and images), on the experiments' layers: their
+    probe summaries and their per-image accuracies."""
+    from diffaudit.models import save_embedded_model
+
     root = tmp_path_factory.mktemp("demo_experiments")
     cfg = load_config("params.yaml", "config/demo.yaml")
-    cfg["model_sources"]["mini"] = str(mini_dir)
+    (model,) = cfg["models"]
+    cfg["model_sources"][model] = str(save_embedded_model(model, root / model))
     cfg["extraction"]["crops"] = False
     exp = cfg["experiments"]["circular_independent"]
     cfg["layers"] = exp["layers"]
@@ -31,8 +35,8 @@ def demo_runs(mini_dir, tmp_path_factory):
     out, per_image = {}, {}
     for name, overrides in (("baseline", {}), ("circular_independent", exp)):
         run_cfg = {**cfg, "experiment": overrides}
-        rep = extract_task.run(run_cfg, "mini", root / "dataset", root / name / "representations", progress=False)
-        probe_task.run(run_cfg, "mini", [rep], root / name / "probe.csv", root / name / "summary.csv",
+        rep = extract_task.run(run_cfg, model, root / "dataset", root / name / "representations", progress=False)
+        probe_task.run(run_cfg, model, [rep], root / name / "probe.csv", root / name / "summary.csv",
                        root / name / "per_image.csv")
         out[name] = pd.read_csv(root / name / "summary.csv")
         per_image[name] = pd.read_csv(root / name / "per_image.csv")
@@ -58,13 +62,13 @@ def test_the_demo_experiments_are_the_two_causes_alone_and_together():
 
 def test_circular_padding_and_independent_noise_bring_the_probe_to_chance(demo_runs):
     """Final-epoch 8x8 per-axis accuracy, mean over the mid_block and up_blocks[0] layers (chance 1/8): the baseline
-    above 2x chance, circular_independent within 1.5x chance."""
+    above 1.6x chance, circular_independent within 1.3x chance (the demo run: 0.235 and 0.140, 8 test images)."""
     _, runs, _ = demo_runs
     base, both = (_final_8x8(runs[n]) for n in ("baseline", "circular_independent"))
     assert len(base) == len(both) == 6
     chance = 1 / 8
-    assert base["accuracy"].mean() > 2 * chance, base[["layer", "accuracy"]]
-    assert both["accuracy"].mean() < 1.5 * chance, both[["layer", "accuracy"]]
+    assert base["accuracy"].mean() > 1.6 * chance, base[["layer", "accuracy"]]
+    assert both["accuracy"].mean() < 1.3 * chance, both[["layer", "accuracy"]]
     # and by number, per layer: the baseline's interval lies above the experiment's on most layers
     merged = base.merge(both, on="layer", suffixes=("_base", "_both"))
     assert (merged["ci_low_base"] > merged["ci_high_both"]).mean() >= 0.5, merged

@@ -90,3 +90,46 @@ def test_precision_rule():
     assert compute_dtype("cuda", "float32") == torch.float32
     with pytest.raises(ValueError):
         compute_dtype("cpu", "int8")
+
+
+def _posterior_spreads(model_dir, tmp_path):
+    """(posterior std, std over images of the posterior mean), both after scaling_factor, on 8 demo images at
+    256 px ([0, 1] pixels, as the paper-mode extraction encodes them)."""
+    import numpy as np
+
+    from diffaudit.datasets.demo import build_demo
+    from diffaudit.datasets.format import load_index
+    from diffaudit.datasets.images import load_images
+
+    ds = build_demo(tmp_path / "demo", n_images=8, size=256)
+    x = torch.tensor(np.stack([np.asarray(im) for im in load_images(ds, load_index(ds))]), dtype=torch.float32)
+    vae = load_pipeline(ModelSpec("m", str(model_dir)), device="cpu").vae
+    with torch.no_grad():
+        dist = vae.encode(x.permute(0, 3, 1, 2) / 255.0).latent_dist
+    scale = vae.config.scaling_factor
+    return float(dist.std.pow(2).mean().sqrt()) * scale, float(dist.mean.var(0, unbiased=False).mean().sqrt()) * scale
+
+
+def test_mini_cal_is_mini_with_a_calibrated_vae(mini_dir, tmp_path):
+    """mini-cal: byte-deterministic; mini's U-Net, text encoder and VAE weights except the log-variance half of
+    quant_conv's bias; its posterior spread is small against the spread of its mean over images, which the scaling
+    factor brings to about 1 (mini: the other way round, its U-Net mostly sees noise)."""
+    from safetensors.torch import load_file
+
+    from diffaudit.families.sd import MINI_CAL_LOGVAR_SHIFT
+    from diffaudit.models import EMBEDDED_MODELS, save_embedded_model
+
+    assert EMBEDDED_MODELS["mini-cal"] == "sd"
+    cal = save_embedded_model("mini-cal", tmp_path / "mini-cal")
+    assert _digest(save_embedded_model("mini-cal", tmp_path / "again")) == _digest(cal)
+    for part in ("unet", "text_encoder"):
+        assert _digest(cal / part) == _digest(mini_dir / part)
+    theirs, ours = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (mini_dir, cal))
+    assert {k for k in ours if not torch.equal(ours[k], theirs[k])} == {"quant_conv.bias"}
+    shift = ours["quant_conv.bias"].float() - theirs["quant_conv.bias"].float()
+    assert torch.equal(shift[:4], torch.zeros(4)) and torch.allclose(shift[4:], torch.full((4,), MINI_CAL_LOGVAR_SHIFT),
+                                                                       atol=0.01)
+    post, spread = _posterior_spreads(cal, tmp_path)
+    assert post < 0.03 * spread and 0.85 < spread < 1.15, (post, spread)
+    post, spread = _posterior_spreads(mini_dir, tmp_path / "m")
+    assert post > 3 * spread, (post, spread)

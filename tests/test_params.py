@@ -214,7 +214,7 @@ def test_demo_merged_by_snakemake_validates_and_matches_load_config(tmp_path):
     merged, _ = snakemake_workflow(root, ["params.yaml", "config/demo.yaml"])
     validate(merged)
     assert not differences(merged, load_config(REPO / "params.yaml", REPO / "config" / "demo.yaml"))
-    assert merged["models"] == ["mini"] and merged["dataset"]["n_images"] == 40
+    assert merged["models"] == ["mini-cal"] and merged["dataset"]["n_images"] == 32
     assert merged["dataset"]["imagenet"] == snakemake_reads(REPO / "params.yaml")["dataset"]["imagenet"]
 
 

@@ -124,11 +124,27 @@ def test_default_profile_dry_run_on_the_demo(workdir, env):
     out = dry_run(workdir, env, "--configfile", "config/demo.yaml")
     assert "workflow specific profile profiles/default" in out
     assert job_stats(out) == expected_jobs(workdir, "params.yaml", "config/demo.yaml")
+    # device auto: gpu=1 only where torch sees a CUDA device (on a CPU machine the extractions run side by side)
+    import torch
+
+    cuda = int(torch.cuda.is_available())
     for rule in gpu_rules():
         for res in job_resources(out, rule):
             assert res.get("gpu", 0) <= 1, (rule, res)
-    assert [r["gpu"] for r in job_resources(out, "extract")] and all(
-        r["gpu"] == 1 for r in job_resources(out, "extract"))
+    assert gpu_rules() == {"extract", "position_probe"}
+    for rule in gpu_rules():
+        assert [r["gpu"] for r in job_resources(out, rule)] == [cuda] * 4, rule  # baseline and three experiments
+
+
+@pytest.mark.parametrize("device,gpu", [("cuda", 1), ("cuda:1", 1), ("cpu", 0)])
+def test_gpu_resource_follows_the_device(workdir, env, device, gpu):
+    """A configured CUDA device makes the GPU jobs declare gpu=1 (one at a time under profiles/default) whatever the
+    machine has; the CPU never does."""
+    cfg = workdir / f"device_{device.replace(':', '_')}.yaml"
+    cfg.write_text(yaml.safe_dump({"extraction": {"device": device}}))
+    out = dry_run(workdir, env, "--configfile", "config/demo.yaml", str(cfg))
+    for rule in gpu_rules():
+        assert [r["gpu"] for r in job_resources(out, rule)] == [gpu] * 4, rule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +161,7 @@ def test_slurm_profile_settings(workdir, monkeypatch):
     assert gpu_rules() <= set(profile["set-resources"]), "every GPU rule needs a GPU partition"
     for rule in gpu_rules():
         assert "slurm_extra" not in profile["set-resources"][rule]  # the plugin rejects --gres/--gpus there
+        assert profile["set-resources"][rule]["gpu"] == 1  # the login node's own devices do not decide
 
     monkeypatch.chdir(workdir)
     _, args = parse_args(["-n", "--profile", "profiles/slurm"])
@@ -176,6 +193,7 @@ def test_slurm_profile_dry_run(workdir, env, configfiles):
     for res in extract:
         assert res["gpu"] == 1 and res["slurm_partition"] == "gpu"
         assert res["mem_mb"] == 32000 and res["runtime"] == 180 and res["cpus_per_task"] == 8
+    assert [r["gpu"] for r in job_resources(out, "position_probe")] == [1] * stats["position_probe"]
     for res in job_resources(out, "channel_outliers"):
         assert "gpu" not in res and "slurm_partition" not in res  # cluster default partition
         assert res["runtime"] == 60 and res["mem_mb"] == 16000 and res["cpus_per_task"] == 4

@@ -173,6 +173,7 @@ def report(tmp_path_factory):
     assert REPORT_LINE in (repo / "Snakefile").read_text()  # the global description page
     # one merged file: Snakemake merges configfiles key by key, so a second file could not drop experiments
     cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
+    cfg["models"] = ["mini"]  # the report's contents on the first embedded model (the demo itself runs mini-cal)
     cfg["dataset"].update(n_images=6, size=256)
     cfg["experiments"] = {"circular": cfg["experiments"]["circular"]}
     short = root / "short.yaml"

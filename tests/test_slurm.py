@@ -42,7 +42,8 @@ pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
 N_IMAGES, BATCH = 8, 2
-# The small demo: config/demo.yaml without its experiments, fewer and smaller images, no crop variants.
+# The small demo: config/demo.yaml's images on mini (the VAE does not matter here) without its experiments, fewer and
+# smaller images, no crop variants.
 DEMO = {"models": ["mini"],
         "dataset": {"source": "demo", "n_images": N_IMAGES, "size": 128},
         "extraction": {"crops": False, "batch_size": BATCH},
@@ -390,7 +391,7 @@ def readme_cluster_section() -> str:
 
 # The GPU requests the README lists: (the text of its table row, the rule's resources, what sbatch gets).
 GPU_REQUESTS = [
-    ("nothing more (the rule's `gpu=1`)", {}, "--gpus=1"),
+    ("nothing more (the profile's `gpu: 1`)", {}, "--gpus=1"),
     ("`gpu_model: a100`", {"gpu_model": "a100"}, "--gpus=a100:1"),
     ('`gres: "gpu:a100:1"` and `gpu: 0`', {"gres": "gpu:a100:1", "gpu": 0}, "--gres=gpu:a100:1"),
     ("`gpu: 0`", {"gpu": 0}, ""),
@@ -413,8 +414,8 @@ class _Job:
 
 
 def test_readme_gpu_requests_are_what_the_plugin_submits():
-    """Each row of the README's GPU table, as the resources of `extract` (which declares gpu=1), gives exactly the
-    sbatch flags the row says; `--gres`/`--gpus` as slurm_extra lines are refused."""
+    """Each row of the README's GPU table, as the resources of `extract` (which profiles/slurm gives gpu: 1), gives
+    exactly the sbatch flags the row says; `--gres`/`--gpus` as slurm_extra lines are refused."""
     from snakemake_executor_plugin_slurm.utils import set_gres_string
     from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
     from snakemake_interface_common.exceptions import WorkflowError

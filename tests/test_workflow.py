@@ -81,16 +81,17 @@ def test_offline_demo(repo_copy, tmp_path):
     """The README's demo command, with the demo shortened to 10 images to keep the suite fast."""
     short = write_yaml(tmp_path / "short.yaml", {"dataset": {"n_images": 10}})
     snakemake(repo_copy, "config/demo.yaml", short)
-    rep = repo_copy / "results" / "demo" / "mini" / "representations"
+    rep = repo_copy / "results" / "demo" / "mini-cal" / "representations"
     full = ReprStore(rep / "full.zarr")
     assert full.n_images == 10 and len(full.layers) == 45
-    assert (repo_copy / "resources" / "models" / "mini" / "model_index.json").is_file()
+    assert (repo_copy / "resources" / "models" / "mini-cal" / "model_index.json").is_file()
+    assert not (repo_copy / "resources" / "models" / "mini").exists()  # only the demo's model is built
     ds = repo_copy / "results" / "demo" / "dataset"
     assert len(list((ds / "images").glob("*.png"))) == 10
     x = np.asarray(full.array("up_blocks[1].upsamplers[0]")[:], dtype=np.float32)
     assert np.isfinite(x).all() and x.std() > 0
 
-    tables = repo_copy / "results" / "demo" / "mini"
+    tables = repo_copy / "results" / "demo" / "mini-cal"
     probe = pd.read_csv(tables / "position_probe.csv")
     assert set(probe["layer"]) == set(PAPER_LAYERS) and set(probe["epoch"]) == {1, 2, 3, 4, 5}
     summary = pd.read_csv(tables / "position_probe_summary.csv")  # paper mode: one seed, no sd
@@ -98,19 +99,19 @@ def test_offline_demo(repo_copy, tmp_path):
     sim = pd.read_csv(tables / "token_group_similarity.csv")
     assert len(sim) == 45 and (sim["corner_sim_cropped_image"].abs() <= 1).all()
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
-    assert set(anom["label_source"]) <= {"auto"}  # no paper labels for the mini model
+    assert set(anom["label_source"]) <= {"auto"}  # no paper labels for the embedded model
     assert (tables / "channel_outliers.csv").is_file()
     cred = pd.read_csv(tables / "credibility.csv")
     assert len(cred) == 45 and cred["position_score"].between(0, 1).all()
     figures = repo_copy / "results" / "demo" / "figures"
-    for stem in ["quantitative_mini", "cross_model", "mini/qualitative_token_similarity", "mini/qualitative_corner",
-                 "mini/qualitative_norms", "mini/qualitative_pca"]:
+    for stem in ["quantitative_mini-cal", "cross_model", "mini-cal/qualitative_token_similarity",
+                 "mini-cal/qualitative_corner", "mini-cal/qualitative_norms", "mini-cal/qualitative_pca"]:
         for ext in (".png", ".svg"):
             assert (figures / (stem + ext)).stat().st_size > 1000, stem + ext
-    # no published numbers or hand labels for the mini model: the comparison is empty and every place says why
+    # no published numbers or hand labels for the embedded model: the comparison is empty and every place says why
     assert pd.read_csv(tables / "paper_comparison.csv").empty
     status = json.loads((tables / "paper_reference" / "status.json").read_text())
-    assert not status["applies"] and "model 'mini' is not one of the authors' models" in status["reason"]
+    assert not status["applies"] and "model 'mini-cal' is not one of the authors' models" in status["reason"]
     detector = json.loads((tables / "anomaly_detector.json").read_text())
     assert detector["paper_labels"] == {"used": False, "reason": status["reason"]}
     # the demo's experiments: their own stores and tables, one comparison table and figure
@@ -128,7 +129,7 @@ def test_offline_demo(repo_copy, tmp_path):
     assert ReprStore(tables / "experiments" / "circular" / "representations" / "full.zarr").attrs["padding_mode"] \
         == "circular"
     for ext in (".png", ".svg"):
-        assert (figures / ("experiments_mini" + ext)).stat().st_size > 1000
+        assert (figures / ("experiments_mini-cal" + ext)).stat().st_size > 1000
     # every job has its log
     logs = repo_copy / "results" / "demo" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"extract", "position_probe", "anomalies", "dataset.log"}

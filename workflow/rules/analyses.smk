@@ -30,7 +30,7 @@ rule position_probe:
     log:
         f"{LOGS}/position_probe/{{model}}{{exp}}.log",
     resources:
-        gpu=1 if config["extraction"]["device"] != "cpu" else 0,
+        gpu=GPU_JOB,
     conda:
         "../envs/diffaudit.yaml"
     script:

@@ -40,6 +40,24 @@ PAPER_REF_DIR = layout.paper_reference_dir(layout.run_dir(RESULTS, "{model}", "{
 LOGS = layout.logs_dir(RESULTS)
 EMBEDDED_PATTERN = "|".join(map(re.escape, EMBEDDED_MODELS))
 
+
+def _gpu_jobs_get_cuda(device):
+    """Whether the jobs that can use a GPU (extract, position_probe) will run on a CUDA device of this machine: never
+    with `extraction.device: cpu`, always with `cuda`/`cuda:N`, with `auto` when torch sees one. (Snakemake cannot
+    tell here whether jobs will run elsewhere: profiles/slurm asks for their GPUs itself, with `gpu: 1`.)"""
+    if device == "cpu":
+        return False
+    if device != "auto":
+        return True
+    from diffaudit.devices import default_device
+
+    return default_device() != "cpu"
+
+
+# The `gpu` resource of those jobs, decided once: 1 when they will use a CUDA device (profiles/default then runs one
+# of them at a time), else 0 (on the CPU they run side by side like every other job, within --cores).
+GPU_JOB = 1 if _gpu_jobs_get_cuda(config["extraction"]["device"]) else 0
+
 wildcard_constraints:
     model="|".join(map(str, MODELS)),
     exp=layout.run_suffix_pattern(EXPERIMENTS),

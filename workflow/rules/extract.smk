@@ -1,6 +1,6 @@
-# The only GPU rule: U-Net representations of every image into Zarr stores (full + cropped variants), for the
+# The main GPU rule: U-Net representations of every image into Zarr stores (full + cropped variants), for the
 # baseline (empty {exp}) and for each experiment ({exp}: the slash-prefixed experiments/<name>, its overrides as
-# params).
+# params). It declares `gpu=1` only when it will run on a CUDA device (GPU_JOB, common.smk).
 # Progress is kept in {output}.partial, so an interrupted run resumes from the last complete batch.
 
 
@@ -18,7 +18,7 @@ rule extract:
         experiment=experiment_overrides,
         shard=lambda wc: shard_index(wc.part),
     resources:
-        gpu=1,
+        gpu=GPU_JOB,
     log:
         f"{LOGS}/extract/{{model}}{{exp}}/{{part}}.log",
     conda:

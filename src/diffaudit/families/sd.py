@@ -6,6 +6,9 @@
   :func:`token_px` (pixels per token of a layer name).
 * Architectures and schedulers of the registered SD models (:data:`ARCHITECTURES`, :data:`SCHEDULERS`, ...) and the
   embedded ``mini``: :func:`build_mini_pipeline`, :func:`save_mini_model` (small widths, seeded weights).
+* The embedded ``mini-cal``: ``mini`` with a calibrated VAE (:func:`build_mini_cal_pipeline`,
+  :func:`save_mini_cal_model`): the same seeded weights, a posterior spread small against the spread of its mean
+  over images, and a scaling factor that gives those means unit spread, as a trained VAE has (docs/families.md).
 """
 from __future__ import annotations
 
@@ -146,7 +149,7 @@ class SDFamily(UNetFamily):
 
     name = "sd"
     label = "SD-1/2 U-Net"
-    embedded = ("mini",)
+    embedded = ("mini", "mini-cal")
 
     def detect(self, pipe) -> bool:
         unet = getattr(pipe, "unet", None)
@@ -171,9 +174,13 @@ class SDFamily(UNetFamily):
         return token_px(layer)
 
     def build_embedded(self, name: str, seed: int = MINI_SEED):
+        if name == "mini-cal":
+            return build_mini_cal_pipeline(seed=seed)
         return build_mini_pipeline(seed=seed)
 
     def save_embedded(self, name: str, out_dir: str | Path, seed: int = MINI_SEED) -> Path:
+        if name == "mini-cal":
+            return save_mini_cal_model(out_dir, seed=seed)
         return save_mini_model(out_dir, seed=seed)
 
 
@@ -307,4 +314,46 @@ def save_mini_model(out_dir: str | Path, seed: int = MINI_SEED, unet_overrides: 
     info = {"seed": seed, "unet": {**MINI_UNET, **(unet_overrides or {})}, "vae": MINI_VAE, "text": MINI_TEXT}
     if scheduler != "pndm":  # the default model's file stays as it was
         info["scheduler"] = scheduler
+    return save_pipeline(pipe, out_dir, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# mini-cal: mini with a calibrated VAE
+# ---------------------------------------------------------------------------------------------
+
+# With random weights, mini's VAE encoder puts out a log-variance near 0: its posterior spread (about 1.06) is six
+# times the spread of its mean over images (about 0.18-0.19), so after scaling_factor 0.18215 and at t=50 the U-Net
+# input carries about 0.03 of image signal against 0.19 of posterior noise and 0.22 of forward noise
+# (benchmarks/vae_signal.py). A trained VAE is the other way round. mini-cal keeps every weight of mini (same seeds)
+# and changes two numbers: the log-variance half of the VAE's quant_conv bias is shifted by MINI_CAL_LOGVAR_SHIFT
+# (posterior std times exp(-6), about 0.0026, a 70th of the mean's spread), and scaling_factor is set so that the
+# scaled posterior means have unit standard deviation over images (the RMS over latent elements of the std over
+# images), measured on the calibration images: the demo source's 40 images at 512 px, [0, 1] pixels, the model as
+# saved (float16 weights, loaded in float32 on the CPU): std 0.1910 -> 1 / 0.1910 = 5.236. The constant is written
+# here, rounded to four digits, so the build stays byte-deterministic (tests/test_models.py measures it again).
+MINI_CAL_LOGVAR_SHIFT = -12.0
+MINI_CAL_SCALING_FACTOR = 5.236
+MINI_CAL_VAE = dict(MINI_VAE, scaling_factor=MINI_CAL_SCALING_FACTOR)
+
+
+def build_mini_cal_pipeline(seed: int = MINI_SEED):
+    """``mini`` (:func:`build_mini_pipeline`, same seeds and weights) with its VAE calibrated: the encoder's
+    log-variance lowered by :data:`MINI_CAL_LOGVAR_SHIFT` and ``scaling_factor`` :data:`MINI_CAL_SCALING_FACTOR`."""
+    pipe = build_mini_pipeline(seed=seed)
+    vae = pipe.vae
+    vae.register_to_config(scaling_factor=MINI_CAL_SCALING_FACTOR)
+    latent = int(vae.config.latent_channels)
+    with torch.no_grad():  # quant_conv's outputs: latent means, then latent log-variances
+        vae.quant_conv.bias[latent:] += MINI_CAL_LOGVAR_SHIFT
+    return pipe
+
+
+def save_mini_cal_model(out_dir: str | Path, seed: int = MINI_SEED) -> Path:
+    """Build ``mini-cal`` and write it with ``save_pretrained`` (float16 safetensors) to ``out_dir``."""
+    quiet_libraries()
+    pipe = build_mini_cal_pipeline(seed=seed)
+    info = {"seed": seed, "unet": MINI_UNET, "vae": MINI_CAL_VAE, "text": MINI_TEXT,
+            "calibration": {"quant_conv_logvar_bias_shift": MINI_CAL_LOGVAR_SHIFT,
+                            "scaling_factor": MINI_CAL_SCALING_FACTOR,
+                            "scaling_images": "demo source, 40 images at 512 px"}}
     return save_pipeline(pipe, out_dir, info)
