@@ -186,3 +186,12 @@ def test_the_extraction_checks_the_lock_and_its_store_records_commit_and_hashes(
     with pytest.raises(LockMismatch, match="unet/config.json"):
         extract_model(cfg, "sd21", data, tmp_path / "rep2", progress=False, lock_file=lock)
     assert not (tmp_path / "rep2").exists()
+
+
+def test_a_snapshot_copies_unless_asked_to_link(tmp_path, mini_dir):
+    rel = "unet/diffusion_pytorch_model.safetensors"
+    for link, shared in ((False, False), (True, True)):
+        cache = tmp_path / f"hub-{link}"
+        commit = write_snapshot(mini_dir, cache, MIRROR, link=link)
+        blob = (repo_folder(cache, MIRROR) / "snapshots" / commit / rel).resolve()
+        assert (blob.stat().st_ino == (mini_dir / rel).stat().st_ino) is shared

@@ -50,11 +50,11 @@ def write_snapshot(src: str | Path, cache_dir: str | Path, repo_id: str, branch:
                 os.link(src / rel, blob)
             else:
                 shutil.copyfile(src / rel, blob)
-        link = snap / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        os.symlink(os.path.relpath(blob, link.parent), link)
+        entry = snap / rel
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        if entry.is_symlink() or entry.exists():
+            entry.unlink()
+        os.symlink(os.path.relpath(blob, entry.parent), entry)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / branch).write_text(commit)
     return commit
