@@ -46,7 +46,8 @@ FIGURES = {
     f"{FIG}/mini/qualitative_norms.png": ("Qualitative", ["High-norm anomalies", "L2 norm", "model mini"]),
     f"{FIG}/mini/qualitative_pca.png": ("Qualitative", ["principal component", "(red, green, blue)",
                                                         "model mini"]),
-    f"{FIG}/experiments_mini.png": ("Experiments", ["baseline (black)", "bootstrap interval", "do not overlap"]),
+    f"{FIG}/experiments_mini.png": ("Experiments", ["baseline (black)", "bootstrap interval", "filled marker",
+                                                  "paired bootstrap", "excludes 0"]),
 }
 TABLES = {f"{DEMO}/mini/credibility.csv": ["position_score", "corner_score", "anomaly_score", "safe"]}
 
