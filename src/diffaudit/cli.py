@@ -6,6 +6,7 @@ import sys
 
 from .errors import UserError, run_task
 from .fingerprint import add_arguments as fingerprint_arguments
+from .layout import MODELS_LOCK
 
 
 def _cmd_layers(args):
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                                     "commit the file)")
     s.add_argument("--configfile", **cfg_kw)
     s.add_argument("--models", nargs="+", help="only these models (the other entries of the lock stay)")
-    s.add_argument("-o", "--out", default="models.lock", help="the lock file (default: models.lock)")
+    s.add_argument("-o", "--out", default=MODELS_LOCK, help=f"the lock file (default: {MODELS_LOCK})")
     s.set_defaults(fn=_cmd_lock)
 
     s = sub.add_parser("footprint", help="disk, memory and GPU time of an extraction per model, before running it "

@@ -32,7 +32,6 @@ label sources and the explorer). :data:`diffaudit.layout.PAPER_CACHE` is the dow
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -49,6 +48,7 @@ import pandas as pd
 from .analyses.similarity import ratio_columns
 from .errors import DiffauditError
 from .families.sd import PAPER_LAYERS, layer_shape
+from .hubcache import sha256_file  # the one streamed file hash (also the weights lock's)
 from .tables import PAPER_TABLES, PROBE_COLUMNS, RELNORM_COLUMNS, SIMILARITY_COLUMNS
 
 REPO = "JonasLoos/sd-representation-anomalies"
@@ -113,14 +113,6 @@ class ReferenceChecksumError(ReferenceFetchError):
 # ---------------------------------------------------------------------------------------------
 # Download with checksum verification (generic)
 # ---------------------------------------------------------------------------------------------
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def download_verified(url: str, dest, sha256: str, *, timeout: float = 60.0, what: str | None = None,
                       fetch_error: type[Exception] = ReferenceFetchError,
