@@ -358,3 +358,64 @@ def open_model_stores(rep_dirs: str | Path | Sequence[str | Path]):
     crops = {crop_token_size(v): open_variant(dirs, v) for v in list_variants(dirs[0])
              if crop_token_size(v) is not None}
     return full, crops
+
+
+class StoreView:
+    """A read-only view of a store (:class:`ReprStore` or :class:`ShardedStore`): a subset of its images, in the
+    given order, and/or a transform applied to every chunk it yields (e.g. a mitigation of the features,
+    :mod:`diffaudit.harm.mitigations`). It offers what the analyses read (``layers``, ``shape``, ``iter_chunks``,
+    ``image_ids``, ``labels``, ...), so any analysis runs unchanged on mitigated features or on some images only.
+
+    ``transform(layer, x) -> x'`` receives float32 ``(b, C, H, W)`` chunks and must keep their shape. Images are
+    read in contiguous runs of the underlying store; memory stays one chunk."""
+
+    def __init__(self, store, images: Sequence[int] | None = None, transform=None):
+        self.store = store
+        self.images = (np.arange(store.n_images) if images is None else np.asarray(images, dtype=np.int64))
+        if self.images.size and (self.images.min() < 0 or self.images.max() >= store.n_images):
+            raise IndexError(f"image indices outside 0..{store.n_images - 1} of {store.path}")
+        self.transform = transform
+        self.path = store.path
+        self.attrs = store.attrs
+        self.layers = store.layers
+        self.layer_indices = store.layer_indices
+        self.image_ids = np.asarray(store.image_ids)[self.images]
+        self.labels = np.asarray(store.labels)[self.images]
+
+    @property
+    def n_images(self) -> int:
+        return int(self.images.size)
+
+    def select_layers(self, layers=None) -> list[str]:
+        return self.store.select_layers(layers)
+
+    def layer_index(self, layer: str) -> int:
+        return self.store.layer_index(layer)
+
+    def layer_attrs(self, layer: str) -> dict:
+        return self.store.layer_attrs(layer)
+
+    def shape(self, layer: str) -> tuple[int, int, int, int]:
+        return (self.n_images, *self.store.shape(layer)[1:])
+
+    def read(self, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Images ``start:stop`` of the view as float32 ``(b, C, H, W)``, transformed."""
+        stop = self.n_images if stop is None else stop
+        idx = self.images[start:stop]
+        arr = self.store.array(layer)
+        parts, i = [], 0
+        while i < idx.size:  # contiguous runs of the underlying store
+            j = i + 1
+            while j < idx.size and idx[j] == idx[j - 1] + 1:
+                j += 1
+            parts.append(np.asarray(arr[int(idx[i]):int(idx[j - 1]) + 1], dtype=np.float32))
+            i = j
+        x = np.concatenate(parts) if parts else np.zeros((0, *self.store.shape(layer)[1:]), np.float32)
+        return self.transform(layer, x) if self.transform is not None else x
+
+    def iter_chunks(self, layer: str, chunk_images: int = 20, start: int = 0, stop: int | None = None,
+                    dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        stop = self.n_images if stop is None else stop
+        for i in range(start, stop, chunk_images):
+            x = self.read(layer, i, min(i + chunk_images, stop))
+            yield i, (x if dtype is None else x.astype(dtype, copy=False))

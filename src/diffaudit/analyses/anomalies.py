@@ -232,6 +232,32 @@ def relative_norms_modes(store: ReprStore, labels, modes=MODES, layers: list[str
 # Automatic detection
 # ---------------------------------------------------------------------------------------------
 
+def flagged_blocks(norms: np.ndarray, threshold: float = 2.0) -> np.ndarray:
+    """The detector's rule on token norms ``(b, h, w)``: bool ``(b, h // 2, w // 2)``, True for an even-aligned
+    2x2 block whose mean norm exceeds ``threshold`` times the image's median token norm (an odd last row or
+    column belongs to no block). The one definition of a detected anomaly (:func:`detect_anomalies`, the
+    harm metrics' hubs and the ``anomaly_inpaint`` mitigation, :mod:`diffaudit.harm`)."""
+    b, h, w = norms.shape
+    med = np.median(norms.reshape(b, -1), axis=1)
+    blocks = norms[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    return blocks > threshold * med[:, None, None]
+
+
+def flagged_tokens(norms: np.ndarray, threshold: float = 2.0) -> np.ndarray:
+    """:func:`flagged_blocks` as a token mask ``(b, h, w)``: the four tokens of every flagged block."""
+    b, h, w = norms.shape
+    out = np.zeros((b, h, w), dtype=bool)
+    if h >= 2 and w >= 2:
+        blocks = flagged_blocks(norms, threshold)
+        out[:, : h // 2 * 2, : w // 2 * 2] = blocks.repeat(2, axis=1).repeat(2, axis=2)
+    return out
+
+
+def token_norms(chunk: np.ndarray) -> np.ndarray:
+    """(b, C, h, w) float32 -> (b, h, w) float32 L2 norms over channels."""
+    return _token_norms(chunk)
+
+
 def detect_anomalies(store: ReprStore, layer: str = REF_LAYER, threshold: float = 2.0, chunk_images: int = 20,
                      progress: bool = False) -> np.ndarray:
     """Automatically label high-norm 2x2 patches; int64 (K, 3) rows ``(image, x, y)`` like the hand labels.
@@ -261,11 +287,7 @@ def detect_anomalies(store: ReprStore, layer: str = REF_LAYER, threshold: float 
         it = tqdm(it, total=-(-store.n_images // chunk_images), desc="detect anomalies")
     found = []
     for i0, chunk in it:
-        norms = _token_norms(chunk)  # (b, h, w)
-        b = norms.shape[0]
-        med = np.median(norms.reshape(b, -1), axis=1)
-        blocks = norms.reshape(b, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
-        hit = blocks > threshold * med[:, None, None]
+        hit = flagged_blocks(_token_norms(chunk), threshold)
         bi, by, bx = np.nonzero(hit)
         found.append(np.stack([bi + i0, 2 * bx, 2 * by], axis=1))
     out = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 3), np.int64)

@@ -297,6 +297,16 @@ def _image_splits(n_img: int, train_frac: float, mode: str, seed: int,
     return splits
 
 
+def image_split(n_img: int, train_frac: float = 0.8, mode: str = "paper", seed: int = 42,
+                seeds: Sequence[int] = (42, 43, 44)) -> tuple[np.ndarray, np.ndarray]:
+    """``(training images, test images)`` of the probe's first run with these settings (paper mode: the positional
+    split; corrected mode: the first seed's shuffled split), sorted image indices. The harm analysis fits its
+    mitigations on the training images and scores on the test images (:mod:`diffaudit.harm.evaluate`)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown probe mode {mode!r}; use one of {MODES}")
+    return next(iter(_image_splits(int(n_img), train_frac, mode, seed, seeds).values()))
+
+
 def _describe_splits(labels: np.ndarray, splits: dict, mode: str, class_names, model_name: str,
                      train_frac: float) -> pd.DataFrame:
     """One row per run (:data:`SPLIT_COLUMNS`); warns when a test set holds one class of several."""
