@@ -21,8 +21,9 @@ with the images to extract, plus ``pairs.csv`` (one row per pair) and, with the 
     One rectified real pair: the Middlebury 2014 Motorcycle scene as shipped (down-sampled 4x) with
     scikit-image (``skimage.data.stereo_motorcycle``; no download), left = source, right = target. Both images
     are resized (PIL bicubic) so the shorter side is ``size`` and the same centred ``size x size`` window is
-    cropped from both (the pair is 741 x 500 px, so sizes above 500 enlarge it). The ground-truth disparity ``d`` is resampled to the resized grid by nearest neighbour
-    (so invalid values never blend), multiplied by the horizontal scale and cropped alike; a left pixel
+    cropped from both (the pair is 741 x 500 px, so sizes above 500 enlarge it). The ground-truth disparity
+    ``d`` is resampled to the resized grid by nearest neighbour (so invalid values never blend), multiplied by
+    the horizontal scale and cropped alike; a left pixel
     ``(y, x)`` then corresponds to the right pixel ``(y, x - d)`` in crop coordinates. ``d`` is NaN where the
     benchmark has no ground truth (stored as ``inf`` there: occlusions, missing data) and where ``x - d`` falls
     outside ``[0, size)``. On a grid, a left token is valid when at least half of its pixels have a valid ``d``;
