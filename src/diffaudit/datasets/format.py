@@ -96,6 +96,14 @@ class _DatasetWriter:
         self.rows.append((image_id, rel, source, int(label)))
         return image_id
 
+    def add_file(self, name: str, data: bytes) -> str:
+        """Write one extra top-level file (e.g. a table beside the images) into the dataset; it is swapped in
+        with the rest on :meth:`finish`. Returns its sha256 (hex)."""
+        if Path(name).name != name or name in ("images", "index.csv", "dataset.json") or name.startswith("."):
+            raise DatasetError(f"internal: invalid extra file name {name!r}")
+        (self.tmp / name).write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
+
     def finish(self, config: dict, label_names: Sequence[str] | None = None,
                versions: dict | None = None) -> Path:
         if not self.rows:
