@@ -17,6 +17,7 @@ include: "workflow/rules/reference.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/experiments.smk"
+include: "workflow/rules/harm.smk"
 
 
 rule all:
@@ -30,3 +31,7 @@ rule all:
         expand(f"{run_dir('{model}', layout.run_suffix('{name}'))}/{{table}}", model=MODELS, name=EXPERIMENTS,
                table=TABLE_FILES),
         expand(rules.experiment_comparison.output, model=MODELS),
+        expand(f"{run_dir('{model}', '{exp}')}/{{table}}", model=MODELS, exp=harm_runs(),
+               table=[layout.HARM_TABLE, layout.MITIGATIONS_TABLE]),
+        expand(rules.credibility_validation.output, model=MODELS if config["harm"]["enabled"] else []),
+        expand(rules.harm_figure.output, model=MODELS if config["harm"]["enabled"] else []),

@@ -16,7 +16,8 @@ switches one thing (docs/experiments.md):
 ``weights``       trained | random: the same U-Net architecture re-initialised from :data:`RANDOM_WEIGHTS_SEED`
 
 and two keys that only narrow the run (scope, not a cause): ``layers`` (a list of layer names, or ``paper``) and
-``crops`` (the cropped variants for the corner/border control). An experiment's effective extraction is the
+``crops`` (the cropped variants for the corner/border control), and one that only adds outputs: ``harm: true``
+(the run's harm tables, docs/harm.md). An experiment's effective extraction is the
 baseline's with these applied (:func:`effective_extraction`); keys the mode decides (``noise``, ``pixel_range``,
 ``latent``) default to what the mode does, so the baseline itself needs none of them.
 
@@ -44,7 +45,10 @@ CAUSES: dict[str, object] = {
 }
 #: Keys that narrow the run.
 SCOPE: dict[str, object] = {"layers": (str, list), "crops": bool}
-KEYS = {**CAUSES, **SCOPE}
+#: Keys that add outputs without changing the extraction: ``harm: true`` also measures the harm of the run
+#: (docs/harm.md).
+OUTPUTS: dict[str, object] = {"harm": bool}
+KEYS = {**CAUSES, **SCOPE, **OUTPUTS}
 
 #: What each extraction mode does for the keys a mode decides.
 MODE_DEFAULTS: dict[str, dict[str, str]] = {
@@ -150,6 +154,12 @@ def resolved(extraction: dict) -> dict:
     out = {**DEFAULTS, **MODE_DEFAULTS[extraction["mode"]]}
     out.update({k: extraction[k] for k in CAUSES if k in extraction})
     return out
+
+
+def extraction_overrides(overrides: dict | None) -> dict:
+    """An experiment's overrides without the keys that only add outputs (:data:`OUTPUTS`): what its extraction
+    depends on."""
+    return {k: v for k, v in (overrides or {}).items() if k not in OUTPUTS}
 
 
 def layers_of(layers, overrides: dict | None):

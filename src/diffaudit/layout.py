@@ -15,6 +15,10 @@ ask this module; it imports nothing from the package, so anything may import it.
       <table>_per_image.csv, anomaly_labels.csv  per-image aggregates and label positions (paired comparison)
       experiments.csv                          the runs of the model compared
       experiments/<name>/                      an experiment's run: representations/, paper_reference/, tables
+      harm/representations/                    the harm pairs' images extracted with the run's settings
+      harm.csv, mitigations.csv                the harm metrics and the mitigated artifact measures (docs/harm.md)
+      credibility_validation.csv               the credibility axes against the measured harm (baseline)
+    harm_pairs/                                the harm tasks' image pairs (a dataset, pairs.csv, the disparity)
     layer_summary/<model>.csv                  the figure's per-layer quantities (``dvc plots``, cross-model figure)
     experiment_summary/<model>/<run>.csv       one summary per run (``baseline`` or an experiment's name)
     figures/                                   every figure (per-model qualitative views in figures/<model>/)
@@ -53,6 +57,13 @@ ANOMALY_LABELS = "anomaly_labels.csv"
 #: The analyses whose per-image aggregates are kept (``<table>_per_image.csv`` in the run's folder) for the paired
 #: bootstrap of the experiments' comparison.
 PER_IMAGE_TABLES = ("position_probe", "token_group_similarity", "anomaly_rel_norm")
+
+#: The harm analysis (diffaudit.harm): a run's folder of the pair images' stores, its tables, and the pairs' folder.
+HARM = "harm"
+HARM_PAIRS = "harm_pairs"
+HARM_TABLE = "harm.csv"
+MITIGATIONS_TABLE = "mitigations.csv"
+CREDIBILITY_VALIDATION_TABLE = "credibility_validation.csv"
 
 #: Where the workflow builds the embedded models (rule build_mini; ``model_sources.<name>`` in params.yaml).
 EMBEDDED_ROOT = "resources/models"
@@ -105,6 +116,16 @@ def paper_reference_dir(run_folder: str | Path) -> str:
 
 def dataset_dir(results_dir: str | Path) -> str:
     return _in(results_dir, DATASET)
+
+
+def harm_pairs_dir(results_dir: str | Path) -> str:
+    """The harm tasks' image pairs of a results directory (one for every model: they depend on the images only)."""
+    return _in(results_dir, HARM_PAIRS)
+
+
+def harm_dir(run_folder: str | Path) -> str:
+    """A run's folder of the harm pairs' extraction."""
+    return f"{run_folder}/{HARM}"
 
 
 def figures_dir(results_dir: str | Path) -> str:

@@ -83,9 +83,12 @@ def model_source(wildcards):
 
 
 def experiment_overrides(wildcards):
-    """The experiment's overrides (params `experiment`, in DVC experiments.<name>); {} for the baseline."""
+    """The experiment's overrides of the extraction (params `experiment`, in DVC experiments.<name>; without the
+    keys that only add outputs, such as `harm`); {} for the baseline."""
+    from diffaudit.experiments import extraction_overrides
+
     exp = wildcards.get("exp", "")
-    return dict(config["experiments"][exp.split("/")[-1]]) if exp else {}
+    return extraction_overrides(config["experiments"][exp.split("/")[-1]]) if exp else {}
 
 
 def run_dir(model, exp=""):

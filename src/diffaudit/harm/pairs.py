@@ -89,8 +89,6 @@ def _check_tasks(tasks) -> tuple[str, ...]:
     if unknown:
         raise DatasetError(f"unknown harm task(s) {', '.join(map(repr, unknown))} (expected some of "
                            f"{', '.join(TASKS)})")
-    if not tasks:
-        raise DatasetError(f"no harm task given (expected some of {', '.join(TASKS)})")
     if len(set(tasks)) != len(tasks):
         raise DatasetError(f"harm tasks repeat: {', '.join(tasks)}")
     return tuple(t for t in TASKS if t in tasks)  # canonical order: the output does not depend on the order given

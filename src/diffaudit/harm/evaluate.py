@@ -1,0 +1,298 @@
+"""Harm and mitigation tables of one run: the body of rule ``harm`` (docs/harm.md).
+
+Per layer, every mitigation (:mod:`diffaudit.harm.mitigations`) is fitted on the *fit images* (the position probe's
+training images) and then
+
+* **harm** (``harm.csv``): the pairs of :mod:`diffaudit.harm.pairs` (their sources are the probe's test images, or
+  the stereo photograph) are matched token by token (:mod:`diffaudit.harm.matching`) on the mitigated features of
+  both images, and scored (pck, position_following, hub_ratio) with a percentile bootstrap over the pairs (images),
+  or over the tokens for a task with one pair (stereo, ``unit`` = tokens);
+* **artifact and content** (``mitigations.csv``): the three artifact measures recomputed on the mitigated features,
+  with the analyses' own code run on a :class:`diffaudit.store.StoreView` that applies the mitigation:
+  ``probe_acc8`` (the position probe, trained on the fit images and tested on the test images: final-epoch per-axis
+  accuracy at the fixed 8 x 8 grid), ``corner_ratio`` (corner similarity ratio of the test images in corrected
+  mode, each crop variant's mitigation fitted on that variant's fit images), ``rel_norm`` (the relative norm, in
+  corrected mode, of the run's anomaly labels on the test images), and ``semantic_acc``, a linear probe of the
+  image's class from mean-pooled features (:func:`class_probe`, trained on the fit images, tested on the test
+  images) that shows whether a mitigation keeps the content.
+
+Memory: one pair's maps (harm) or one chunk of images (fits, measures) at a time, except the position probe, which
+holds one layer's tokens as the probe analysis does.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..analyses.anomalies import flagged_tokens, relative_norms, token_norms
+from ..analyses.bootstrap import Bootstrap
+from ..analyses.probe import image_split, run_probe
+from ..analyses.similarity import token_group_similarity
+from ..store import StoreView
+from . import matching
+from .mitigations import MITIGATIONS, MitigationSettings, fit_store_mitigations
+from .pairs import ground_truth
+
+log = logging.getLogger(__name__)
+
+HARM_COLUMNS = ["model", "layer_index", "layer", "task", "mitigation", "metric", "value", "ci_low", "ci_high", "n",
+                "unit", "note"]
+MEASURES = ("probe_acc8", "corner_ratio", "rel_norm", "semantic_acc")
+MITIGATION_COLUMNS = (["model", "layer_index", "layer", "channels", "spatial", "mitigation"]
+                      + [f"{m}{s}" for m in MEASURES for s in ("", "_ci_low", "_ci_high")]
+                      + ["active", "acts_on", "note"])
+#: The fixed probe grid of ``probe_acc8`` (the paper's 8 x 8, as the credibility score's position axis).
+PROBE_GRID = 8
+
+
+@dataclass(frozen=True)
+class HarmSettings:
+    """The ``harm`` section (and what it borrows): ``tasks``, ``source_tokens`` (at most this many source tokens
+    per pair, drawn with ``seed``; None = all), ``mitigations``, and the mitigations' knobs."""
+
+    tasks: tuple = ("flip", "shift", "stereo")
+    mitigations: tuple = MITIGATIONS
+    source_tokens: int | None = 1024
+    seed: int = 0
+    mitigation: MitigationSettings = MitigationSettings()
+    chunk_images: int = 10
+    device: str = "cpu"
+
+
+def harm_images(n_images: int, probe: Mapping, n_harm: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit images, harm images)``: the position probe's training images, and the first ``n_harm`` of its test
+    images (the pairs' sources), for the probe settings ``probe`` (its first seed's split in corrected mode)."""
+    fit, test = image_split(n_images, float(probe["train_frac"]), probe["mode"], int(probe["seed"]),
+                            list(probe["seeds"]))
+    return fit, test[: int(n_harm)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Harm
+# ---------------------------------------------------------------------------------------------
+
+class _Terms:
+    """Per (task, mitigation, metric): the per-pair (or per-token) numerators and denominators."""
+
+    def __init__(self):
+        self.parts: dict[tuple, list] = {}
+
+    def add(self, task: str, mitigation: str, terms: Mapping[str, tuple[np.ndarray, np.ndarray]], per_token: bool):
+        for metric, (num, den) in terms.items():
+            key = (task, mitigation, metric)
+            if per_token:
+                self.parts.setdefault(key, []).append((num, den))
+            else:
+                self.parts.setdefault(key, []).append((np.array([num.sum()]), np.array([den.sum()])))
+
+    def rows(self, meta: dict, boot: Bootstrap, units: Mapping[str, str], notes: Mapping[tuple, str]) -> list[dict]:
+        out = []
+        for (task, mitigation, metric), parts in self.parts.items():
+            num = np.concatenate([p[0] for p in parts])
+            den = np.concatenate([p[1] for p in parts])
+            note = notes.get((task, mitigation), "")
+            value = lo = hi = np.nan
+            if den.sum() > 0:
+                value = float(num.sum() / den.sum())
+                if num.size > 1:
+                    lo, hi = (float(v) for v in boot.ratio_interval(num, den))
+                else:
+                    note = note or "one unit: no interval"
+            elif metric == "hub_ratio":
+                note = note or "the detector flags no token of the targets at this layer"
+            elif metric == "position_following":
+                note = note or f"no source token's ground truth is {matching.MOVED} or more tokens from its position"
+            else:
+                note = note or "no valid source token"
+            out.append({**meta, "task": task, "mitigation": mitigation, "metric": metric, "value": value,
+                        "ci_low": lo, "ci_high": hi, "n": int(num.size), "unit": units[task], "note": note})
+        return out
+
+
+def _map(store, index: int, layer: str) -> np.ndarray:
+    return np.asarray(store.array(layer)[int(index):int(index) + 1], dtype=np.float32)
+
+
+def layer_harm(base, pairs_store, pairs: pd.DataFrame, disparity, layer: str, mitigations: Mapping,
+               settings: HarmSettings, image_size: int, boot: Bootstrap, model_name: str = "") -> list[dict]:
+    """harm.csv rows of one layer (:data:`HARM_COLUMNS`) for fitted ``mitigations`` ``{name: Mitigation}``."""
+    _, c, n, w = base.shape(layer)
+    meta = {"model": model_name, "layer_index": base.layer_index(layer), "layer": layer}
+    terms, notes = _Terms(), {}
+    units = {}
+    pairs = pairs[pairs["task"].isin(settings.tasks)]
+    for task, group in pairs.groupby("task", sort=False):
+        units[task] = "tokens" if len(group) == 1 else "images"
+        for _, pair in group.iterrows():
+            target, valid, note = ground_truth(pair, n, image_size, disparity)
+            if note:
+                notes.update({(task, m): note for m in mitigations})
+            rng = np.random.default_rng([int(settings.seed), int(pair["pair"]), int(n)])
+            tokens = matching.sample_tokens(valid, settings.source_tokens, rng)
+            src_store = base if pair["source_store"] == "base" else pairs_store
+            src = _map(src_store, pair["source_index"], layer)
+            tgt = _map(pairs_store, pair["target_index"], layer)
+            flagged = flagged_tokens(token_norms(tgt), settings.mitigation.threshold)[0].reshape(-1) \
+                if n >= 2 and w >= 2 else None
+            for name, mit in mitigations.items():
+                s, t = mit.apply(src)[0], mit.apply(tgt)[0]
+                match = (matching.nearest_tokens(matching.tokens_of(s)[tokens], matching.tokens_of(t),
+                                                 settings.device) if tokens.size else np.zeros(0, np.int64))
+                terms.add(task, name, matching.pair_terms(tokens, match, target, n, flagged),
+                          per_token=units[task] == "tokens")
+    return terms.rows(meta, boot, units, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifact measures and content on mitigated features
+# ---------------------------------------------------------------------------------------------
+
+def class_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                weight_decay: float = 1e-2, max_iter: int = 100) -> np.ndarray:
+    """A multinomial logistic-regression probe of the class: trained on ``train_x`` (n, C) with labels ``train_y``
+    (standardised with the training images' mean and sd, L2 penalty ``weight_decay``, L-BFGS from zero weights:
+    deterministic), evaluated on ``test_x``. Returns per test image 1.0 (right) or 0.0 (wrong; also for a class
+    absent from the training images)."""
+    import torch
+
+    classes = np.unique(train_y)
+    mu, sd = train_x.mean(axis=0), train_x.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    xtr = torch.as_tensor((train_x - mu) / sd, dtype=torch.float64)
+    xte = torch.as_tensor((test_x - mu) / sd, dtype=torch.float64)
+    ytr = torch.as_tensor(np.searchsorted(classes, train_y), dtype=torch.int64)
+    lin = torch.nn.Linear(xtr.shape[1], classes.size, dtype=torch.float64)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xtr), ytr) + weight_decay * (lin.weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = classes[lin(xte).argmax(dim=1).numpy()]
+    return (pred == np.asarray(test_y)).astype(np.float64)
+
+
+def _pooled(view: StoreView, layer: str, chunk_images: int) -> np.ndarray:
+    return np.concatenate([x.mean(axis=(2, 3)) for _, x in view.iter_chunks(layer, chunk_images=chunk_images)])
+
+
+def _probe_acc8(view: StoreView, layer: str, probe: Mapping, device: str, boot: Bootstrap) -> tuple:
+    seed = int(probe["seed"]) if probe["mode"] == "paper" else int(list(probe["seeds"])[0])
+    df = run_probe(view, layers=[layer], mode=probe["mode"], epochs=int(probe["epochs"]),
+                   batch_size=int(probe["batch_size"]), lr=float(probe["lr"]), train_frac=float(probe["train_frac"]),
+                   seed=seed, seeds=(seed,), granularities=(PROBE_GRID,), device=device, bootstrap=boot)
+    row = df[(df["metric"] == "per_axis") & (df["epoch"] == df["epoch"].max())].iloc[0]
+    return float(row["accuracy"]), float(row["ci_low"]), float(row["ci_high"])
+
+
+def layer_measures(base, crops: Mapping[int, object], layer: str, mitigations: Mapping, crop_mitigations: Mapping,
+                   fit_images: np.ndarray, test_images: np.ndarray, labels: np.ndarray | None, ref_grid: int,
+                   probe: Mapping, image_size: int, settings: HarmSettings, boot: Bootstrap,
+                   model_name: str = "") -> list[dict]:
+    """mitigations.csv rows of one layer (:data:`MITIGATION_COLUMNS`). ``labels`` (K, 3) anomaly label rows
+    ``(image, x, y)`` on the ``ref_grid`` (indices into ``base``), or None."""
+    _, c, n, w = base.shape(layer)
+    t = image_size // n if n else 0
+    crop = crops.get(t)
+    classes = np.asarray(base.labels)
+    y_fit, y_test = classes[fit_images], classes[test_images]
+    test_pos = {int(i): k for k, i in enumerate(test_images)}
+    lab = None
+    if labels is not None and len(labels):
+        keep = np.isin(labels[:, 0], test_images)
+        lab = labels[keep].copy()
+        lab[:, 0] = [test_pos[int(i)] for i in lab[:, 0]]
+    rows = []
+    for name, mit in mitigations.items():
+        notes = []
+        out = {"model": model_name, "layer_index": base.layer_index(layer), "layer": layer, "channels": int(c),
+               "spatial": int(n), "mitigation": name}
+        full_view = StoreView(base, None, mit)
+        if n == w and n >= 2:
+            out["probe_acc8"], out["probe_acc8_ci_low"], out["probe_acc8_ci_high"] = _probe_acc8(
+                full_view, layer, probe, settings.device, boot)
+        else:
+            notes.append("probe_acc8: the probe needs a square map of at least 2x2")
+        if crop is not None and layer in crop.layers and n >= 3:
+            tab = token_group_similarity(StoreView(base, test_images, mit),
+                                         {t: StoreView(crop, test_images, crop_mitigations[name])}, layers=[layer],
+                                         mode="corrected", image_size=image_size,
+                                         chunk_images=settings.chunk_images, bootstrap=boot).iloc[0]
+            out["corner_ratio"] = float(tab["corner_ratio"])
+            out["corner_ratio_ci_low"], out["corner_ratio_ci_high"] = (float(tab["corner_ratio_ci_low"]),
+                                                                       float(tab["corner_ratio_ci_high"]))
+        else:
+            notes.append("corner_ratio: no crop variant for this layer" if crop is None or layer not in crop.layers
+                         else "corner_ratio: the map has no ring to crop")
+        if lab is not None and len(lab):
+            tab = relative_norms(StoreView(base, test_images, mit), lab, layers=[layer], mode="corrected",
+                                 chunk_images=settings.chunk_images, bootstrap=boot, ref_grid=ref_grid).iloc[0]
+            out["rel_norm"] = float(tab["rel_norm_mean"])
+            out["rel_norm_ci_low"], out["rel_norm_ci_high"] = float(tab["rel_norm_ci_low"]), float(
+                tab["rel_norm_ci_high"])
+        else:
+            notes.append("rel_norm: no anomaly label on the test images")
+        if (y_fit >= 0).all() and (y_test >= 0).all() and np.unique(y_fit).size > 1:
+            pooled_fit = _pooled(StoreView(base, fit_images, mit), layer, settings.chunk_images)
+            pooled_test = _pooled(StoreView(base, test_images, mit), layer, settings.chunk_images)
+            right = class_probe(pooled_fit, y_fit, pooled_test, y_test)
+            out["semantic_acc"] = float(right.mean())
+            lo, hi = boot.mean_interval(right[:, None])
+            out["semantic_acc_ci_low"], out["semantic_acc_ci_high"] = float(lo[0]), float(hi[0])
+        else:
+            notes.append("semantic_acc: the images carry no class labels (or one class)")
+        out["active"] = bool(mit.active) if name != "none" else False
+        out["acts_on"] = mit.acts_on
+        out["note"] = "; ".join(notes)
+        rows.append(out)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def harm_tables(base, crops: Mapping[int, object], pairs_store, pairs: pd.DataFrame, disparity, *,
+                layers: Sequence[str] | None, fit_images: np.ndarray, test_images: np.ndarray,
+                labels: np.ndarray | None, ref_grid: int, probe: Mapping, image_size: int,
+                settings: HarmSettings = HarmSettings(), bootstrap: Bootstrap | None = None, model_name: str = "",
+                measures: bool = True, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(harm table, mitigations table)`` of a run (module docstring). ``base`` the run's full store, ``crops``
+    ``{token size: crop store}``, ``pairs_store`` the pair images' store, ``pairs``/``disparity`` from
+    :func:`diffaudit.harm.pairs.load_pairs`. ``measures=False`` skips the mitigations table."""
+    boot = bootstrap or Bootstrap()
+    layers = base.select_layers(layers)
+    missing = [layer for layer in layers if layer not in pairs_store.layers]
+    if missing:
+        raise KeyError(f"the pair images' store {pairs_store.path} lacks layers {missing}")
+    harm_rows, measure_rows = [], []
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(layers, desc=f"harm {model_name}".strip())
+    for layer in it:
+        mits = fit_store_mitigations(base, layer, fit_images, settings.mitigations, settings.mitigation,
+                                     settings.chunk_images)
+        harm_rows += layer_harm(base, pairs_store, pairs, disparity, layer, mits, settings, image_size, boot,
+                                model_name)
+        if measures:
+            _, _, n, _ = base.shape(layer)
+            crop = crops.get(image_size // n) if n else None
+            crop_mits = (fit_store_mitigations(crop, layer, fit_images, settings.mitigations, settings.mitigation,
+                                               settings.chunk_images)
+                         if crop is not None and layer in crop.layers and n >= 3 else {})
+            measure_rows += layer_measures(base, crops, layer, mits, crop_mits, fit_images, test_images, labels,
+                                           ref_grid, probe, image_size, settings, boot, model_name)
+    harm = pd.DataFrame(harm_rows, columns=HARM_COLUMNS)
+    return harm, pd.DataFrame(measure_rows, columns=MITIGATION_COLUMNS)

@@ -1,0 +1,71 @@
+"""Rule ``harm``: harm metrics per layer, task and mitigation (``harm.csv``) and the artifact measures and class
+probe on mitigated features (``mitigations.csv``) of one run (:mod:`diffaudit.harm.evaluate`, docs/harm.md)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import common
+
+
+def settings(cfg: dict):
+    from ..harm.evaluate import HarmSettings
+    from ..harm.mitigations import MitigationSettings
+
+    h = cfg["harm"]
+    return HarmSettings(tasks=tuple(h["tasks"]), mitigations=tuple(h["mitigations"]),
+                        source_tokens=None if h["source_tokens"] is None else int(h["source_tokens"]),
+                        seed=int(h["seed"]),
+                        mitigation=MitigationSettings(subspace_k=int(h["subspace_k"]),
+                                                      threshold=float(cfg["anomalies"]["threshold"]),
+                                                      channel_ratio=float(cfg["channels"]["ratio_threshold"])),
+                        device=common.device(cfg))
+
+
+def run_labels(labels_csv: str | Path | None):
+    """The run's anomaly label positions of one source (the hand labels, else the detector's): (K, 3) and grid."""
+    import numpy as np
+
+    from ..analyses.credibility import choose_source
+    from ..analyses.paired import read_table
+
+    table = read_table(labels_csv) if labels_csv is not None else None
+    if table is None or table.empty:
+        return None, None
+    source = choose_source(table["label_source"].drop_duplicates().tolist())
+    t = table[table["label_source"] == source]
+    return t[["image", "x", "y"]].to_numpy(np.int64), int(t["grid"].iloc[0])
+
+
+def run(cfg: dict, model: str, rep_dirs, pairs_dir: str | Path, pairs_rep: str | Path, harm_csv: str | Path,
+        mitigations_csv: str | Path, labels_csv: str | Path | None = None) -> Path:
+    from ..analyses.anomalies import reference_grid
+    from ..analyses.bootstrap import Bootstrap
+    from ..analyses.paired import store_image_size
+    from ..harm.evaluate import HARM_COLUMNS, MITIGATION_COLUMNS, harm_images, harm_tables
+    from ..harm.pairs import load_pairs
+    from ..layout import FULL, store_path
+    from ..store import ReprStore, open_model_stores
+
+    import pandas as pd
+
+    pairs, disparity = load_pairs(pairs_dir)
+    if pairs.empty:
+        logging.getLogger(__name__).info("%s: no harm pair (harm.enabled is false): empty harm tables", model)
+        common.write_csv(pd.DataFrame(columns=MITIGATION_COLUMNS), mitigations_csv)
+        return common.write_csv(pd.DataFrame(columns=HARM_COLUMNS), harm_csv)
+    full, crops = open_model_stores(rep_dirs)
+    pairs_store = ReprStore(store_path(pairs_rep, FULL))
+    fit, test = harm_images(full.n_images, cfg["probe"], full.n_images)
+    labels, grid = run_labels(labels_csv)
+    harm, measures = harm_tables(
+        full, crops, pairs_store, pairs, disparity, layers=None, fit_images=fit, test_images=test, labels=labels,
+        ref_grid=grid or reference_grid(full), probe=cfg["probe"], image_size=store_image_size(full),
+        settings=settings(cfg), bootstrap=Bootstrap.from_config(cfg["bootstrap"]), model_name=model, progress=True)
+    common.write_csv(measures, mitigations_csv)
+    return common.write_csv(harm, harm_csv)
+
+
+def from_snakemake(smk):
+    return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.input.pairs,
+               smk.input.pairs_rep, smk.output.harm, smk.output.mitigations, labels_csv=smk.input.labels)
