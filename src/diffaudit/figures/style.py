@@ -216,13 +216,12 @@ def add_legend(ax, handles=None, labels=None, **kw):
 def new_figure(axis: LayerAxis, nrows: int = 3, ncols: int = 1, height: float | None = None,
                wspace: float = 0.12) -> tuple[Figure, np.ndarray]:
     """The panels over one layer axis, sharing x: by default the paper's 3 x 1 column (``axes`` 1-D); with
-    ``ncols`` > 1 an ``nrows`` x ``ncols`` grid (``axes`` 2-D), each column as wide as a lone panel would be.
+    ``ncols`` > 1 an ``nrows`` x ``ncols`` grid (``axes`` 2-D), each panel wide enough for its layer ticks.
     ``height`` (inches) defaults to the paper figure's height per row."""
     span = (axis.xs.max() - axis.xs.min() + 1.5) if len(axis) else 1.0
-    # keep at least ~7.5 pt between layer ticks: widen the figure for long layer lists
-    width = max(FIGSIZE[0], span * 7.5 / 72 / 0.775)
-    if ncols > 1:  # the axes share 0.775 of the width with ncols - 1 gaps of wspace x a panel's width
-        width *= (ncols + (ncols - 1) * wspace)
+    # keep at least ~7.5 pt between layer ticks: widen the figure for long layer lists (the panels of a row share
+    # 0.775 of the width with ncols - 1 gaps of wspace x a panel's width)
+    width = max(FIGSIZE[0], span * 7.5 / 72 * (ncols + (ncols - 1) * wspace) / 0.775)
     fig = Figure(figsize=(width, FIGSIZE[1] * nrows / 3 if height is None else height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, sharex=True, squeeze=ncols == 1)
