@@ -4,7 +4,7 @@ Colours and line styles (:data:`COLOR_CORNER`, :data:`UNITY`, :data:`REF_STYLE`,
 (:data:`ACC_LIM`, :data:`SIM_LIM`, :data:`NORM_LIM`), the layer axis (:class:`LayerAxis`, :func:`layer_axis`,
 :func:`setup_layer_axis`: block separators, layer types and block names under the bottom panel), lines and bands
 with NaN gaps (:func:`draw_line`, :func:`draw_band`), y-limits and log2 ticks, legends outside the axes
-(:func:`add_legend`), the three-panel figure (:func:`new_figure`) and deterministic PNG + SVG output
+(:func:`add_legend`), the three-panel figure or a rows x columns grid over one layer axis (:func:`new_figure`) and deterministic PNG + SVG output
 (:func:`save_figure`: dpi 150, ``bbox_inches="tight"``, fixed ``svg.hashsalt``, no date, text kept as text).
 """
 from __future__ import annotations
@@ -213,21 +213,38 @@ def add_legend(ax, handles=None, labels=None, **kw):
     return ax.legend(handles, labels, **kw)
 
 
-def new_figure(axis: LayerAxis) -> tuple[Figure, np.ndarray]:
+def new_figure(axis: LayerAxis, nrows: int = 3, ncols: int = 1, height: float | None = None,
+               wspace: float = 0.12) -> tuple[Figure, np.ndarray]:
+    """The panels over one layer axis, sharing x: by default the paper's 3 x 1 column (``axes`` 1-D); with
+    ``ncols`` > 1 an ``nrows`` x ``ncols`` grid (``axes`` 2-D), each panel wide enough for its layer ticks.
+    ``height`` (inches) defaults to the paper figure's height per row."""
     span = (axis.xs.max() - axis.xs.min() + 1.5) if len(axis) else 1.0
-    # keep at least ~7.5 pt between layer ticks: widen the figure for long layer lists
-    width = max(FIGSIZE[0], span * 7.5 / 72 / 0.775)
-    fig = Figure(figsize=(width, FIGSIZE[1]))
+    # keep at least ~7.5 pt between layer ticks: widen the figure for long layer lists (the panels of a row share
+    # 0.775 of the width with ncols - 1 gaps of wspace x a panel's width)
+    width = max(FIGSIZE[0], span * 7.5 / 72 * (ncols + (ncols - 1) * wspace) / 0.775)
+    fig = Figure(figsize=(width, FIGSIZE[1] * nrows / 3 if height is None else height))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 1, sharex=True)
-    fig.subplots_adjust(hspace=0.05)
+    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=ncols == 1)
+    if ncols == 1:
+        fig.subplots_adjust(hspace=0.05)
+    else:
+        fig.subplots_adjust(hspace=0.08, wspace=wspace)
     return fig, axes
 
 
+def _grid(axes) -> np.ndarray:
+    """``axes`` as rows x columns: a 1-D sequence is one column."""
+    grid = np.asarray(axes, dtype=object)
+    return grid[:, None] if grid.ndim == 1 else grid
+
+
 def setup_layer_axis(fig: Figure, axes, axis: LayerAxis) -> None:
-    """Limits, block separators, layer-type tick labels, block-name row and the row labels."""
+    """Limits, block separators, layer-type tick labels, block-name row and the row labels. ``axes``: one column
+    (1-D) or a rows x columns grid (2-D): every column's bottom panel gets the labels, the row labels ("layers:",
+    "blocks:") stand left of the first column only."""
+    grid = _grid(axes)
     if not len(axis):
-        for ax in axes:
+        for ax in grid.ravel():
             ax.set_xlim(-0.5, 0.5)
             ax.xaxis.set_major_locator(NullLocator())
         return
@@ -235,42 +252,49 @@ def setup_layer_axis(fig: Figure, axes, axis: LayerAxis) -> None:
     lo, hi = float(xs.min()) - 0.5, float(xs.max()) + 1.0
     spans = block_spans(axis.names)
     seps = [(xs[a - 1] + xs[a]) / 2 for _, a, _ in spans[1:]]
-    for ax in axes:
+    for ax in grid.ravel():
         ax.set_xlim(lo, hi)
         for s in seps:
             ax.axvline(s, **SEPARATOR)
         ax.tick_params(axis="x", which="minor", length=0)
-    bottom = axes[-1]
-    ax_w_pt = bottom.get_position().width * fig.get_figwidth() * 72
+    bottoms = list(grid[-1])
+    ax_w_pt = bottoms[0].get_position().width * fig.get_figwidth() * 72
     spacing = ax_w_pt / (hi - lo)
     fs = float(np.clip(spacing * 0.95, 5.0, 10.0))
-    bottom.set_xticks(xs)
-    bottom.set_xticklabels([layer_label(n) for n in axis.names], rotation=90, fontsize=fs)
     centers = [(xs[a] + xs[b]) / 2 for _, a, b in spans]
-    bottom.xaxis.remove_overlapping_locs = False
-    bottom.set_xticks(centers, minor=True)
-    bottom.set_xticklabels([b for b, _, _ in spans], minor=True, fontsize=fs)
+    for bottom in bottoms:
+        bottom.set_xticks(xs)
+        bottom.set_xticklabels([layer_label(n) for n in axis.names], rotation=90, fontsize=fs)
+        bottom.xaxis.remove_overlapping_locs = False
+        bottom.set_xticks(centers, minor=True)
+        bottom.set_xticklabels([b for b, _, _ in spans], minor=True, fontsize=fs)
 
     canvas = fig.canvas
     canvas.draw()
     r = canvas.get_renderer()
-    major = [t for t in bottom.get_xticklabels() if t.get_visible() and t.get_text()]
-    mb = Bbox.union([t.get_window_extent(r) for t in major])
-    # at least 1.4 font heights, so that the "layers:" and "blocks:" row labels never touch (short type names)
-    height_pt = max(mb.height * 72 / fig.dpi, 1.4 * fs)
-    pad_pt = height_pt + bottom.xaxis.get_major_ticks()[0].get_pad() + 4
-    bottom.tick_params(axis="x", which="minor", pad=pad_pt)
+
+    def visible(ax, minor: bool):
+        return [t for t in ax.get_xticklabels(minor=minor) if t.get_visible() and t.get_text()]
+
+    mbs = []
+    for bottom in bottoms:
+        mb = Bbox.union([t.get_window_extent(r) for t in visible(bottom, False)])
+        # at least 1.4 font heights, so that the "layers:" and "blocks:" row labels never touch (short type names)
+        height_pt = max(mb.height * 72 / fig.dpi, 1.4 * fs)
+        pad_pt = height_pt + bottom.xaxis.get_major_ticks()[0].get_pad() + 4
+        bottom.tick_params(axis="x", which="minor", pad=pad_pt)
+        mbs.append(mb)
     canvas.draw()
-    minor = [t for t in bottom.get_xticklabels(minor=True) if t.get_visible() and t.get_text()]
-    boxes = sorted((t.get_window_extent(r) for t in minor), key=lambda b: b.x0)
+    boxes = sorted((t.get_window_extent(r) for t in visible(bottoms[0], True)), key=lambda b: b.x0)
     if any(b1.x0 < b0.x1 + 2 for b0, b1 in zip(boxes[:-1], boxes[1:])):
         # narrow blocks: block names would touch -> write them vertically as well
-        for t in minor:
-            t.set_rotation(90)
+        for bottom in bottoms:
+            for t in visible(bottom, True):
+                t.set_rotation(90)
         canvas.draw()
-    minor = [t for t in bottom.get_xticklabels(minor=True) if t.get_visible() and t.get_text()]
-    nb = Bbox.union([t.get_window_extent(r) for t in minor])
-    axb = bottom.get_window_extent(r)
+    first, mb = bottoms[0], mbs[0]
+    nb = Bbox.union([t.get_window_extent(r) for t in visible(first, True)])
+    axb = first.get_window_extent(r)
     x_right = min(axb.x0, mb.x0, nb.x0) - 6
     inv = fig.transFigure.inverted()
     for label, bb in (("layers:", mb), ("blocks:", nb)):
