@@ -402,7 +402,7 @@ class StoreView:
         """Images ``start:stop`` of the view as float32 ``(b, C, H, W)``, transformed."""
         stop = self.n_images if stop is None else stop
         idx = self.images[start:stop]
-        arr = self.store.array(layer)
+        arr = self.store.array(layer)  # a StoreView of a LayerCache reads the cache
         parts, i = [], 0
         while i < idx.size:  # contiguous runs of the underlying store
             j = i + 1
@@ -419,3 +419,23 @@ class StoreView:
         for i in range(start, stop, chunk_images):
             x = self.read(layer, i, min(i + chunk_images, stop))
             yield i, (x if dtype is None else x.astype(dtype, copy=False))
+
+
+class LayerCache(StoreView):
+    """A store with one layer held in memory (as stored, e.g. float16): for an analysis that reads the same layer
+    many times (the harm analysis: every mitigation's fit, probe and measures). Memory: that layer, as much as the
+    position probe holds of it. Other layers are read from the store."""
+
+    def __init__(self, store, layer: str):
+        super().__init__(store)
+        self.cached_layer = layer
+        self._data = np.asarray(store.array(layer)[:])
+
+    def array(self, layer: str):
+        return self._data if layer == self.cached_layer else self.store.array(layer)
+
+    def read(self, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if layer != self.cached_layer:
+            return super().read(layer, start, stop)
+        stop = self.n_images if stop is None else stop
+        return np.asarray(self._data[start:stop], dtype=np.float32)

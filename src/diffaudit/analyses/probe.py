@@ -362,6 +362,17 @@ def _token_indices(images: np.ndarray, hw: int) -> torch.Tensor:
     return (img[:, None] * hw + torch.arange(hw, dtype=torch.int64)[None, :]).reshape(-1)
 
 
+def _train_token_indices(images: np.ndarray, n: int, per_image: int | None, layer: str) -> torch.Tensor:
+    """The training tokens: every token of ``images``, or ``per_image`` positions of each image drawn without
+    replacement (a generator seeded by the layer, so every run of the layer draws the same) when the map has more."""
+    if per_image is None or int(per_image) >= n * n:
+        return _token_indices(images, n * n)
+    rng = np.random.default_rng(_derived_seed("train-tokens", layer) % 2**32)
+    img = np.asarray(images, dtype=np.int64)
+    pos = np.stack([np.sort(rng.choice(n * n, size=int(per_image), replace=False)) for _ in img])
+    return torch.as_tensor((img[:, None] * n * n + pos).reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +382,8 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
               seeds: Sequence[int] = (42, 43, 44), granularities: Sequence[int] = (8, 16, 32, 64), device=None,
               model_name: str = "", progress: bool = False, chunk_images: int = 20,
               class_names: Sequence | Mapping | None = None, interior_k: int = 2,
-              bootstrap: Bootstrap | None = None, image_records: list | None = None) -> pd.DataFrame:
+              bootstrap: Bootstrap | None = None, image_records: list | None = None,
+              train_tokens: int | None = None) -> pd.DataFrame:
     """Train the positional linear probe on each layer; long-format accuracies (see the module docstring).
 
     Columns (:data:`TABLE_COLUMNS`): ``model, layer_index, layer, channels, spatial, epoch, granularity, metric,
@@ -387,6 +399,11 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
     single class of several is logged as a warning before any training. The bootstrap interval of the mean over
     all seeds (:func:`_seed_mean_interval`) is attached as ``df.attrs["probe_seed_mean_ci"]`` (columns as lists),
     for :func:`summarize_probe` as well.
+
+    ``train_tokens`` (None: every token, the analysis's own setting) trains on at most that many tokens of each
+    training image (drawn per image from a generator seeded by the layer, the same in every run of the layer):
+    the harm analysis's probe of mitigated features (:mod:`diffaudit.harm.evaluate`) uses it to bound its cost on
+    large maps; the test tokens are always all tokens.
 
     ``image_records``, a list, collects the final epoch's ``per_axis`` accuracies of every test image, per layer,
     seed and granularity (records of :func:`diffaudit.analyses.paired.per_image_frame`: quantities
@@ -435,7 +452,8 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
                     probe = nn.Linear(c, 2 * n)
                     _init_linear_(probe, gen)
                     probe = probe.to(dev)
-                res = _train_and_eval(x, n, _token_indices(tr_img, n * n), _token_indices(te_img, n * n), probe,
+                res = _train_and_eval(x, n, _train_token_indices(tr_img, n, train_tokens, layer),
+                                      _token_indices(te_img, n * n), probe,
                                       epochs=epochs, batch_size=batch_size, lr=lr, granularities=granularities,
                                       gen=gen, device=dev, interior_k=int(interior_k))
                 acc_img = np.stack([r[5] for r in res])  # (rows, test images)

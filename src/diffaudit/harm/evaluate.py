@@ -32,7 +32,7 @@ from ..analyses.anomalies import flagged_tokens, relative_norms, token_norms
 from ..analyses.bootstrap import Bootstrap
 from ..analyses.probe import image_split, run_probe
 from ..analyses.similarity import token_group_similarity
-from ..store import StoreView
+from ..store import LayerCache, StoreView
 from . import matching
 from .mitigations import MITIGATIONS, MitigationSettings, fit_store_mitigations
 from .pairs import ground_truth
@@ -52,11 +52,13 @@ PROBE_GRID = 8
 @dataclass(frozen=True)
 class HarmSettings:
     """The ``harm`` section (and what it borrows): ``tasks``, ``source_tokens`` (at most this many source tokens
-    per pair, drawn with ``seed``; None = all), ``mitigations``, and the mitigations' knobs."""
+    per pair, drawn with ``seed``; None = all), ``probe_tokens`` (the position probe of ``probe_acc8`` trains on at
+    most this many tokens of each training image; None = all), ``mitigations``, and the mitigations' knobs."""
 
     tasks: tuple = ("flip", "shift", "stereo")
     mitigations: tuple = MITIGATIONS
     source_tokens: int | None = 1024
+    probe_tokens: int | None = 256
     seed: int = 0
     mitigation: MitigationSettings = MitigationSettings()
     chunk_images: int = 10
@@ -113,6 +115,13 @@ class _Terms:
         return out
 
 
+def nothing_to_do(mit) -> bool:
+    """Whether a fitted mitigation (not ``none``) has nothing to act on in its layer, known from its fit (no outlier
+    channel, no positions); ``anomaly_inpaint`` depends on the images it is applied to and is always measured."""
+    return mit.name != "none" and bool(mit.steps) and not any(
+        s.active for s in mit.steps)
+
+
 def _map(store, index: int, layer: str) -> np.ndarray:
     return np.asarray(store.array(layer)[int(index):int(index) + 1], dtype=np.float32)
 
@@ -139,6 +148,11 @@ def layer_harm(base, pairs_store, pairs: pd.DataFrame, disparity, layer: str, mi
             flagged = flagged_tokens(token_norms(tgt), settings.mitigation.threshold)[0].reshape(-1) \
                 if n >= 2 and w >= 2 else None
             for name, mit in mitigations.items():
+                if nothing_to_do(mit):
+                    notes[(task, name)] = f"nothing to act on ({mit.acts_on}): not measured"
+                    terms.add(task, name, {m: (np.zeros(0), np.zeros(0)) for m in matching.METRICS},
+                              per_token=True)
+                    continue
                 s, t = mit.apply(src)[0], mit.apply(tgt)[0]
                 match = (matching.nearest_tokens(matching.tokens_of(s)[tokens], matching.tokens_of(t),
                                                  settings.device) if tokens.size else np.zeros(0, np.int64))
@@ -186,11 +200,13 @@ def _pooled(view: StoreView, layer: str, chunk_images: int) -> np.ndarray:
     return np.concatenate([x.mean(axis=(2, 3)) for _, x in view.iter_chunks(layer, chunk_images=chunk_images)])
 
 
-def _probe_acc8(view: StoreView, layer: str, probe: Mapping, device: str, boot: Bootstrap) -> tuple:
+def _probe_acc8(view: StoreView, layer: str, probe: Mapping, device: str, boot: Bootstrap,
+                train_tokens: int | None) -> tuple:
     seed = int(probe["seed"]) if probe["mode"] == "paper" else int(list(probe["seeds"])[0])
     df = run_probe(view, layers=[layer], mode=probe["mode"], epochs=int(probe["epochs"]),
                    batch_size=int(probe["batch_size"]), lr=float(probe["lr"]), train_frac=float(probe["train_frac"]),
-                   seed=seed, seeds=(seed,), granularities=(PROBE_GRID,), device=device, bootstrap=boot)
+                   seed=seed, seeds=(seed,), granularities=(PROBE_GRID,), device=device, bootstrap=boot,
+                   train_tokens=train_tokens)
     row = df[(df["metric"] == "per_axis") & (df["epoch"] == df["epoch"].max())].iloc[0]
     return float(row["accuracy"]), float(row["ci_low"]), float(row["ci_high"])
 
@@ -217,10 +233,14 @@ def layer_measures(base, crops: Mapping[int, object], layer: str, mitigations: M
         notes = []
         out = {"model": model_name, "layer_index": base.layer_index(layer), "layer": layer, "channels": int(c),
                "spatial": int(n), "mitigation": name}
+        if nothing_to_do(mit):
+            rows.append({**out, "active": False, "acts_on": mit.acts_on,
+                         "note": "nothing to act on: not measured (it would repeat `none`)"})
+            continue
         full_view = StoreView(base, None, mit)
         if n == w and n >= 2:
             out["probe_acc8"], out["probe_acc8_ci_low"], out["probe_acc8_ci_high"] = _probe_acc8(
-                full_view, layer, probe, settings.device, boot)
+                full_view, layer, probe, settings.device, boot, settings.probe_tokens)
         else:
             notes.append("probe_acc8: the probe needs a square map of at least 2x2")
         if crop is not None and layer in crop.layers and n >= 3:
@@ -282,17 +302,22 @@ def harm_tables(base, crops: Mapping[int, object], pairs_store, pairs: pd.DataFr
 
         it = tqdm(layers, desc=f"harm {model_name}".strip())
     for layer in it:
-        mits = fit_store_mitigations(base, layer, fit_images, settings.mitigations, settings.mitigation,
+        mem = LayerCache(base, layer)  # every mitigation reads the layer several times
+        mits = fit_store_mitigations(mem, layer, fit_images, settings.mitigations, settings.mitigation,
                                      settings.chunk_images)
-        harm_rows += layer_harm(base, pairs_store, pairs, disparity, layer, mits, settings, image_size, boot,
+        harm_rows += layer_harm(mem, pairs_store, pairs, disparity, layer, mits, settings, image_size, boot,
                                 model_name)
         if measures:
             _, _, n, _ = base.shape(layer)
-            crop = crops.get(image_size // n) if n else None
-            crop_mits = (fit_store_mitigations(crop, layer, fit_images, settings.mitigations, settings.mitigation,
-                                               settings.chunk_images)
-                         if crop is not None and layer in crop.layers and n >= 3 else {})
-            measure_rows += layer_measures(base, crops, layer, mits, crop_mits, fit_images, test_images, labels,
-                                           ref_grid, probe, image_size, settings, boot, model_name)
+            t = image_size // n if n else 0
+            crop = crops.get(t)
+            layer_crops = {}
+            crop_mits = {}
+            if crop is not None and layer in crop.layers and n >= 3:
+                layer_crops = {t: LayerCache(crop, layer)}
+                crop_mits = fit_store_mitigations(layer_crops[t], layer, fit_images, settings.mitigations,
+                                                  settings.mitigation, settings.chunk_images)
+            measure_rows += layer_measures(mem, layer_crops, layer, mits, crop_mits, fit_images, test_images,
+                                           labels, ref_grid, probe, image_size, settings, boot, model_name)
     harm = pd.DataFrame(harm_rows, columns=HARM_COLUMNS)
     return harm, pd.DataFrame(measure_rows, columns=MITIGATION_COLUMNS)

@@ -15,6 +15,7 @@ def settings(cfg: dict):
     h = cfg["harm"]
     return HarmSettings(tasks=tuple(h["tasks"]), mitigations=tuple(h["mitigations"]),
                         source_tokens=None if h["source_tokens"] is None else int(h["source_tokens"]),
+                        probe_tokens=None if h["probe_tokens"] is None else int(h["probe_tokens"]),
                         seed=int(h["seed"]),
                         mitigation=MitigationSettings(subspace_k=int(h["subspace_k"]),
                                                       threshold=float(cfg["anomalies"]["threshold"]),
