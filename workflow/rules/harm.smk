@@ -75,6 +75,7 @@ rule harm:
     params:
         **declare("harm", "probe", "anomalies.threshold", "channels.ratio_threshold", "bootstrap",
                   "extraction.device"),
+    threads: 1
     resources:
         gpu=GPU_JOB,
     log:

@@ -160,19 +160,26 @@ class AnomalyInpaint(Step):
         if not hit.any():
             return x
         out = x.copy()
+        # the ring of 12 tokens around a 2x2 block at (y0, x0): offsets from its upper-left token
+        ring = np.array([(dy, dx) for dy in range(-1, 3) for dx in range(-1, 3) if not (0 <= dy < 2 and 0 <= dx < 2)])
         for i in np.flatnonzero(hit.any(axis=(1, 2))):
             # neighbours that belong to another flagged block are anomalies too: not used as the fill
             flagged = np.zeros((h, w), dtype=bool)
             flagged[: h // 2 * 2, : w // 2 * 2] = hit[i].repeat(2, axis=0).repeat(2, axis=1)
-            for by, bx in zip(*np.nonzero(hit[i])):
-                y0, x0 = 2 * by, 2 * bx
-                ys, xs = slice(max(y0 - 1, 0), min(y0 + 3, h)), slice(max(x0 - 1, 0), min(x0 + 3, w))
-                ring = ~flagged[ys, xs]
-                patch = x[i, :, ys, xs][:, ring]  # (C, unflagged neighbours)
-                if patch.shape[1] == 0:
-                    continue
-                out[i, :, y0:y0 + 2, x0:x0 + 2] = np.median(patch, axis=1)[:, None, None]
-                self.replaced += 4
+            by, bx = np.nonzero(hit[i])
+            ys, xs = 2 * by[:, None] + ring[None, :, 0], 2 * bx[:, None] + ring[None, :, 1]  # (blocks, 12)
+            inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+            yc, xc = np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)
+            usable = inside & ~flagged[yc, xc]
+            vals = np.where(usable[:, None, :], x[i][:, yc, xc].transpose(1, 0, 2), np.nan)  # (blocks, C, 12)
+            keep = usable.any(axis=1)
+            if not keep.any():
+                continue
+            with np.errstate(all="ignore"):
+                fill = np.nanmedian(vals[keep], axis=2).astype(np.float32)  # (blocks kept, C)
+            for (y0, x0), f in zip(zip(2 * by[keep], 2 * bx[keep]), fill):
+                out[i, :, y0:y0 + 2, x0:x0 + 2] = f[:, None, None]
+            self.replaced += 4 * int(keep.sum())
         return out
 
 

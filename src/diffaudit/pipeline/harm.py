@@ -68,5 +68,10 @@ def run(cfg: dict, model: str, rep_dirs, pairs_dir: str | Path, pairs_rep: str |
 
 
 def from_snakemake(smk):
+    import torch
+
+    # the rule's threads (1 by default): the probes and matches are many small operations, which extra threads
+    # slow down when other jobs share the cores
+    torch.set_num_threads(max(1, int(smk.threads)))
     return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.input.pairs,
                smk.input.pairs_rep, smk.output.harm, smk.output.mitigations, labels_csv=smk.input.labels)
