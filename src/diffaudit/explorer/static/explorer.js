@@ -355,7 +355,7 @@ async function loadCorr() {
   } catch (e) { status(e.message, true); }
 }
 function drawCorr(res) {
-  S.corr = res; showMitigation(res.mitigation);
+  S.corr = res;  // (the header's "acts on" describes the shown images; this pair's is in the caption's tooltip)
   const src = document.querySelector(".panel.corr.src"), tgt = document.querySelector(".panel.corr.tgt");
   if (!src || !tgt) return;
   const cw = 240 / res.width, ch = 240 / res.height, [ty, tx] = res.token, [my, mx] = res.match;
@@ -372,6 +372,7 @@ function drawCorr(res) {
     ` -> nearest (${my}, ${mx}), cosine ${res.match_cosine === null ? "n/a" : res.match_cosine.toFixed(3)}` +
     (res.truth ? ` · ground truth (${res.truth[0]}, ${res.truth[1]}), ${off} token(s) off` : ` · ${res.truth_note}`) +
     ` · ${res.mitigation.name}`;
+  $("corr-info").title = `${res.mitigation.name} on this pair: ` + (res.mitigation.active ? "" : "nothing to act on: ") + res.mitigation.acts_on;
   S.corrSeq++;
 }
 
