@@ -516,3 +516,217 @@ def test_the_anomalies_rule_takes_the_labels_file(results, tmp_path):
     assert len(user) == len(SIZES) and (user["n_anomalies"] == 2).all()
     ref = user[user["layer"] == REF_LAYER].iloc[0]
     assert ref["rel_norm_mean"] > 2  # the planted patch is one of the two
+
+
+# ---------------------------------------------------------------------------------------------- mitigations and
+# correspondence on the harm pairs: a model whose features are content + a strong positional map P, so that without
+# a mitigation a token's nearest neighbour on a flipped image is at its own position, and with the position mean
+# subtracted it is the ground truth.
+
+H_IMG, H_SIZE = 10, 64
+H_LAYERS = {"down_blocks[0].resnets[0]": (16, 16), "mid_block.attentions[0]": (16, 6)}  # 6x6: shift not whole
+
+
+def make_harm_results(root: Path) -> dict:
+    """Model ``h`` (baseline with harm pairs: flip + shift of images 8 and 9; experiment ``e1`` without), the
+    dataset (built by build_demo) and harm_pairs (built by build_pairs)."""
+    from diffaudit.datasets import build_demo, load_index
+    from diffaudit.harm.pairs import build_pairs, load_pairs
+
+    build_demo(root / "dataset", n_images=H_IMG, size=H_SIZE)
+    ids = load_index(root / "dataset")["id"].astype(str).tolist()
+    build_pairs(root / "dataset", root / "harm_pairs", tasks=("flip", "shift"), images=[8, 9], shift=0.25)
+    pairs, _ = load_pairs(root / "harm_pairs")
+    harm_ids = load_index(root / "harm_pairs")["id"].astype(str).tolist()
+    rng = np.random.default_rng(7)
+    base, harm = {}, {}
+    for layer, (c, h) in H_LAYERS.items():
+        pos = 3.0 * rng.standard_normal((c, h, h))
+        content = rng.standard_normal((H_IMG, c, h, h))
+        b = content + pos
+        if h == 16:  # the other layer has nothing for anomaly_inpaint and channel_mean to act on
+            b[1, :, 2:4, 2:4] *= 12.0  # a high-norm 2x2 block: anomaly_inpaint acts on image 1
+            b[:, 5, 0, 0] = 400.0  # an outlier channel in every image: channel_mean acts
+        hm = rng.standard_normal((len(harm_ids), c, h, h)) + pos
+        for _, p in pairs.iterrows():
+            src = content[int(p["source_index"])] if p["source_store"] == "base" else None
+            if p["task"] == "flip":
+                hm[int(p["target_index"])] = src[:, :, ::-1] + pos
+            else:  # shift: B(y, x) shows A(y + k, x + k), k whole tokens on the 16x16 grid
+                k = int(p["shift_px"]) * h // H_SIZE
+                a = int(p["source_index"])
+                t = hm[int(p["target_index"])] - pos
+                t[:, : h - k, : h - k] = (hm[a] - pos)[:, k:, k:]
+                hm[int(p["target_index"])] = t + pos
+        base[layer], harm[layer] = b.astype(np.float16), hm.astype(np.float16)
+    for path, data, iids in ((root / "h" / "representations" / "full.zarr", base, ids),
+                             (root / "h" / "harm" / "representations" / "full.zarr", harm, harm_ids),
+                             (root / "h" / "experiments" / "e1" / "representations" / "full.zarr", base, ids)):
+        w = StoreWriter(path, layers=list(H_LAYERS), image_ids=iids, labels=None, config={"t": "harm"},
+                        attrs={"image_size": H_SIZE, "variant": "full"})
+        w.write_batch(0, data)
+        w.finalize()
+    return {"base": {k: v.astype(np.float32) for k, v in base.items()},
+            "harm": {k: v.astype(np.float32) for k, v in harm.items()}, "pairs": pairs}
+
+
+@pytest.fixture(scope="module")
+def harm_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer_harm") / "results"
+    data = make_harm_results(root)
+    ex = Explorer(root)
+    srv, url = serve_in_thread(ex)
+    yield root, ex, url, data
+    srv.shutdown()
+    srv.server_close()
+
+
+def _fitted(root: Path, layer: str, name: str):
+    from diffaudit.analyses.probe import image_split
+    from diffaudit.harm.mitigations import fit_store_mitigations
+
+    store = ReprStore(root / "h" / "representations" / "full.zarr")
+    return fit_store_mitigations(store, layer, image_split(store.n_images)[0], [name])[name]
+
+
+@pytest.mark.parametrize("name", ["none", "position_mean", "position_subspace", "anomaly_inpaint", "channel_mean",
+                                  "all"])
+def test_mitigated_maps_equal_mitigation_apply(harm_site, name):
+    root, ex, url, data = harm_site
+    layer = "down_blocks[0].resnets[0]"
+    a = data["base"][layer]
+    mit = _fitted(root, layer, name)
+    for step in mit.steps:  # anomaly_inpaint counts what it replaced, fitting included: count these images only
+        if hasattr(step, "replaced"):
+            step.replaced = 0
+    want = mit.apply(a[[0, 1]])
+    st, res = _get(url, "/api/norms?" + _q(model="h", layer=layer, images="0,1", mitigation=name))
+    assert st == 200, res
+    for m, w in zip(res["maps"], want):
+        assert np.allclose(decode(m["data"], (16, 16)), np.linalg.norm(w, axis=0), rtol=1e-4, atol=1e-3)
+    if name != "none":  # the planted outlier channel / block / positions are there to act on: the maps change
+        assert not np.allclose(decode(res["maps"][1]["data"], (16, 16)), np.linalg.norm(a[1], axis=0), atol=1e-2)
+    info = res["mitigation"]
+    assert info["name"] == name and info["active"]
+    if name != "all":  # (in "all", channel_mean finds no outlier left once anomaly_inpaint replaced the block)
+        assert "nothing to act on" not in info["acts_on"]
+    if name in ("anomaly_inpaint", "all"):
+        # blocks (0, 0) of both images (the outlier channel) and (2, 2) of image 1, counted per request
+        assert mit.steps[0].replaced == 12 and "anomaly_inpaint: 12 tokens of detected high-norm" in info["acts_on"]
+        assert info["acts_on"] == mit.acts_on
+    st, res = _get(url, "/api/similarity?" + _q(model="h", layer=layer, ref=1, y=3, x=12, images="0,1",
+                                                  metric="cosine", mitigation=name))
+    assert st == 200, res
+    for m, w in zip(res["maps"], want):
+        assert np.allclose(decode(m["data"], (16, 16)), similarity(w, want[1][:, 3, 12], "cosine"), atol=1e-4)
+
+
+def test_mitigation_fits_are_cached_and_bounded(tmp_path):
+    root = tmp_path / "results"
+    make_harm_results(root)
+    ex = Explorer(root, fit_cache_bytes=20_000)  # about one 16x16x16 position-mean map
+    layer = "down_blocks[0].resnets[0]"
+    for _ in range(3):
+        ex.norms("h", "baseline", layer, [0], "position_mean")
+    assert ex.fits.fits == 1
+    ex.norms("h", "baseline", layer, [0], "all")
+    ex.norms("h", "baseline", layer, [0], "position_mean")  # pushed out by "all": fitted again
+    assert ex.fits.fits == 3 and ex.fits._bytes <= 20_000 + 20_000
+
+
+def test_nothing_to_act_on_is_said(harm_site):
+    _, _, url, data = harm_site
+    layer = "mid_block.attentions[0]"
+    for name, text in (("anomaly_inpaint", "0 tokens"), ("channel_mean", "nothing to act on")):
+        st, res = _get(url, "/api/norms?" + _q(model="h", layer=layer, images="0,1", mitigation=name))
+        assert st == 200 and res["mitigation"]["active"] is False and text in res["mitigation"]["acts_on"]
+        assert np.allclose(decode(res["maps"][0]["data"], (6, 6)), np.linalg.norm(data["base"][layer][0], axis=0),
+                           rtol=1e-4)
+
+
+def test_pairs_endpoint_lists_both_images(harm_site):
+    root, _, url, data = harm_site
+    st, res = _get(url, "/api/pairs?" + _q(model="h"))
+    assert st == 200, res
+    assert [p["task"] for p in res["pairs"]] == ["flip", "flip", "shift", "shift"]
+    flip = res["pairs"][0]
+    assert flip["source_file"] == "dataset/images/000008.png" and flip["target_file"].startswith("harm_pairs/images/")
+    for p in res["pairs"]:
+        for f in (p["source_file"], p["target_file"]):
+            assert _get(url, "/files/" + f)[0] == 200
+    st, meta = _get(url, "/api/meta")
+    assert meta["models"]["h"]["baseline"]["harm_pairs"] is True and meta["models"]["h"]["e1"]["harm_pairs"] is False
+    assert meta["mitigations"] == ["none", "position_mean", "position_subspace", "anomaly_inpaint", "channel_mean",
+                                   "all"]
+
+
+@pytest.mark.parametrize("name", ["none", "position_mean", "all"])
+@pytest.mark.parametrize("pair,layer", [(0, "down_blocks[0].resnets[0]"), (2, "down_blocks[0].resnets[0]"),
+                                        (0, "mid_block.attentions[0]"), (3, "mid_block.attentions[0]")])
+def test_correspondence_equals_nearest_tokens_and_ground_truth(harm_site, name, pair, layer):
+    from diffaudit.harm.matching import nearest_tokens, tokens_of
+    from diffaudit.harm.pairs import ground_truth
+
+    root, _, url, data = harm_site
+    row = data["pairs"].iloc[pair]
+    c, h = H_LAYERS[layer]
+    y, x = h - 2, h - 3  # valid for the shift pair on the 16x16 grid (y, x >= k)
+    src = (data["base"] if row["source_store"] == "base" else data["harm"])[layer][int(row["source_index"])]
+    tgt = data["harm"][layer][int(row["target_index"])]
+    mit = _fitted(root, layer, name)
+    s, t = mit.apply(src[None])[0], mit.apply(tgt[None])[0]
+    want = int(nearest_tokens(tokens_of(s)[[y * h + x]], tokens_of(t))[0])
+    target, valid, note = ground_truth(row, h, H_SIZE)
+    st, res = _get(url, "/api/correspondence?" + _q(model="h", layer=layer, pair=pair, y=y, x=x, mitigation=name))
+    assert st == 200, res
+    assert res["match"] == [want // h, want % h] and res["token"] == [y, x] and res["height"] == h
+    if valid[y * h + x]:
+        assert res["truth"] == target[y * h + x].tolist() and res["truth_note"] == ""
+    else:
+        assert res["truth"] is None and res["truth_note"].startswith("no ground truth")
+        assert note in res["truth_note"]
+    assert np.allclose(decode(res["data"], (h, h)), similarity(t, s[:, y, x], "cosine"), atol=1e-4)
+
+
+def test_correspondence_planted_position_is_removed_by_position_mean(harm_site):
+    """Content + a strong positional map: unmitigated, the match follows the position; with the position mean
+    subtracted, it follows the content to the ground truth (flip: column mirrored; shift: k tokens up-left)."""
+    _, _, url, _ = harm_site
+    layer = "down_blocks[0].resnets[0]"
+    for pair, (y, x) in ((0, (5, 2)), (1, (9, 4)), (2, (10, 12)), (3, (9, 10))):  # truth away from the planted block
+        _, none = _get(url, "/api/correspondence?" + _q(model="h", layer=layer, pair=pair, y=y, x=x))
+        _, pm = _get(url, "/api/correspondence?" + _q(model="h", layer=layer, pair=pair, y=y, x=x,
+                                                        mitigation="position_mean"))
+        assert none["match"] == [y, x] and none["truth"] != [y, x]
+        assert pm["match"] == pm["truth"] and pm["mitigation"]["name"] == "position_mean"
+
+
+@pytest.mark.parametrize("query,code,text", [
+    ({"layer": "down_blocks[0].resnets[0]", "pair": 0, "y": 1, "x": 1, "mitigation": "blur"}, 400, "unknown mitigation"),
+    ({"layer": "down_blocks[0].resnets[0]", "pair": 4, "y": 1, "x": 1}, 400, "pair 4 out of range"),
+    ({"layer": "down_blocks[0].resnets[0]", "pair": -1, "y": 1, "x": 1}, 400, "out of range"),
+    ({"layer": "down_blocks[0].resnets[0]", "pair": "a", "y": 1, "x": 1}, 400, "integer"),
+    ({"layer": "down_blocks[0].resnets[0]", "pair": 0, "y": 16, "x": 1}, 400, "outside the 16x16 map"),
+    ({"layer": "mid_block.attentions[0]", "pair": 0, "y": 0, "x": 6}, 400, "outside the 6x6 map"),
+    ({"layer": "down_blocks[0].resnets[0]", "pair": 0, "y": 1}, 400, "missing parameter 'x'"),
+    ({"layer": "nope", "pair": 0, "y": 1, "x": 1}, 404, "layer"),
+    ({"run": "e1", "layer": "down_blocks[0].resnets[0]", "pair": 0, "y": 1, "x": 1}, 404, "has no harm pairs"),
+])
+def test_correspondence_bad_input_is_one_line_4xx(harm_site, query, code, text):
+    _, _, url, _ = harm_site
+    st, res = _get(url, "/api/correspondence?" + _q(model="h", **query))
+    assert st == code and text in res["error"] and "\n" not in res["error"] and list(res) == ["error"]
+
+
+def test_mitigation_bad_input_and_runs_without_pairs(harm_site, server):
+    _, _, url, _ = harm_site
+    for path in ("/api/norms?" + _q(model="h", layer="down_blocks[0].resnets[0]", images="0", mitigation="x"),
+                 "/api/similarity?" + _q(model="h", layer="down_blocks[0].resnets[0]", ref=0, y=0, x=0, images="0",
+                                         mitigation="NONE")):
+        st, res = _get(url, path)
+        assert st == 400 and "unknown mitigation" in res["error"]
+    st, res = _get(url, "/api/pairs?" + _q(model="h", run="e1"))
+    assert st == 404 and "has no harm pairs" in res["error"]
+    _, url2, _ = server  # a results directory without harm_pairs at all
+    st, res = _get(url2, "/api/pairs?" + _q(model="m1"))
+    assert st == 404 and "harm_pairs/pairs.csv not found" in res["error"]

@@ -14,7 +14,7 @@ from diffaudit.analyses.anomalies import REF_LAYER
 from diffaudit.explorer.data import Explorer, similarity
 from diffaudit.explorer.server import serve_in_thread
 
-from test_explorer import N_IMG, make_results
+from test_explorer import H_LAYERS, N_IMG, make_harm_results, make_results
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -197,3 +197,70 @@ def test_switch_model_layer_and_curve(page, site):
     _settled(page, (15, 0))
     assert page.evaluate("window.explorer.model") == "m2"
     _check_drawn(page, a, N_IMG - 1, 15, 0, "cosine")
+
+
+def test_mitigation_and_correspondence(site, tmp_path):
+    """Select a mitigation (the maps are the mitigated ones, what it acts on is shown), pick a flip pair, click a
+    token of its first image: the match marker sits on the nearest token and the ground truth is boxed."""
+    from diffaudit.analyses.probe import image_split
+    from diffaudit.harm.matching import nearest_tokens, tokens_of
+    from diffaudit.harm.mitigations import fit_store_mitigations
+    from diffaudit.store import ReprStore
+
+    *_, browser = site
+    root = tmp_path / "results"
+    data = make_harm_results(root)
+    layer = "down_blocks[0].resnets[0]"
+    srv, url = serve_in_thread(Explorer(root))
+    pg = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        pg.goto(url + "/")
+        pg.wait_for_function("window.explorer && window.explorer.ready === true")
+        pg.select_option("#layer", layer)
+        pg.select_option("#mitigation", "position_mean")
+        pg.wait_for_function("(l) => window.explorer.norms && window.explorer.norms.layer === l && "
+                             "window.explorer.norms.mitigation.name === 'position_mean'", arg=layer)
+        assert "per-position mean of 8 fit images" in pg.text_content("#acts-on")
+        store = ReprStore(root / "h" / "representations" / "full.zarr")
+        mit = fit_store_mitigations(store, layer, image_split(store.n_images)[0], ["position_mean"])["position_mean"]
+        a = data["base"][layer]
+        _click_token(pg, '#panels .panel.sim[data-image="1"]', 16, 5, 9)
+        _settled(pg, (5, 9))
+        _check_drawn(pg, mit.apply(a), 1, 5, 9, "cosine")  # the painted maps are those of the mitigated features
+        # the correspondence view: flip pair 0 (image 8 and its mirror), token (4, 3) of the first image
+        pg.wait_for_function("window.explorer.pairs && document.querySelector('#corr .panel.corr.src')")
+        assert pg.is_visible("#corr-box")
+        pg.select_option("#pair", "0")
+        _click_token(pg, "#corr .panel.corr.src", 16, 4, 3)
+        pg.wait_for_function("window.explorer.corr && window.explorer.corr.token[0] === 4")
+        res = pg.evaluate("window.explorer.corr")
+        s, t = mit.apply(a[8][None])[0], mit.apply(data["harm"][layer][0][None])[0]
+        want = int(nearest_tokens(tokens_of(s)[[4 * 16 + 3]], tokens_of(t))[0])
+        assert res["match"] == [want // 16, want % 16] and res["truth"] == [4, 12]
+        assert res["match"] == res["truth"]  # the position mean removed, the match follows the content
+        # the markers: red circle around the match, green box on the ground truth, on the second image's canvas
+        px = pg.evaluate("""() => { const c = document.querySelector('#corr .panel.corr.tgt canvas.marks');
+            return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+        rgba = np.array(px).reshape(PANEL, PANEL, 4)
+        cell = PANEL / 16
+        red = (rgba[..., 0] > 200) & (rgba[..., 1] < 90) & (rgba[..., 3] > 200)
+        green = (rgba[..., 1] > 200) & (rgba[..., 0] < 160) & (rgba[..., 2] < 60) & (rgba[..., 3] > 200)
+        ys, xs = np.nonzero(red)
+        assert red.any() and abs(ys.mean() / cell - (res["match"][0] + 0.5)) < 0.5
+        assert abs(xs.mean() / cell - (res["match"][1] + 0.5)) < 0.5
+        gy, gx = np.nonzero(green)
+        assert green.any() and int(gy.min() // cell) == res["truth"][0] and int(gx.min() // cell) == res["truth"][1]
+        assert "ground truth (4, 12)" in pg.text_content("#corr-info")
+        # without the mitigation the match follows the position
+        pg.select_option("#mitigation", "none")
+        pg.wait_for_function("window.explorer.corr.mitigation.name === 'none'")
+        assert pg.evaluate("window.explorer.corr.match") == [4, 3]
+        assert pg.text_content("#acts-on") == "the features as stored"
+        assert H_LAYERS[layer][1] == 16
+    finally:
+        pg.close()
+        srv.shutdown()
+        srv.server_close()
+    assert errors == []

@@ -124,8 +124,15 @@ def _cmd_explore(args):
         files.insert(0, "params.yaml")
     cfg = load_config(*files)
     a = cfg.get("anomalies", {})
+    from .harm.mitigations import MitigationSettings
+
+    # the mitigations as rule harm fits them: on the probe's training images, with the configuration's knobs
+    mit = MitigationSettings(subspace_k=int(cfg.get("harm", {}).get("subspace_k", 4)),
+                             threshold=float(a.get("threshold", 2.0)),
+                             channel_ratio=float(cfg.get("channels", {}).get("ratio_threshold", 10.0)))
     serve(args.results or cfg["results_dir"], host=args.host, port=args.port, labels=args.labels,
-          ref_layer=a.get("ref_layer"), threshold=a.get("threshold"), verbose=args.verbose)
+          ref_layer=a.get("ref_layer"), threshold=a.get("threshold"), verbose=args.verbose,
+          probe=cfg.get("probe"), mitigation_settings=mit)
 
 
 def _cmd_fingerprint(args):

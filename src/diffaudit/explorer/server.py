@@ -7,9 +7,12 @@ Endpoints (all GET unless said; parameters in the query string; errors are JSON 
     /files/<path>           a file under the results directory (dataset images); ``..``, absolute paths and
                             symlinks that leave the results directory are refused
     /api/meta               models, runs (baseline + experiments), layers, images, metrics, label files
-    /api/similarity         model, run, layer, ref, y, x, images=0,1,2, metric
-    /api/strip              model, run, layer, ref, y, x, image, metric: every stored layer
-    /api/norms              model, run, layer, images
+    /api/similarity         model, run, layer, ref, y, x, images=0,1,2, metric, mitigation
+    /api/strip              model, run, layer, ref, y, x, image, metric, mitigation: every stored layer
+    /api/norms              model, run, layer, images, mitigation
+    /api/pairs              model, run: the run's harm pairs (404 without them)
+    /api/correspondence     model, run, layer, pair, y, x, mitigation: the nearest token on the pair's second
+                            image and the ground truth
     /api/curves             model, run
     /api/labels             model;  POST /api/labels  {"model", "image", "x", "y"} toggles a 2x2 patch
 """
@@ -156,11 +159,17 @@ class Handler(BaseHTTPRequestHandler):
             "/api/meta": lambda: ex.meta(),
             "/api/similarity": lambda: ex.similarity_maps(_req(q, "model"), q.get("run"), _req(q, "layer"),
                                                           _req(q, "ref"), _req(q, "y"), _req(q, "x"),
-                                                          _ints(q, "images"), q.get("metric", "cosine")),
+                                                          _ints(q, "images"), q.get("metric", "cosine"),
+                                                          q.get("mitigation")),
             "/api/strip": lambda: ex.strip(_req(q, "model"), q.get("run"), _req(q, "layer"), _req(q, "ref"),
                                            _req(q, "y"), _req(q, "x"), _req(q, "image"),
-                                           q.get("metric", "cosine")),
-            "/api/norms": lambda: ex.norms(_req(q, "model"), q.get("run"), _req(q, "layer"), _ints(q, "images")),
+                                           q.get("metric", "cosine"), q.get("mitigation")),
+            "/api/norms": lambda: ex.norms(_req(q, "model"), q.get("run"), _req(q, "layer"), _ints(q, "images"),
+                                           q.get("mitigation")),
+            "/api/pairs": lambda: ex.pairs(_req(q, "model"), q.get("run")),
+            "/api/correspondence": lambda: ex.correspondence(_req(q, "model"), q.get("run"), _req(q, "layer"),
+                                                             _req(q, "pair"), _req(q, "y"), _req(q, "x"),
+                                                             q.get("mitigation")),
             "/api/curves": lambda: ex.curves(_req(q, "model"), q.get("run")),
             "/api/labels": lambda: ex.labels(_req(q, "model")),
         }
@@ -232,8 +241,13 @@ def url_of(srv: Server) -> str:
 
 
 def main(results_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8765, labels: str | None = None,
-         ref_layer: str | None = None, threshold: float | None = None, verbose: bool = False) -> None:
+         ref_layer: str | None = None, threshold: float | None = None, verbose: bool = False,
+         probe: dict | None = None, mitigation_settings=None) -> None:
     kw = {}
+    if probe:
+        kw["probe"] = probe
+    if mitigation_settings is not None:
+        kw["mitigation_settings"] = mitigation_settings
     if labels:
         kw["labels"] = labels
     if ref_layer:

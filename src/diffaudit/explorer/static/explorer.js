@@ -3,7 +3,8 @@
 const $ = (id) => document.getElementById(id);
 const S = { meta: null, model: null, run: "baseline", layer: null, metric: "cosine", images: [0, 1, 2, 3],
             token: null, pinned: false, maps: null, strip: null, norms: null, curves: null, stripImage: -1,
-            inflight: false, pending: null, timings: [], seq: 0 };
+            inflight: false, pending: null, timings: [], seq: 0, mitigation: "none", mitigationInfo: null,
+            pairs: null, pair: null, corr: null, corrToken: null, corrSeq: 0 };
 window.explorer = S;
 
 // ---- colour maps (tests/test_explorer_browser.py repeats them in numpy) ----
@@ -74,10 +75,8 @@ function parseImages(text, n) {
   }
   return [...new Set(out)].filter((i) => i < n).slice(0, 64);
 }
-function imageUrl(i) {
-  const id = runMeta().image_ids[i], f = S.meta.image_files[id];
-  return f ? "/files/" + f.split("/").map(encodeURIComponent).join("/") : null;
-}
+function fileUrl(f) { return f ? "/files/" + f.split("/").map(encodeURIComponent).join("/") : null; }
+function imageUrl(i) { return fileUrl(S.meta.image_files[runMeta().image_ids[i]]); }
 
 function setModel(model) {
   S.model = model;
@@ -101,7 +100,7 @@ function setRun(run) {
   S.stripImage = +$("strip-image").value;
   S.token = null; S.pinned = false; S.strip = null;
   $("strip").innerHTML = ""; $("strip-info").textContent = "(click a token)";
-  buildPanels(); loadCurves(); loadNorms(); writeHash();
+  buildPanels(); loadCurves(); loadNorms(); loadPairs(); writeHash();
   $("labels-path").textContent = "labels file: " + S.meta.labels[S.model];
 }
 function setLayer(layer, keepToken) {
@@ -111,10 +110,15 @@ function setLayer(layer, keepToken) {
     S.token.y = Math.min(lm.height - 1, Math.floor((S.token.y + 0.5) / old.height * lm.height));
     S.token.x = Math.min(lm.width - 1, Math.floor((S.token.x + 0.5) / old.width * lm.width));
   }
+  if (S.corrToken) {
+    S.corrToken.y = Math.min(lm.height - 1, Math.floor((S.corrToken.y + 0.5) / old.height * lm.height));
+    S.corrToken.x = Math.min(lm.width - 1, Math.floor((S.corrToken.x + 0.5) / old.width * lm.width));
+  }
   S.layer = layer; $("layer").value = layer;
   buildPanels(); drawCurves(); loadNorms(); writeHash();
   document.querySelectorAll(".strip-item").forEach((el) => el.classList.toggle("current", el.dataset.layer === layer));
   if (S.token) requestMaps(true);
+  loadCorr();
 }
 
 // ---- similarity panels ----
@@ -156,13 +160,13 @@ function buildPanels() {
 }
 function applyOpacity() {
   const o = $("opacity").value / 100;
-  document.querySelectorAll(".panel.sim canvas.map, .panel.norm canvas.map").forEach((c) => (c.style.opacity = o));
+  document.querySelectorAll(".panel.sim canvas.map, .panel.norm canvas.map, .panel.corr canvas.map").forEach((c) => (c.style.opacity = o));
 }
 
 async function requestMaps(withStrip) {
   if (!S.token) return;
   const req = { model: S.model, run: S.run, layer: S.layer, ref: S.token.ref, y: S.token.y, x: S.token.x,
-                images: S.images.join(","), metric: S.metric };
+                images: S.images.join(","), metric: S.metric, mitigation: S.mitigation };
   const key = JSON.stringify(req);
   if (S.inflight) {
     if (key === S.inflightKey) { S.stripAfter = S.stripAfter || withStrip; S.pending = null; return; }  // already asked
@@ -179,7 +183,7 @@ async function requestMaps(withStrip) {
   if (S.pending) { const [p, ws] = S.pending; S.pending = null; if (p.layer === S.layer) requestMaps(ws); }
 }
 function drawMaps(res, t0) {
-  S.maps = res;
+  S.maps = res; showMitigation(res.mitigation);
   const sc = scaleFor(res.metric, res.maps), lm = layerMeta(res.layer);
   const panels = [...document.querySelectorAll(".panel.sim")];
   for (const m of res.maps) {
@@ -232,7 +236,8 @@ async function loadStrip() {
 }
 function drawStrip(res) {
   const box = $("strip"); box.innerHTML = "";
-  $("strip-info").textContent = `token of image ${res.ref_image} on image ${res.image}, ${res.metric}, U-Net order`;
+  $("strip-info").textContent = `token of image ${res.ref_image} on image ${res.image}, ${res.metric}, U-Net order` +
+    (S.mitigation !== "none" ? " · features as stored (a mitigation is fitted per layer: see the maps above)" : "");
   for (const l of res.layers) {
     const d = document.createElement("div"); d.className = "strip-item" + (l.layer === S.layer ? " current" : "");
     d.dataset.layer = l.layer; d.title = `${l.index}: ${l.layer} (${l.height}x${l.width})`;
@@ -250,14 +255,16 @@ function drawStrip(res) {
 async function loadNorms() {
   const layer = S.layer;
   try {
-    const res = await api("/api/norms", { model: S.model, run: S.run, layer, images: S.images.join(",") });
-    if (res.layer === S.layer) { S.norms = res; drawNorms(res); }
+    const mitigation = S.mitigation;
+    const res = await api("/api/norms", { model: S.model, run: S.run, layer, images: S.images.join(","), mitigation });
+    if (res.layer === S.layer && mitigation === S.mitigation) { S.norms = res; showMitigation(res.mitigation); drawNorms(res); }
   } catch (e) { status(e.message, true); }
 }
 function drawNorms(res) {
   const box = $("norms"); box.innerHTML = "";
   const labelling = res.is_ref_layer && S.run === "baseline";
   $("norm-info").textContent = `${res.layer}, L2 norm over channels / image max` +
+    (res.mitigation.name !== "none" ? ` after ${res.mitigation.name} (anomalies detected on the features as stored)` : "") +
     (labelling ? " · click toggles a 2x2 label" : " · labelling happens on the baseline's reference layer") +
     (res.labels_error ? " · labels not shown: " + res.labels_error : "");
   $("to-ref").classList.toggle("active", labelling);
@@ -286,6 +293,87 @@ function drawNorms(res) {
     box.appendChild(d);
   }
   applyOpacity();
+}
+
+
+// ---- mitigations ----
+function showMitigation(info) {
+  if (!info || info.name !== S.mitigation) return;
+  S.mitigationInfo = info;
+  const el = $("acts-on");
+  el.textContent = (info.active ? "" : "nothing to act on: ") + info.acts_on +
+    (info.fit_images ? ` (fitted on ${info.fit_images} fit images)` : "");
+  el.title = el.textContent; el.classList.toggle("idle", !info.active);
+}
+function setMitigation(name) {
+  S.mitigation = name; $("mitigation").value = name; writeHash();
+  loadNorms(); if (S.token) requestMaps(false); loadCorr();
+}
+
+// ---- correspondence on the harm pairs ----
+async function loadPairs() {
+  const box = $("corr-box"), model = S.model, run = S.run;
+  S.pairs = null; S.corr = null; S.corrToken = null; $("corr").innerHTML = "";
+  if (!runMeta().harm_pairs) { box.hidden = true; return; }
+  let res;
+  try { res = await api("/api/pairs", { model, run }); } catch (e) { box.hidden = true; status(e.message, true); return; }
+  if (model !== S.model || run !== S.run || !res.pairs.length) return;
+  S.pairs = res.pairs; box.hidden = false;
+  const keep = S.pairs.find((p) => p.pair === S.pair);
+  fillSelect($("pair"), S.pairs.map((p) => [p.pair, `${p.task} #${p.pair}` + (p.source_image ? ` (image ${p.source_image})` : "")]),
+             keep ? S.pair : S.pairs[0].pair);
+  S.pair = +$("pair").value;
+  buildCorr();
+}
+function corrPanel(file, cls, caption) {
+  const d = document.createElement("div"); d.className = "panelbox";
+  const p = document.createElement("div"); p.className = "panel corr " + cls;
+  const url = fileUrl(file);
+  if (url) { const im = document.createElement("img"); im.src = url; im.alt = caption; p.appendChild(im); }
+  const map = document.createElement("canvas"); map.className = "map"; map.width = 1; map.height = 1;
+  const mk = document.createElement("canvas"); mk.className = "marks"; mk.width = 240; mk.height = 240;
+  const cap = document.createElement("div"); cap.className = "cap"; cap.textContent = caption;
+  p.append(map, mk, cap); d.appendChild(p); return [d, p];
+}
+function buildCorr() {
+  const box = $("corr"); box.innerHTML = ""; S.corr = null;
+  const p = S.pairs && S.pairs.find((q) => q.pair === S.pair); if (!p) return;
+  const [d1, src] = corrPanel(p.source_file, "src", `first: ${p.source_file}`);
+  const [d2] = corrPanel(p.target_file, "tgt", `second: ${p.target_file}`);
+  src.addEventListener("click", (ev) => { S.corrToken = tokenAt(ev, src); loadCorr(); });
+  box.append(d1, d2); applyOpacity();
+  $("corr-info").textContent = `${p.task} pair ${p.pair}: click a token of the first image`;
+  if (S.corrToken) loadCorr();
+}
+async function loadCorr() {
+  if (!S.corrToken || !S.pairs) return;
+  const req = { model: S.model, run: S.run, layer: S.layer, pair: S.pair, y: S.corrToken.y, x: S.corrToken.x,
+                mitigation: S.mitigation };
+  try {
+    const res = await api("/api/correspondence", req);
+    if (res.layer === S.layer && res.pair === S.pair && req.mitigation === S.mitigation) drawCorr(res);
+  } catch (e) { status(e.message, true); }
+}
+function drawCorr(res) {
+  S.corr = res;  // (the header's "acts on" describes the shown images; this pair's is in the caption's tooltip)
+  const src = document.querySelector(".panel.corr.src"), tgt = document.querySelector(".panel.corr.tgt");
+  if (!src || !tgt) return;
+  const cw = 240 / res.width, ch = 240 / res.height, [ty, tx] = res.token, [my, mx] = res.match;
+  let ctx = src.querySelector("canvas.marks").getContext("2d");
+  ctx.clearRect(0, 0, 240, 240); ctx.lineWidth = 2; ctx.strokeStyle = "#fff"; ctx.strokeRect(tx * cw, ty * ch, cw, ch);
+  paint(tgt.querySelector("canvas.map"), res.width, res.height, decode(res.data), (v) => diverging(v));
+  ctx = tgt.querySelector("canvas.marks").getContext("2d");
+  ctx.clearRect(0, 0, 240, 240); ctx.lineWidth = 2;
+  if (res.truth) { ctx.strokeStyle = "#76ff03"; ctx.strokeRect(res.truth[1] * cw + 1, res.truth[0] * ch + 1, cw - 2, ch - 2); }
+  ctx.strokeStyle = "#e53935";
+  ctx.beginPath(); ctx.arc((mx + 0.5) * cw, (my + 0.5) * ch, Math.max(4, cw * 0.6), 0, 2 * Math.PI); ctx.stroke();
+  const off = res.truth ? Math.max(Math.abs(my - res.truth[0]), Math.abs(mx - res.truth[1])) : null;
+  $("corr-info").textContent = `${res.task} pair ${res.pair}, ${res.layer} (${res.height}x${res.width} grid): token (${ty}, ${tx})` +
+    ` -> nearest (${my}, ${mx}), cosine ${res.match_cosine === null ? "n/a" : res.match_cosine.toFixed(3)}` +
+    (res.truth ? ` · ground truth (${res.truth[0]}, ${res.truth[1]}), ${off} token(s) off` : ` · ${res.truth_note}`) +
+    ` · ${res.mitigation.name}`;
+  $("corr-info").title = `${res.mitigation.name} on this pair: ` + (res.mitigation.active ? "" : "nothing to act on: ") + res.mitigation.acts_on;
+  S.corrSeq++;
 }
 
 // ---- the paper figure's curves ----
@@ -330,12 +418,14 @@ function drawCurves() {
 // ---- the view in the address (shareable, survives a reload) and the keyboard ----
 function readHash() {
   const p = new URLSearchParams(location.hash.slice(1)), out = {};
-  for (const k of ["model", "run", "layer", "metric", "images", "token"]) if (p.get(k)) out[k] = p.get(k);
+  for (const k of ["model", "run", "layer", "metric", "images", "token", "mitigation", "pair"]) if (p.get(k)) out[k] = p.get(k);
   return out;
 }
 function writeHash() {
   if (!S.ready) return;
-  const p = { model: S.model, run: S.run, layer: S.layer, metric: S.metric, images: S.images.join(",") };
+  const p = { model: S.model, run: S.run, layer: S.layer, metric: S.metric, images: S.images.join(","),
+              mitigation: S.mitigation };
+  if (S.pairs && S.pair !== null) p.pair = S.pair;
   if (S.token && S.pinned) p.token = `${S.token.ref},${S.token.y},${S.token.x}`;
   history.replaceState(null, "", "#" + new URLSearchParams(p).toString());
 }
@@ -357,6 +447,9 @@ async function start() {
   if (!models.length) { status("no representation stores in this results directory", true); return; }
   fillSelect($("model"), models.map((m) => [m, m]), models[0]);
   fillSelect($("metric"), S.meta.metrics.map((m) => [m, m.replace("_", " ")]), S.metric);
+  fillSelect($("mitigation"), S.meta.mitigations.map((m) => [m, m.replace("_", " ")]), S.mitigation);
+  $("mitigation").onchange = (e) => setMitigation(e.target.value);
+  $("pair").onchange = (e) => { S.pair = +e.target.value; writeHash(); buildCorr(); };
   $("model").onchange = (e) => setModel(e.target.value);
   $("run").onchange = (e) => setRun(e.target.value);
   $("layer").onchange = (e) => setLayer(e.target.value);
@@ -372,6 +465,8 @@ async function start() {
   const h = readHash();
   if (h.images) $("images").value = h.images;
   if (h.metric && S.meta.metrics.includes(h.metric)) { S.metric = h.metric; $("metric").value = h.metric; }
+  if (h.mitigation && S.meta.mitigations.includes(h.mitigation)) { S.mitigation = h.mitigation; $("mitigation").value = h.mitigation; }
+  if (h.pair && /^\d+$/.test(h.pair)) S.pair = +h.pair;
   if (h.run) S.run = h.run;
   if (h.layer) S.layer = h.layer;
   const model = models.includes(h.model) ? h.model : models[0];
