@@ -33,5 +33,5 @@ rule all:
         expand(rules.experiment_comparison.output, model=MODELS),
         expand(f"{run_dir('{model}', '{exp}')}/{{table}}", model=MODELS, exp=harm_runs(),
                table=[layout.HARM_TABLE, layout.MITIGATIONS_TABLE]),
-        expand(rules.credibility_validation.output, model=MODELS if config["harm"]["enabled"] else []),
-        expand(rules.harm_figure.output, model=MODELS if config["harm"]["enabled"] else []),
+        expand(rules.credibility_validation.output, model=MODELS),
+        expand(rules.harm_figure.output, model=MODELS),

@@ -61,7 +61,8 @@ def check_dvc_matches_snakemake(root: Path):
             assert st["cmd"] == f"diffaudit dvc-extract {model}" + (f" --experiment {exp}" if exp else "")
         else:
             assert sorted(st["outs"]) == sorted(job["outputs"]), name
-            assert st["cmd"].startswith(f"snakemake --cores all --nolock --allowed-rules {job['rule']} -- ")
+            rules_allowed = " ".join([job["rule"]] + EXTRA_RULES.get(job["rule"], []))
+            assert st["cmd"].startswith(f"snakemake --cores all --nolock --allowed-rules {rules_allowed} -- ")
             assert sorted(st["cmd"].split(" -- ")[1].split()) == sorted(job["outputs"]), name
         extra = EXTRA_RULES.get(job["rule"], [])
         assert str(Path(job["rule_file"]).relative_to(root.resolve())) in st["deps"], f"{name}: rule file"

@@ -181,3 +181,45 @@ def test_pooled_interval_over_pairs_and_tokens():
     assert rows["flip"]["n"] == 5 and rows["flip"]["value"] == pytest.approx(12 / 20)
     assert rows["stereo"]["n"] == 6 and rows["stereo"]["value"] == pytest.approx(4 / 6)
     assert rows["flip"]["ci_low"] <= rows["flip"]["value"] <= rows["flip"]["ci_high"]
+
+
+def test_class_probe_reads_the_class_from_separable_features_only():
+    from diffaudit.harm.evaluate import class_probe
+
+    rng = np.random.default_rng(5)
+    centres = 3 * rng.standard_normal((4, C))
+    y_tr, y_te = np.repeat(np.arange(4), 5), np.repeat(np.arange(4), 3)
+    x_tr = centres[y_tr] + rng.standard_normal((20, C))
+    x_te = centres[y_te] + rng.standard_normal((12, C))
+    assert class_probe(x_tr, y_tr, x_te, y_te).mean() == 1.0
+    # features without the class: about chance (1/4)
+    noise = class_probe(rng.standard_normal((20, C)), y_tr, rng.standard_normal((400, C)), np.resize(y_te, 400))
+    assert noise.mean() < 0.4
+    # a test class absent from the training images counts as wrong
+    assert class_probe(x_tr, y_tr, x_te[:1], np.array([9])).tolist() == [0.0]
+
+
+def test_credibility_validation_finds_a_planted_rank_correlation():
+    import pandas as pd
+
+    from diffaudit.harm.validation import spearman, validate
+
+    rng = np.random.default_rng(6)
+    layers = [f"l{i}" for i in range(20)]
+    pos = np.linspace(0, 1, 20)
+    cred = pd.DataFrame({"layer": layers, "position_score": pos, "corner_score": 0.0,
+                         "anomaly_score": rng.random(20), "hazard": pos})
+    rows = []
+    for layer, p in zip(layers, pos):
+        rows += [{"layer": layer, "task": "flip", "mitigation": "none", "metric": "position_following",
+                  "value": p ** 2 + 0.01 * rng.random()},
+                 {"layer": layer, "task": "flip", "mitigation": "none", "metric": "pck", "value": 1 - p},
+                 {"layer": layer, "task": "flip", "mitigation": "position_mean", "metric": "pck", "value": 0.5}]
+    out = validate(cred, pd.DataFrame(rows), Bootstrap(200, 0.95, 0)).set_index(["axis", "harm_metric"])
+    r = out.loc[("position", "position_following")]
+    assert r["spearman"] > 0.95 and r["ci_low"] > 0.8 and r["n_layers"] == 20
+    assert out.loc[("position", "mismatch"), "spearman"] == pytest.approx(1.0)  # mismatch = 1 - pck
+    corner = out.loc[("corner", "position_following")]
+    assert np.isnan(corner["spearman"]) and "same on every layer" in corner["note"]
+    assert abs(out.loc[("anomaly", "position_following"), "spearman"]) < 0.6
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import REPO, copy_repo
 from diffaudit.config import ConfigError, load_config, merge, validate
+from diffaudit.dvcgen import EXTRA_RULES
 from diffaudit.pipeline.common import JOB_PARAMS
 
 
@@ -150,7 +151,7 @@ def test_every_stage_param_is_what_snakemake_gives_the_rule(tmp_path):
                     assert value == {} and not job["wildcards"].get("exp"), stage.name
                 elif name not in JOB_PARAMS:
                     expected[name.replace("__", ".")] = value
-            if job["rule"] == "extract":  # the stage may also build the embedded model
+            if job["rule"] in EXTRA_RULES:  # the stage may also build the embedded model
                 expected["mini"] = canonical(config["mini"])
             (dep,) = [d for d in stage.deps if d.def_path == "params.yaml"] or [None]
             seen = canonical(dep.read_params()) if dep is not None else {}

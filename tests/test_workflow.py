@@ -78,8 +78,8 @@ def test_acceptance_override_with_own_model_and_folder(repo_copy, mini_dir, tmp_
 
 
 def test_offline_demo(repo_copy, tmp_path):
-    """The README's demo command, with the demo shortened to 10 images to keep the suite fast."""
-    short = write_yaml(tmp_path / "short.yaml", {"dataset": {"n_images": 10}})
+    """The README's demo command, with the demo shortened to 10 images (and 2 harm images) to keep the suite fast."""
+    short = write_yaml(tmp_path / "short.yaml", {"dataset": {"n_images": 10}, "harm": {"n_images": 2}})
     snakemake(repo_copy, "config/demo.yaml", short)
     rep = repo_copy / "results" / "demo" / "mini-cal" / "representations"
     full = ReprStore(rep / "full.zarr")
@@ -130,6 +130,24 @@ def test_offline_demo(repo_copy, tmp_path):
         == "circular"
     for ext in (".png", ".svg"):
         assert (figures / ("experiments_mini-cal" + ext)).stat().st_size > 1000
+    # does it matter? the harm tables for all 45 layers, every task, metric and mitigation; validation; figure
+    harm = pd.read_csv(tables / "harm.csv")
+    assert harm["layer"].nunique() == 45 and len(harm) == 45 * 3 * 6 * 3
+    assert set(harm["task"]) == {"flip", "shift", "stereo"} and set(harm["metric"]) == {
+        "pck", "position_following", "hub_ratio"}
+    none = harm[(harm["mitigation"] == "none") & (harm["metric"] == "pck")]
+    assert none["value"].between(0, 1).all() and (none["n"] > 0).all()
+    assert set(none.loc[none["task"] == "stereo", "unit"]) == {"tokens"}
+    mit = pd.read_csv(tables / "mitigations.csv")
+    assert len(mit) == 45 * 6 and mit.loc[mit["mitigation"] == "none", "probe_acc8"].notna().all()
+    skipped = mit[mit["note"].fillna("").str.contains("nothing to act on")]
+    assert harm.merge(skipped[["layer", "mitigation"]])["value"].isna().all()  # said, not reported as "no effect"
+    val = pd.read_csv(tables / "credibility_validation.csv")
+    assert set(val["axis"]) == {"position", "corner", "anomaly", "hazard"} and (val["n_layers"] <= 45).all()
+    for ext in (".png", ".svg"):
+        assert (figures / ("harm_mini-cal" + ext)).stat().st_size > 1000
+    assert len(list((repo_copy / "results" / "demo" / "harm_pairs" / "images").glob("*.png"))) == 2 + 2 * 2 + 2
+
     # every job has its log
     logs = repo_copy / "results" / "demo" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"extract", "position_probe", "anomalies", "dataset.log"}

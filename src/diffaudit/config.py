@@ -80,4 +80,8 @@ def validate(cfg: dict) -> dict:
         validate_experiments(cfg.get("experiments"))
     except ExperimentError as exc:
         raise ConfigError(f"config key {exc}") from exc
+    for name, overrides in (cfg.get("experiments") or {}).items():
+        if overrides.get("harm") and not cfg["harm"]["enabled"]:
+            raise ConfigError(f"config key experiments.{name}.harm: true needs harm.enabled: true (the harm pairs "
+                              "and the baseline's harm tables they are compared with)")
     return cfg

@@ -166,7 +166,7 @@ R, M = "${results_dir}", "${item}"
 MATRIX_MODEL, MATRIX_EXPERIMENT = "${item.model}", "${item.experiment}"
 # The extraction stage also builds the embedded model when the model is `mini` (a Snakemake intermediate,
 # deterministic from `mini.seed`): its rule is allowed there, and its code and params are the stage's too.
-EXTRA_RULES = {"extract": ["build_mini"]}
+EXTRA_RULES = {"extract": ["build_mini"], "extract_harm": ["build_mini"]}
 #: Stages whose command is not "Snakemake, this rule, these outputs": the extraction's one folder holds every shard,
 #: and `diffaudit dvc-extract` runs every shard job of the model (``extraction.shards``).
 COMMANDS = {"extract": "diffaudit dvc-extract {model}{experiment}"}
@@ -185,7 +185,9 @@ MODEL_SOURCE, EXPERIMENT = "model_source", "experiment"
 _RESULTS, _MODEL, _OTHER_MODEL, _EXPERIMENT = "dvcgen-results", "dvcgen-model-a", "dvcgen-model-b", "dvcgen-exp"
 _TEMPLATE_CONFIG = {"results_dir": _RESULTS, "models": [_MODEL, _OTHER_MODEL],
                     "model_sources": {m: {"id": f"dvcgen/{m}", "revision": "main"} for m in (_MODEL, _OTHER_MODEL)},
-                    "experiments": {_EXPERIMENT: {"seed": 1}}, "extraction": {"shards": 1}}
+                    "experiments": {_EXPERIMENT: {"seed": 1}}, "extraction": {"shards": 1},
+                    # the harm stages exist whatever harm.enabled says; switched off, they write empty tables
+                    "harm": {"enabled": True}}
 
 
 def dvc_param(key: str, model: str = M, experiment: str | None = None) -> str | None:
@@ -241,7 +243,7 @@ def _body(job: dict, rules: dict[str, dict], producers: dict, model: str, experi
     if rule in COMMANDS:
         cmd = COMMANDS[rule].format(model=model, experiment=f" --experiment {experiment}" if experiment else "")
     else:
-        cmd = f"snakemake --cores all --nolock --allowed-rules {rule} -- {' '.join(outputs)}"
+        cmd = f"snakemake --cores all --nolock --allowed-rules {' '.join(names)} -- {' '.join(outputs)}"
     rule_files = sorted({str(rules[r]["rule_file"].relative_to(root)) for r in names})
     scripts = list(dict.fromkeys(str(rules[r]["script"].relative_to(root)) for r in names))
     body: dict = {"cmd": cmd, "deps": inputs + rule_files + scripts + code}

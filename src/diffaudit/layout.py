@@ -17,6 +17,7 @@ ask this module; it imports nothing from the package, so anything may import it.
       experiments/<name>/                      an experiment's run: representations/, paper_reference/, tables
       harm/representations/                    the harm pairs' images extracted with the run's settings
       harm.csv, mitigations.csv                the harm metrics and the mitigated artifact measures (docs/harm.md)
+      harm_summary.json                        their means over layers (DVC metrics)
       credibility_validation.csv               the credibility axes against the measured harm (baseline)
     harm_pairs/                                the harm tasks' image pairs (a dataset, pairs.csv, the disparity)
     layer_summary/<model>.csv                  the figure's per-layer quantities (``dvc plots``, cross-model figure)
@@ -63,6 +64,7 @@ HARM = "harm"
 HARM_PAIRS = "harm_pairs"
 HARM_TABLE = "harm.csv"
 MITIGATIONS_TABLE = "mitigations.csv"
+HARM_SUMMARY = "harm_summary.json"
 CREDIBILITY_VALIDATION_TABLE = "credibility_validation.csv"
 
 #: Where the workflow builds the embedded models (rule build_mini; ``model_sources.<name>`` in params.yaml).

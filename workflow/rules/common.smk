@@ -144,3 +144,10 @@ def run_tables(wildcards):
 def baseline_anomaly_labels(wildcards):
     """An experiment's anomaly analysis reads the baseline's label positions (none for the baseline)."""
     return [f"{run_dir(wildcards.model)}/{layout.ANOMALY_LABELS}"] if wildcards.get("exp", "") else []
+
+
+def harm_runs():
+    """The runs (suffixes) whose harm tables the workflow writes: the baseline (its tables are empty, and the logs
+    say why, when harm.enabled is false; so Snakemake's jobs and DVC's stages agree), and every experiment that says
+    `harm: true`."""
+    return [""] + [layout.run_suffix(name) for name, ov in config["experiments"].items() if ov.get("harm")]

@@ -7,13 +7,6 @@ HARM_PAIRS = layout.harm_pairs_dir(RESULTS)
 HARM_REPR = f"{layout.harm_dir(run_dir('{model}', '{exp}'))}/{layout.REPRESENTATIONS}"
 
 
-def harm_runs():
-    """The runs (suffixes) whose harm tables the workflow writes: the baseline when harm.enabled, and every
-    experiment that says `harm: true`."""
-    runs = [""] if config["harm"]["enabled"] else []
-    return runs + [layout.run_suffix(name) for name, ov in config["experiments"].items() if ov.get("harm")]
-
-
 rule harm_pairs:
     input:
         dataset=DATASET_DIR,
@@ -72,6 +65,8 @@ rule harm:
             subcategory="{model}{exp}",
             labels={"model": "{model}", "table": "mitigations.csv (artifact measures after each mitigation)"},
         ),
+        # means over layers per task, mitigation and metric (DVC metrics: `dvc metrics show`)
+        summary=f"{ANALYSIS_DIR}/{layout.HARM_SUMMARY}",
     params:
         **declare("harm", "probe", "anomalies.threshold", "channels.ratio_threshold", "bootstrap",
                   "extraction.device"),

@@ -38,8 +38,28 @@ def run_labels(labels_csv: str | Path | None):
     return t[["image", "x", "y"]].to_numpy(np.int64), int(t["grid"].iloc[0])
 
 
+def summary(harm, measures) -> dict:
+    """Means over layers (finite values only) of every harm metric per task and mitigation, and of every measure
+    per mitigation: ``{"harm": {task: {mitigation: {metric: mean}}}, "mitigations": {mitigation: {measure: mean}},
+    "n_layers": ...}`` (DVC metrics)."""
+    import numpy as np
+
+    from ..harm.evaluate import MEASURES
+
+    out: dict = {"harm": {}, "mitigations": {}, "n_layers": int(harm["layer"].nunique()) if len(harm) else 0}
+    for (task, mit, metric), v in harm.groupby(["task", "mitigation", "metric"], sort=False)["value"]:
+        v = v.to_numpy(float)
+        out["harm"].setdefault(task, {}).setdefault(mit, {})[metric] = (
+            round(float(np.nanmean(v)), 6) if np.isfinite(v).any() else None)
+    for mit, d in measures.groupby("mitigation", sort=False):
+        out["mitigations"][mit] = {m: (round(float(np.nanmean(d[m].to_numpy(float))), 6)
+                                       if np.isfinite(d[m].to_numpy(float)).any() else None) for m in MEASURES}
+    return out
+
+
 def run(cfg: dict, model: str, rep_dirs, pairs_dir: str | Path, pairs_rep: str | Path, harm_csv: str | Path,
-        mitigations_csv: str | Path, labels_csv: str | Path | None = None) -> Path:
+        mitigations_csv: str | Path, labels_csv: str | Path | None = None,
+        summary_json: str | Path | None = None) -> Path:
     from ..analyses.anomalies import reference_grid
     from ..analyses.bootstrap import Bootstrap
     from ..analyses.paired import store_image_size
@@ -53,8 +73,10 @@ def run(cfg: dict, model: str, rep_dirs, pairs_dir: str | Path, pairs_rep: str |
     pairs, disparity = load_pairs(pairs_dir)
     if pairs.empty:
         logging.getLogger(__name__).info("%s: no harm pair (harm.enabled is false): empty harm tables", model)
-        common.write_csv(pd.DataFrame(columns=MITIGATION_COLUMNS), mitigations_csv)
-        return common.write_csv(pd.DataFrame(columns=HARM_COLUMNS), harm_csv)
+        harm, measures = pd.DataFrame(columns=HARM_COLUMNS), pd.DataFrame(columns=MITIGATION_COLUMNS)
+        _write_summary(summary(harm, measures), summary_json)
+        common.write_csv(measures, mitigations_csv)
+        return common.write_csv(harm, harm_csv)
     full, crops = open_model_stores(rep_dirs)
     pairs_store = ReprStore(store_path(pairs_rep, FULL))
     fit, test = harm_images(full.n_images, cfg["probe"], full.n_images)
@@ -63,8 +85,16 @@ def run(cfg: dict, model: str, rep_dirs, pairs_dir: str | Path, pairs_rep: str |
         full, crops, pairs_store, pairs, disparity, layers=None, fit_images=fit, test_images=test, labels=labels,
         ref_grid=grid or reference_grid(full), probe=cfg["probe"], image_size=store_image_size(full),
         settings=settings(cfg), bootstrap=Bootstrap.from_config(cfg["bootstrap"]), model_name=model, progress=True)
+    _write_summary(summary(harm, measures), summary_json)
     common.write_csv(measures, mitigations_csv)
     return common.write_csv(harm, harm_csv)
+
+
+def _write_summary(data: dict, path) -> None:
+    import json
+
+    if path is not None:
+        Path(path).write_text(json.dumps(data, indent=1))
 
 
 def from_snakemake(smk):
@@ -74,4 +104,5 @@ def from_snakemake(smk):
     # slow down when other jobs share the cores
     torch.set_num_threads(max(1, int(smk.threads)))
     return run(common.task_config(smk), smk.wildcards.model, list(smk.input.rep), smk.input.pairs,
-               smk.input.pairs_rep, smk.output.harm, smk.output.mitigations, labels_csv=smk.input.labels)
+               smk.input.pairs_rep, smk.output.harm, smk.output.mitigations, labels_csv=smk.input.labels,
+               summary_json=smk.output.summary)
