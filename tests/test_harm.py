@@ -223,3 +223,30 @@ def test_credibility_validation_finds_a_planted_rank_correlation():
     assert np.isnan(corner["spearman"]) and "same on every layer" in corner["note"]
     assert abs(out.loc[("anomaly", "position_following"), "spearman"]) < 0.6
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_switched_off_the_harm_jobs_make_nothing_and_say_so(tmp_path, caplog):
+    """harm.enabled false (the paper's params.yaml): the same jobs run (Snakemake's and DVC's agree) but make no
+    pair, extract nothing and write empty tables, a summary and a figure that says so."""
+    import logging
+
+    import pandas as pd
+
+    from diffaudit.config import load_config
+    from diffaudit.pipeline import dataset, extract_harm, harm, harm_figure, harm_pairs
+
+    cfg = load_config("params.yaml")
+    assert cfg["harm"]["enabled"] is False
+    cfg["dataset"].update(source="demo", n_images=4, size=64)
+    dataset.run(cfg, tmp_path / "dataset")
+    harm_pairs.run(cfg, tmp_path / "dataset", tmp_path / "pairs")
+    assert not list((tmp_path / "pairs" / "images").glob("*.png"))
+    with caplog.at_level(logging.INFO):
+        out = extract_harm.run(cfg, "mini", tmp_path / "pairs", tmp_path / "rep")
+        harm.run(cfg, "mini", [tmp_path / "nowhere"], tmp_path / "pairs", out, tmp_path / "harm.csv",
+                 tmp_path / "mitigations.csv", summary_json=tmp_path / "summary.json")
+    assert out.is_dir() and not list(out.iterdir())
+    assert pd.read_csv(tmp_path / "harm.csv").empty and pd.read_csv(tmp_path / "mitigations.csv").empty
+    assert sum("harm.enabled is false" in r.getMessage() for r in caplog.records) == 2
+    harm_figure.run("mini", tmp_path / "harm.csv", tmp_path / "harm_mini.png")
+    assert (tmp_path / "harm_mini.png").stat().st_size > 1000

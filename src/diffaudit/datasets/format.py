@@ -105,8 +105,10 @@ class _DatasetWriter:
         return hashlib.sha256(data).hexdigest()
 
     def finish(self, config: dict, label_names: Sequence[str] | None = None,
-               versions: dict | None = None) -> Path:
-        if not self.rows:
+               versions: dict | None = None, allow_empty: bool = False) -> Path:
+        """Write index.csv and dataset.json and swap the directory in. A dataset without images is an error
+        unless ``allow_empty`` (the harm pairs of a run with harm switched off)."""
+        if not self.rows and not allow_empty:
             raise DatasetError(f"no images selected for {self.out_dir}")
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")

@@ -144,7 +144,8 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 def build_pairs(dataset_dir, out_dir, *, tasks=TASKS, images: Sequence[int], shift: float = 0.25) -> Path:
     """Write the harm-task pairs of the run's dataset ``dataset_dir`` into ``out_dir`` (see the module docstring).
 
-    ``images`` are 0-based indices into the run's dataset (the flip and shift sources); ``shift`` is the shift
+    ``images`` are 0-based indices into the run's dataset (the flip and shift sources; ``tasks=()`` writes a folder
+    without pairs, for a run with harm switched off); ``shift`` is the shift
     task's offset as a fraction of the image side. Arguments are checked before anything is written, and the
     directory is built atomically (:class:`~diffaudit.datasets.format.DatasetError` on a bad argument, and
     nothing of ``out_dir`` changes when the build fails). Returns ``out_dir``.
@@ -192,7 +193,7 @@ def build_pairs(dataset_dir, out_dir, *, tasks=TASKS, images: Sequence[int], shi
         table.writerow(PAIRS_COLUMNS)
         table.writerows((k, *row) for k, row in enumerate(rows))
         config["pairs_sha256"] = writer.add_file(PAIRS_TABLE, buf.getvalue().encode("utf-8"))
-        return writer.finish(config, label_names=label_names or None)
+        return writer.finish(config, label_names=label_names or None, allow_empty=not tasks)
 
 
 def load_pairs(pairs_dir) -> tuple[pd.DataFrame, np.ndarray | None]:
