@@ -29,6 +29,7 @@ LAYERS = ["down_blocks[0].resnets[0]", "mid_block"]
     ({"a": {"weights": "pretrained"}}, "experiments.a.weights: 'pretrained' is not one of trained, random"),
     ({"a": {"prompt": "a {label}"}}, "experiments.a.prompt: the only placeholder is {class}"),
     ({"a": {"crops": "yes"}}, "experiments.a.crops: expected true or false"),
+    ({"a": {"harm": "yes"}}, "experiments.a.harm: expected true or false"),
     ({"a": {"layers": []}}, "experiments.a.layers: expected `paper` or a non-empty list"),
     ({"a": {}}, "experiments.a: expected a non-empty mapping"),
     ({"baseline": {"seed": 1}}, "experiments.baseline: 'baseline' is reserved"),
@@ -45,6 +46,24 @@ def test_experiment_names_are_checked_by_the_schema(tmp_path):
     with pytest.raises(ConfigError, match="config key experiments"):
         load_config("params.yaml", bad)
     assert load_config("params.yaml")["experiments"] == {}
+
+
+def test_an_experiments_harm_adds_outputs_not_a_cause(tmp_path):
+    """`harm: true` asks for the experiment's harm tables: it changes nothing of its extraction, its harm jobs are in
+    the DAG (the other experiment's are not), and it needs harm.enabled."""
+    from diffaudit.dvcgen import snakemake_jobs
+
+    assert experiments.extraction_overrides({"seed": 1, "harm": True}) == {"seed": 1}
+    assert experiments.effective_extraction({"mode": "paper"}, {"harm": True}) == {"mode": "paper"}
+    off = tmp_path / "off.yaml"
+    off.write_text("experiments: {a: {seed: 1, harm: true}}\n")
+    with pytest.raises(ConfigError, match="experiments.a.harm: true needs harm.enabled: true"):
+        load_config("params.yaml", off)
+    on = tmp_path / "on.yaml"
+    on.write_text("harm: {enabled: true}\nexperiments: {a: {seed: 1, harm: true}, b: {seed: 2}}\n")
+    jobs = snakemake_jobs(["params.yaml", str(on)], config={"models": ["sd15"]})
+    harm = {j["wildcards"].get("exp", "") for j in jobs if j["rule"] in ("harm", "extract_harm")}
+    assert harm == {"", "/experiments/a"}
 
 
 def test_effective_extraction_changes_only_the_named_keys():

@@ -138,6 +138,19 @@ PAPER_TABLES: dict[str, list[str]] = {"position_probe": PROBE_COLUMNS,
 # Reading and writing
 # ---------------------------------------------------------------------------------------------
 
+
+# -- harm (diffaudit.harm, docs/harm.md) --
+#: harm.csv: one row per layer, task, mitigation and metric.
+HARM_COLUMNS = ["model", "layer_index", "layer", "task", "mitigation", "metric", "value", "ci_low", "ci_high", "n",
+                "unit", "note"]
+#: mitigations.csv's measures of the mitigated features, each with ``_ci_low``/``_ci_high``.
+MITIGATION_MEASURES = ("probe_acc8", "corner_ratio", "rel_norm", "semantic_acc")
+MITIGATION_COLUMNS = (["model", "layer_index", "layer", "channels", "spatial", "mitigation"]
+                      + [f"{m}{s}" for m in MITIGATION_MEASURES for s in ("", "_ci_low", "_ci_high")]
+                      + ["active", "acts_on", "note"])
+#: credibility_validation.csv: one row per credibility axis, harm metric and task.
+CREDIBILITY_VALIDATION_COLUMNS = ["axis", "harm_metric", "task", "spearman", "ci_low", "ci_high", "n_layers", "note"]
+
 def write_csv(df, out: str | Path) -> Path:
     """Write atomically (a reader never sees half a table)."""
     out = Path(out)

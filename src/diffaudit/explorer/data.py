@@ -24,15 +24,12 @@ a token of a pair's first image is matched to the nearest token of the second
 """
 from __future__ import annotations
 
-import base64
-import copy
 import json
 import os
 import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,120 +37,13 @@ import pandas as pd
 
 from ..analyses.anomalies import REF_LAYER, LabelFileError, load_label_file, reference_grid, validate_labels
 from ..errors import DiffauditError
-from ..datasets.format import DatasetError
-from ..harm.matching import nearest_tokens, tokens_of
-from ..harm.mitigations import MITIGATIONS, AnomalyInpaint, Mitigation, MitigationSettings, fit_store_mitigations
-from ..harm.pairs import PAIRS_TABLE, ground_truth, load_pairs
-from ..layout import (BASELINE, DATASET, FULL, HARM_PAIRS, REPRESENTATIONS, harm_dir, harm_pairs_dir,
-                      paper_reference_dir, run_summary_path, stored_rep_dirs, stored_runs)
-from ..store import ReprStore, open_variant
+from ..harm.mitigations import MITIGATIONS, MitigationSettings
+from ..layout import BASELINE, DATASET, paper_reference_dir, run_summary_path, stored_runs
+from ..store import ReprStore
+from .harm import FitCache, HarmViews
+from .maps import METRICS, RequestError, Run, _f, _norms, decode, detect_blocks, encode, similarity  # noqa: F401
 
-METRICS = ("cosine", "centred_cosine", "dot", "l2", "rel_norm")
 CURVE_COLUMNS = ("acc_8x8", "corner_ratio", "rel_norm_mean")
-
-
-class RequestError(DiffauditError, ValueError):
-    """A request the explorer cannot answer (bad parameter, unknown model/layer); becomes a 4xx."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics (numpy, float32): the same functions the tests compare the browser against
-# ---------------------------------------------------------------------------------------------
-
-def _norms(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.einsum("chw,chw->hw", x, x, dtype=np.float32))
-
-
-def similarity(rep: np.ndarray, ref: np.ndarray, metric: str, ref_image_mean: np.ndarray | None = None
-               ) -> np.ndarray:
-    """``metric`` of the reference token ``ref`` (C,) against every token of ``rep`` (C, H, W) -> (H, W) float32.
-
-    ``ref_image_mean`` (C,): the mean token of the reference's own image (``centred_cosine`` only).
-    """
-    x = np.asarray(rep, dtype=np.float32)
-    r = np.asarray(ref, dtype=np.float32).reshape(-1)
-    if metric == "centred_cosine":
-        x = x - x.mean(axis=(1, 2), dtype=np.float32)[:, None, None]
-        r = r - np.asarray(ref_image_mean, dtype=np.float32)
-        metric = "cosine"
-    if metric == "cosine":
-        dot = np.einsum("chw,c->hw", x, r, dtype=np.float32)
-        denom = _norms(x) * np.float32(np.linalg.norm(r))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = np.where(denom > 0, dot / np.where(denom > 0, denom, 1), 0.0)
-        return np.clip(out, -1, 1).astype(np.float32)
-    if metric == "dot":
-        return np.einsum("chw,c->hw", x, r, dtype=np.float32)
-    if metric == "l2":
-        d = x - r[:, None, None]
-        return _norms(d)
-    if metric == "rel_norm":
-        rn = np.float32(np.linalg.norm(r))
-        n = _norms(x)
-        return (n / rn if rn > 0 else np.zeros_like(n)).astype(np.float32)
-    raise RequestError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-
-
-def detect_blocks(rep: np.ndarray, threshold: float) -> np.ndarray:
-    """The automatic detector of :func:`diffaudit.analyses.anomalies.detect_anomalies` on one image's map
-    (C, H, W): int64 (K, 2) rows ``(x, y)`` (upper-left token of each flagged even-aligned 2x2 block)."""
-    n = _norms(np.asarray(rep, dtype=np.float32))
-    h, w = n.shape
-    if h % 2 or w % 2:
-        return np.zeros((0, 2), np.int64)
-    med = np.median(n.reshape(-1))
-    blocks = n.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-    by, bx = np.nonzero(blocks > threshold * med)
-    out = np.stack([2 * bx, 2 * by], axis=1).astype(np.int64)
-    return out[np.lexsort((out[:, 1], out[:, 0]))] if out.size else out.reshape(0, 2)
-
-
-def _f(x) -> float | None:
-    """A float for JSON, None when not finite (an overflowing float16 activation)."""
-    x = float(x)
-    return x if np.isfinite(x) else None
-
-
-def encode(a: np.ndarray) -> str:
-    """float32 array -> base64 of its little-endian bytes (the page decodes it into a Float32Array)."""
-    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
-
-
-def decode(s: str, shape) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype="<f4").reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# The results directory
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    model: str
-    name: str  # "baseline" or the experiment's name
-    dirs: list[Path]
-    analysis_dir: Path  # where the run's tables are
-    _store: ReprStore | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _arrays: dict = field(default_factory=dict)
-
-    @property
-    def store(self) -> ReprStore:
-        with self._lock:
-            if self._store is None:
-                self._store = open_variant(self.dirs, FULL)
-            return self._store
-
-    def array(self, layer: str):
-        """The layer's array, opened once (opening reads the group's metadata)."""
-        arr = self._arrays.get(layer)
-        if arr is None:
-            arr = self._arrays.setdefault(layer, self.store.array(layer))
-        return arr
 
 
 class ChunkCache:
@@ -188,58 +78,7 @@ class ChunkCache:
             self._bytes = 0
 
 
-def _fit_bytes(mit: Mitigation) -> int:
-    """The arrays a fitted mitigation holds (the per-position mean map dominates)."""
-    return sum(v.nbytes for st in mit.steps for v in vars(st).values() if isinstance(v, np.ndarray)) + 1024
-
-
-class FitCache:
-    """(model, run, layer, mitigation) -> fitted :class:`Mitigation`, least recently used out beyond ``max_bytes``;
-    one fit at a time per key (concurrent requests for the same fit wait for it instead of fitting twice)."""
-
-    def __init__(self, max_bytes: int = 256 * 2 ** 20):
-        self.max_bytes = max_bytes
-        self._d: OrderedDict = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._key_locks: dict = {}
-        self.fits = 0  # fits computed (tests: cached, not refitted)
-
-    def get(self, key, fit):
-        with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key)
-                return self._d[key]
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                if key in self._d:
-                    return self._d[key]
-            value = fit()
-            with self._lock:
-                self.fits += 1
-                self._d[key] = value
-                self._bytes += _fit_bytes(value)
-                while self._bytes > self.max_bytes and len(self._d) > 1:
-                    _, old = self._d.popitem(last=False)
-                    self._bytes -= _fit_bytes(old)
-                self._key_locks.pop(key, None)
-        return value
-
-
-def fresh(mit: Mitigation) -> Mitigation:
-    """A copy of a fitted mitigation that shares its fitted arrays but counts ``anomaly_inpaint``'s replaced
-    tokens from zero, so that ``acts_on`` and ``active`` describe the images of one request."""
-    steps = []
-    for st in mit.steps:
-        st = copy.copy(st)
-        if isinstance(st, AnomalyInpaint):
-            st.replaced = 0
-        steps.append(st)
-    return Mitigation(mit.name, steps)
-
-
-class Explorer:
+class Explorer(HarmViews):
     """Everything the page asks for, over one results directory."""
 
     def __init__(self, results_dir: str | Path, *, labels: str = "{results_dir}/labels/{model}.npy",
@@ -378,52 +217,6 @@ class Explorer:
             list(self._pool.map(lambda p: self.chunk(r, *p), todo))
 
     # -- mitigations ---------------------------------------------------------------------------
-    def fit_images(self, r: Run) -> np.ndarray:
-        """The run's fit images: the position probe's training images (module docstring)."""
-        from ..analyses.probe import image_split
-        from ..harm.evaluate import harm_images
-
-        n = r.store.n_images
-        return harm_images(n, self.probe, 0)[0] if self.probe else image_split(n)[0]
-
-    def _check_mitigation(self, name) -> str:
-        name = "none" if name in (None, "") else name
-        if name not in MITIGATIONS:
-            raise RequestError(f"unknown mitigation {name!r}; use one of {', '.join(MITIGATIONS)}")
-        return name
-
-    def mitigation(self, r: Run, layer: str, name: str) -> Mitigation:
-        """Mitigation ``name`` of ``layer`` fitted on the run's fit images (cached), as a :func:`fresh` copy."""
-        name = self._check_mitigation(name)
-        if name == "none":
-            return Mitigation("none")
-
-        def fit():
-            fit_images = self.fit_images(r)
-            if not len(fit_images):
-                raise RequestError(f"{r.model}/{r.name} has no fit images to fit {name} on", 409)
-            return fit_store_mitigations(r.store, layer, [int(i) for i in fit_images], [name],
-                                         self.mitigation_settings)[name]
-
-        return fresh(self.fits.get((r.model, r.name, layer, name), fit))
-
-    @staticmethod
-    def _apply(mit: Mitigation, rep: np.ndarray) -> np.ndarray:
-        return rep if not mit.steps else mit.apply(rep[None])[0]
-
-    @staticmethod
-    def _mitigation_info(mit: Mitigation, n_fit: int | None) -> dict:
-        return {"name": mit.name, "active": bool(mit.active) or mit.name == "none", "acts_on": mit.acts_on,
-                "fit_images": n_fit}
-
-    def mitigated(self, r: Run, layer: str, images, name: str) -> tuple[dict, dict]:
-        """``{image: map}`` of ``images`` at ``layer`` after mitigation ``name``, and what it did (name, active,
-        acts_on on these images, the number of fit images)."""
-        mit = self.mitigation(r, layer, name)
-        maps = {i: self._apply(mit, self.chunk(r, layer, i)) for i in dict.fromkeys(images)}
-        return maps, self._mitigation_info(mit, None if mit.name == "none" else len(self.fit_images(r)))
-
-    # -- maps ----------------------------------------------------------------------------------
     def similarity_maps(self, model, run, layer, ref_image, y, x, images, metric="cosine", mitigation="none"
                         ) -> dict:
         """The metric of token (y, x) of ``ref_image`` against every token of each of ``images`` at ``layer``,
@@ -526,130 +319,6 @@ class Explorer:
                 "labels_error": labels_error, "mitigation": info, "maps": out}
 
     # -- harm pairs and correspondence ----------------------------------------------------------
-    def _harm_paths(self, r: Run) -> tuple[Path, list[Path] | None]:
-        rep = Path(harm_dir(r.analysis_dir)) / REPRESENTATIONS
-        return Path(harm_pairs_dir(self.root)), (stored_rep_dirs(rep) if rep.is_dir() else None)
-
-    def has_harm(self, r: Run) -> bool:
-        pairs_dir, dirs = self._harm_paths(r)
-        return (pairs_dir / PAIRS_TABLE).is_file() and bool(dirs)
-
-    def harm(self, r: Run) -> tuple:
-        """The run's harm pairs: ``(the pair images' store as a Run, pairs.csv, the stereo disparity, the pair
-        images' files relative to the results directory)``, read once; 404 when the run has none."""
-        key = (r.model, r.name)
-        with self._harm_lock:
-            if key in self._harm:
-                return self._harm[key]
-        pairs_dir, dirs = self._harm_paths(r)
-        if not (pairs_dir / PAIRS_TABLE).is_file() or not dirs:
-            rep = Path(harm_dir(r.analysis_dir)) / REPRESENTATIONS
-            missing = pairs_dir / PAIRS_TABLE if not (pairs_dir / PAIRS_TABLE).is_file() else rep
-            raise RequestError(f"{r.model}/{r.name} has no harm pairs ({self._display(missing)} not found; "
-                               "run the workflow with harm.enabled: true)", 404)
-        try:
-            pairs, disparity = load_pairs(pairs_dir)
-            index = pd.read_csv(pairs_dir / "index.csv", dtype={"id": str})
-        except (DatasetError, OSError, ValueError, KeyError) as e:
-            raise RequestError(f"{HARM_PAIRS}: {e}", 409) from None
-        hr = Run(r.model, f"{r.name}/harm", dirs, r.analysis_dir)
-        hs = self._open(hr)
-        n_pairs_images = len(index)
-        bad = pairs[(pairs["target_index"] >= min(hs.n_images, n_pairs_images))
-                    | ((pairs["source_store"] == "pairs") & (pairs["source_index"] >= hs.n_images))
-                    | ((pairs["source_store"] == "base") & (pairs["source_index"] >= r.store.n_images))]
-        if len(bad):
-            raise RequestError(f"{HARM_PAIRS}/{PAIRS_TABLE}: pair {int(bad['pair'].iloc[0])} indexes an image "
-                               f"that {r.model}/{r.name}'s stores do not hold", 409)
-        out = (hr, pairs, disparity, [f"{HARM_PAIRS}/{f}" for f in index["file"].astype(str)])
-        with self._harm_lock:
-            self._harm[key] = out
-        return out
-
-    def _display(self, p: Path) -> str:
-        try:
-            return str(Path(p).relative_to(self.root))
-        except ValueError:
-            return str(p)
-
-    def _pair_files(self, r: Run, row, files: list[str]) -> tuple[str | None, str]:
-        if row["source_store"] == "base":
-            ids = {im["id"]: im["file"] for im in self.images}
-            src = ids.get(str(r.store.image_ids[int(row["source_index"])]))
-        else:
-            src = files[int(row["source_index"])]
-        return src, files[int(row["target_index"])]
-
-    def pairs(self, model, run) -> dict:
-        """The run's harm pairs: id, task, source image id, and both images' files (under the results directory;
-        a flip pair's source is the run's own dataset image)."""
-        r = self.run(model, run)
-        _, pairs, _, files = self.harm(r)
-        out = []
-        for _, row in pairs.iterrows():
-            src, tgt = self._pair_files(r, row, files)
-            out.append({"pair": int(row["pair"]), "task": str(row["task"]), "source_image": str(row["source_image"]),
-                        "source_store": str(row["source_store"]), "source_file": src, "target_file": tgt})
-        return {"model": r.model, "run": r.name, "pairs": out}
-
-    def _pair(self, pairs: pd.DataFrame, pair):
-        try:
-            k = int(pair)
-        except (TypeError, ValueError):
-            raise RequestError(f"pair must be an integer id, got {pair!r}") from None
-        hit = pairs[pairs["pair"] == k]
-        if hit.empty:
-            raise RequestError(f"pair {k} out of range: the harm pairs are 0..{len(pairs) - 1}")
-        return hit.iloc[0]
-
-    def correspondence(self, model, run, layer, pair, y, x, mitigation="none") -> dict:
-        """Token (y, x) of the pair's first image at ``layer``: its nearest token on the second image by cosine
-        (:func:`~diffaudit.harm.matching.nearest_tokens`) after ``mitigation`` (fitted on the run's fit images,
-        applied to both), the cosine map over the second image, and the ground truth
-        (:func:`~diffaudit.harm.pairs.ground_truth`), ``None`` with a note where there is none."""
-        from ..analyses.paired import store_image_size
-
-        mitigation = self._check_mitigation(mitigation)
-        r = self.run(model, run)
-        layer = self._layer(r, layer)
-        hr, pairs, disparity, files = self.harm(r)
-        if layer not in hr.store.layers or hr.store.shape(layer)[1:] != r.store.shape(layer)[1:]:
-            raise RequestError(f"layer {layer!r} is not in {r.model}/{r.name}'s harm pairs store (or has another "
-                               "shape there); extract the harm pairs again", 409)
-        row = self._pair(pairs, pair)
-        y, x = self._token(r, layer, y, x)
-        _, _, h, w = r.store.shape(layer)
-        src_run = r if row["source_store"] == "base" else hr
-        si, ti = int(row["source_index"]), int(row["target_index"])
-        mit = self.mitigation(r, layer, mitigation)
-        src = self._apply(mit, self.chunk(src_run, layer, si))
-        tgt = self._apply(mit, self.chunk(hr, layer, ti))
-        k = y * w + x
-        match = int(nearest_tokens(tokens_of(src)[[k]], tokens_of(tgt))[0])
-        sim = similarity(tgt, src[:, y, x], "cosine")
-        truth, note = None, ""
-        size = store_image_size(r.store) or store_image_size(hr.store)
-        if h != w:
-            note = f"no ground truth: the {h}x{w} map is not square"
-        elif size is None:
-            note = "no ground truth: the store does not record its image size"
-        else:
-            try:
-                target, valid, why = ground_truth(row, h, size, disparity)
-            except (ValueError, DatasetError) as e:
-                target, valid, why = None, None, str(e)
-            if valid is not None and valid[k]:
-                truth = [int(v) for v in target[k]]
-            else:
-                note = "no ground truth" + (f": {why}" if why else " for this token (it falls outside the second "
-                                                                     "image or has no valid disparity)")
-        src_file, tgt_file = self._pair_files(r, row, files)
-        return {"layer": layer, "height": h, "width": w, "pair": int(row["pair"]), "task": str(row["task"]),
-                "token": [y, x], "match": [match // w, match % w], "truth": truth, "truth_note": note,
-                "match_cosine": _f(sim.reshape(-1)[match]), "data": encode(sim),
-                "source_file": src_file, "target_file": tgt_file,
-                "mitigation": self._mitigation_info(mit, None if mit.name == "none" else len(self.fit_images(r)))}
-
     def _paper_labels(self, r: Run) -> np.ndarray:
         """The authors' hand labels when the workflow found they apply (paper_reference/status.json)."""
         try:

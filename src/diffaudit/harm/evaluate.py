@@ -33,18 +33,14 @@ from ..analyses.bootstrap import Bootstrap
 from ..analyses.probe import image_split, run_probe
 from ..analyses.similarity import token_group_similarity
 from ..store import LayerCache, StoreView
+from ..tables import HARM_COLUMNS, MITIGATION_COLUMNS, MITIGATION_MEASURES
 from . import matching
 from .mitigations import MITIGATIONS, MitigationSettings, fit_store_mitigations
 from .pairs import ground_truth
 
 log = logging.getLogger(__name__)
 
-HARM_COLUMNS = ["model", "layer_index", "layer", "task", "mitigation", "metric", "value", "ci_low", "ci_high", "n",
-                "unit", "note"]
-MEASURES = ("probe_acc8", "corner_ratio", "rel_norm", "semantic_acc")
-MITIGATION_COLUMNS = (["model", "layer_index", "layer", "channels", "spatial", "mitigation"]
-                      + [f"{m}{s}" for m in MEASURES for s in ("", "_ci_low", "_ci_high")]
-                      + ["active", "acts_on", "note"])
+MEASURES = MITIGATION_MEASURES
 #: The fixed probe grid of ``probe_acc8`` (the paper's 8 x 8, as the credibility score's position axis).
 PROBE_GRID = 8
 

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 
 from ..analyses.bootstrap import Bootstrap
+from ..tables import CREDIBILITY_VALIDATION_COLUMNS
 
 AXES = {"position": "position_score", "corner": "corner_score", "anomaly": "anomaly_score", "hazard": "hazard"}
 HARM_METRICS = {"mismatch": ("pck", True), "position_following": ("position_following", False),
                 "hub_ratio": ("hub_ratio", False)}
-COLUMNS = ["axis", "harm_metric", "task", "spearman", "ci_low", "ci_high", "n_layers", "note"]
+COLUMNS = CREDIBILITY_VALIDATION_COLUMNS
 #: Fewest layers for a correlation.
 MIN_LAYERS = 4
 
