@@ -3,6 +3,7 @@ number of images and the layer size, and an estimate for the paper's size.
 
     python benchmarks/bench_harm.py [--images 10 20 40] [--layers 64 32 16 8] [--threads 2] [--gpu]
                                     [--profile] [--quick] [--out /tmp/bench_harm.json]
+    python benchmarks/bench_harm.py --report /tmp/bench_harm.json     # print a saved run again
 
 Synthetic stores, written once per number of images N with ``StoreWriter`` (float16, random data) into a temporary
 directory, hold four SD-1.5 layers at 512 px with their real shapes (channels x map):
@@ -29,16 +30,18 @@ Measured, each in a FRESH subprocess (``--child``), with ``torch.set_num_threads
     bootstrap, harm sections): fitting the six mitigations, the harm of every pair under each, and the artifact
     measures on the mitigated features. Its parts are timed by wrapping the module's functions (no library change):
     ``cache`` (``store.LayerCache``: the layer read into memory), ``fit`` (``fit_store_mitigations``, base and crop),
-    ``harm`` (``layer_harm``; of which ``match``: the ``nearest_tokens`` calls) and ``measures`` (``layer_measures``).
+    ``harm`` (``layer_harm``; of which ``match``: the ``nearest_tokens`` calls) and ``measures`` (``layer_measures``;
+    of which ``probe_acc8``, ``corner_ratio``, ``rel_norm``, ``pooled`` and ``class_probe``: the analyses it runs).
 
 Memory, per child: ``+MiB`` = ``VmHWM`` (the process's resident high-water mark, ``/proc/self/status``) minus the RSS
 after imports and opening the stores; ``ru_maxrss`` (``resource.getrusage``) is recorded in the JSON as well (on
 Linux it inherits the parent's RSS at fork, see ``bench_similarity.py``); ``tracemalloc`` gives the peak of Python
 and numpy allocations (torch's and zarr's native buffers are not traced; tracemalloc slows Python, so it runs in a
 separate memory run, with the fixed glibc mmap threshold of ``bench_similarity.py``, and times come from the
-timing run). ``cache MiB`` is the size of the layer (and crop layer) that ``LayerCache`` holds: N x C x H x W x 2
-bytes, which grows with N by design; the rest should stay flat in N (matching: one block of at most
-``matching.BLOCK_BYTES`` of similarities per pair).
+timing run; in it each leaf part's traced peak is recorded too, ``tracemalloc_part_peak_mib``). ``cache MiB`` is the size of the layer (and crop layer) that ``LayerCache`` holds: N x C x H x W x 2
+bytes, which grows with N by design. Matching holds one block of at most ``matching.BLOCK_BYTES`` of similarities
+per pair, flat in N; ``probe_acc8`` runs the position probe, which holds one layer's tokens (the probe analysis's
+design, docs of ``analyses.probe``), so it grows with N too, and the per-part peaks show by how much.
 
 Estimate for the paper's size (500 images: 400 fit / 100 test, ``harm.n_images`` = 50 flip and 50 shift pairs and
 the stereo pair, 45 layers): per layer size, the time outside ``harm`` is fitted as a + b N over the measured N
@@ -46,7 +49,8 @@ the stereo pair, 45 layers): per layer size, the time outside ``harm`` is fitted
 are used instead, an upper bound) and evaluated at 500; ``harm`` scales with the pairs (measured seconds per pair x 101). Each of the
 45 paper layers (``families.sd.PAPER_LAYERS``, ``layer_shape`` at 512 px: 13 at 64 x 64, 12 at 32 x 32, 12 at
 16 x 16, 8 at 8 x 8) takes its map size's estimate scaled by its channels over the measured layer's (work is about
-linear in channels). Memory at that size: the measured flat part plus the 500-image cache of the largest layer.
+linear in channels). Memory at that size: ``+MiB`` fitted as a + b N per map size, evaluated at 500 and scaled by
+channels; the largest over the 45 layers is the run's peak (one layer at a time).
 With ``--gpu`` the same runs use device ``cuda`` (matching and the probes) and report the GPU's peak memory.
 """
 from __future__ import annotations
@@ -220,19 +224,41 @@ def child_match(n: int, device: str, repeat: int, mem: bool) -> dict:
 
 
 class _Clock:
-    def __init__(self):
+    """Seconds per part (summed over calls) and, when tracemalloc runs, each leaf part's traced peak (MiB; the
+    peak is reset before a leaf, and the overall peak is the largest of all)."""
+
+    def __init__(self, traced: bool):
         self.s: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.peak: dict[str, float] = {}
+        self.traced = traced
+        self.overall = 0.0
 
-    def wrap(self, name: str, fn):
+    def wrap(self, name: str, fn, leaf: bool = False):
+        import tracemalloc
+
         def timed(*args, **kwargs):
+            trace = leaf and self.traced
+            if trace:
+                self.overall = max(self.overall, tracemalloc.get_traced_memory()[1])
+                tracemalloc.reset_peak()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
                 self.calls[name] = self.calls.get(name, 0) + 1
+                if trace:
+                    peak = tracemalloc.get_traced_memory()[1]
+                    self.overall = max(self.overall, peak)
+                    self.peak[name] = max(self.peak.get(name, 0.0), peak / 2**20)
+                    tracemalloc.reset_peak()
         return timed
+
+    def overall_mib(self) -> float:
+        import tracemalloc
+
+        return max(self.overall, tracemalloc.get_traced_memory()[1]) / 2**20
 
 
 def child_layer(d: Path, n: int, device: str, mem: bool, profile: bool) -> dict:
@@ -261,12 +287,16 @@ def child_layer(d: Path, n: int, device: str, mem: bool, profile: bool) -> dict:
     fit, test = split(full.n_images, cfg["probe"])
     boot = Bootstrap.from_config(cfg["bootstrap"])
 
-    clock = _Clock()
-    evaluate.fit_store_mitigations = clock.wrap("fit", evaluate.fit_store_mitigations)
+    clock = _Clock(mem)
+    evaluate.fit_store_mitigations = clock.wrap("fit", evaluate.fit_store_mitigations, leaf=True)
     evaluate.layer_harm = clock.wrap("harm", evaluate.layer_harm)
     evaluate.layer_measures = clock.wrap("measures", evaluate.layer_measures)
-    evaluate.LayerCache = clock.wrap("cache", evaluate.LayerCache)
-    matching.nearest_tokens = clock.wrap("match", matching.nearest_tokens)
+    evaluate.LayerCache = clock.wrap("cache", evaluate.LayerCache, leaf=True)
+    matching.nearest_tokens = clock.wrap("match", matching.nearest_tokens, leaf=True)
+    # the artifact measures' parts (names as layer_measures calls them)
+    for part, name in (("probe_acc8", "_probe_acc8"), ("corner_ratio", "token_group_similarity"),
+                       ("rel_norm", "relative_norms"), ("pooled", "_pooled"), ("class_probe", "class_probe")):
+        setattr(evaluate, name, clock.wrap(part, getattr(evaluate, name), leaf=True))
     baseline = _bs._current_rss_mib()
     if mem:
         import tracemalloc
@@ -293,7 +323,8 @@ def child_layer(d: Path, n: int, device: str, mem: bool, profile: bool) -> dict:
            "harm_rows": int(len(harm)), "measure_rows": int(len(measures)),
            "measured_mitigations": int((measures["note"].str.contains("not measured") == False).sum())}  # noqa: E712
     if mem:
-        out["tracemalloc_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
+        out["tracemalloc_peak_mib"] = clock.overall_mib()
+        out["tracemalloc_part_peak_mib"] = clock.peak
     if prof is not None:
         import io
         import pstats
@@ -325,7 +356,8 @@ def measure(args: list[str], a) -> dict:
     r = run_child(args, a, mem=False)
     if not a.no_mem_run:
         m = run_child(args, a, mem=True)
-        for k in ("peak_rss_mib", "baseline_rss_mib", "tracemalloc_peak_mib", "ru_maxrss_mib", "gpu_peak_mib"):
+        for k in ("peak_rss_mib", "baseline_rss_mib", "tracemalloc_peak_mib", "tracemalloc_part_peak_mib",
+                  "ru_maxrss_mib", "gpu_peak_mib"):
             r[k] = m.get(k)
     r["increment_mib"] = r["peak_rss_mib"] - r["baseline_rss_mib"]
     return r
@@ -341,40 +373,104 @@ def paper_mix() -> list[tuple[str, int, int]]:
     return [(layer, *layer_shape(layer, IMAGE_SIZE)) for layer in PAPER_LAYERS]
 
 
-def estimate(layer_runs: list[dict]) -> dict:
+def _line(x, y):
+    """``(a, b)`` of y = a + b x by least squares (one point: through the origin)."""
     import numpy as np
 
+    if len(x) > 1:
+        b, a0 = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
+        return float(a0), float(b)
+    return 0.0, float(y[0] / x[0])
+
+
+def estimate(layer_runs: list[dict]) -> dict:
+    """The paper-size estimate (module docstring) from the ``layer`` measurements."""
     per_size = {}
     for n in sorted({r["spatial"] for r in layer_runs}, reverse=True):
         rs = sorted((r for r in layer_runs if r["spatial"] == n), key=lambda r: r["images"])
-        x = np.array([r["images"] for r in rs], float)
-        rest = np.array([r["wall_s"] - r["parts_s"].get("harm", 0.0) for r in rs])
-        per_pair = float(np.median([r["parts_s"].get("harm", 0.0) / r["pairs"] for r in rs]))
-        if len(rs) > 1:
-            b, a0 = np.polyfit(x, rest, 1)
-        if len(rs) < 2 or b <= 0:  # one N, or a load-noise slope: the largest N's seconds per image (an upper bound)
-            b, a0 = rest[-1] / x[-1], 0.0
+        x = [r["images"] for r in rs]
+        rest = [r["wall_s"] - r["parts_s"].get("harm", 0.0) for r in rs]
+        per_pair = sorted(r["parts_s"].get("harm", 0.0) / r["pairs"] for r in rs)[len(rs) // 2]
+        a0, b = _line(x, rest)
+        if b <= 0:  # a load-noise slope: the largest N's seconds per image (an upper bound)
+            a0, b = 0.0, rest[-1] / x[-1]
         pairs = 2 * PAPER_PAIRS_PER_TASK + 1
-        flat = max(r["increment_mib"] - r["cache_mib"] for r in rs)
-        per_size[n] = {"channels": rs[0]["channels"], "rest_a_s": float(a0), "rest_b_s_per_image": float(b),
-                       "harm_s_per_pair": per_pair,
-                       "layer_s": float(a0 + b * PAPER_IMAGES + per_pair * pairs),
-                       "flat_increment_mib": float(flat)}
-    total, covered, missing = 0.0, 0, []
-    for layer, c, n in paper_mix():
-        if n in per_size:
-            total += per_size[n]["layer_s"] * c / per_size[n]["channels"]
-            covered += 1
-        else:
-            missing.append(layer)
+        m0, mb = _line(x, [r["increment_mib"] for r in rs])
+        per_size[n] = {"channels": rs[0]["channels"], "rest_a_s": a0, "rest_b_s_per_image": b,
+                       "harm_s_per_pair": per_pair, "layer_s": a0 + b * PAPER_IMAGES + per_pair * pairs,
+                       "increment_a_mib": m0, "increment_b_mib_per_image": mb,
+                       "increment_mib": m0 + mb * PAPER_IMAGES,
+                       "cache_mib_per_image": rs[-1]["cache_mib"] / rs[-1]["images"]}
+    total, covered, missing, peak = 0.0, 0, [], (0.0, "")
     mix = {}
-    for _, c, n in paper_mix():
+    for layer, c, n in paper_mix():
         mix[f"{n}x{n}"] = mix.get(f"{n}x{n}", 0) + 1
-    big = max(c * n * n + c * (n - 2) ** 2 for _, c, n in paper_mix())
+        if n not in per_size:
+            missing.append(layer)
+            continue
+        v = per_size[n]
+        total += v["layer_s"] * c / v["channels"]
+        covered += 1
+        mem = v["increment_mib"] * c / v["channels"]
+        peak = max(peak, (mem, layer))
     return {"per_size": per_size, "paper_layers_by_map": mix, "paper_layers_covered": covered,
-            "paper_layers_missing": missing, "total_s": total,
-            "largest_cache_mib": PAPER_IMAGES * big * 2 / 2**20,
-            "flat_increment_mib": max((v["flat_increment_mib"] for v in per_size.values()), default=0.0)}
+            "paper_layers_missing": missing, "total_s": total, "peak_increment_mib": peak[0],
+            "peak_layer": peak[1]}
+
+
+def report(data: dict) -> None:
+    """Print the tables and the estimate of a run (``data`` as written to ``--out``)."""
+    meta, matches, layers = data["meta"], data["match"], data["layers"]
+    device, threads = meta["device"], meta["torch_threads"]
+    print(f"\n(a) matching one pair (nearest_tokens, device {device}, {threads} threads)")
+    hdr = f"{'map':>6} {'C':>5} {'src x tgt':>12} {'ms':>8} {'+MiB':>7} {'tracemalloc':>11}"
+    print(hdr + "\n" + "-" * len(hdr))
+    for r in matches:
+        tm = r.get("tracemalloc_peak_mib")
+        print(f"{r['spatial']:>3}x{r['spatial']:<2} {r['channels']:5d} {r['source_tokens']:>5}x{r['target_tokens']:<6} "
+              f"{1e3 * r['wall_s']:8.1f} {r['increment_mib']:7.1f} {'-' if tm is None else f'{tm:.1f}':>11}")
+    print(f"\n(b) harm_tables per layer (fit + harm + measures), device {device}")
+    hdr = (f"{'map':>6} {'N':>4} {'pairs':>5} {'seconds':>8} {'fit':>6} {'harm':>6} {'match':>6} {'meas.':>6} "
+           f"{'+MiB':>6} {'cache':>6} {'+-cache':>7} {'tracem.':>7}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for n in sorted({r["spatial"] for r in layers}, reverse=True):
+        for r in (r for r in layers if r["spatial"] == n):
+            ps = r["parts_s"]
+            tm = r.get("tracemalloc_peak_mib")
+            print(f"{n:>3}x{n:<2} {r['images']:4d} {r['pairs']:5d} {r['wall_s']:8.1f} {ps.get('fit', 0):6.1f} "
+                  f"{ps.get('harm', 0):6.1f} {ps.get('match', 0):6.1f} {ps.get('measures', 0):6.1f} "
+                  f"{r['increment_mib']:6.0f} {r['cache_mib']:6.0f} {r['increment_mib'] - r['cache_mib']:7.0f} "
+                  f"{'-' if tm is None else f'{tm:.0f}':>7}")
+    parted = [r for r in layers if r.get("tracemalloc_part_peak_mib")]
+    if parted:
+        print("\ntraced peak (tracemalloc, MiB) and seconds per part of harm_tables")
+        for r in parted:
+            print(f"{r['spatial']:>3}x{r['spatial']:<2} N={r['images']:<4d}" + "  ".join(
+                f"{k} {v:.0f} ({r['parts_s'].get(k, 0.0):.1f} s)" for k, v in r["tracemalloc_part_peak_mib"].items()))
+    est = estimate(layers)
+    print(f"\nestimate, paper size ({PAPER_IMAGES} images, {2 * PAPER_PAIRS_PER_TASK + 1} pairs, 45 layers: "
+          + ", ".join(f"{v} at {k}" for k, v in est["paper_layers_by_map"].items()) + f"), device {device}, "
+          f"{threads} threads:")
+    for n, v in est["per_size"].items():
+        print(f"  {n:2d}x{n:<2d} {v['channels']:5d} ch: {v['rest_a_s']:.1f} s + {v['rest_b_s_per_image']:.3f} s/image "
+              f"+ {v['harm_s_per_pair']:.3f} s/pair -> {v['layer_s'] / 60:.1f} min per layer")
+    if est["paper_layers_missing"]:
+        print(f"  (no measured layer with the map size of {len(est['paper_layers_missing'])} paper layer(s): "
+              "left out of the total)")
+    print(f"  total {est['total_s'] / 3600:.1f} h for {est['paper_layers_covered']} layers (one after another)")
+    for n, v in est["per_size"].items():
+        print(f"  memory {n:2d}x{n:<2d}: +{v['increment_a_mib']:.0f} MiB + {v['increment_b_mib_per_image']:.1f} "
+              f"MiB/image (of which the layer cache {v['cache_mib_per_image']:.1f}) -> "
+              f"{v['increment_mib'] / 1024:.1f} GiB at {PAPER_IMAGES} images")
+    print(f"  peak memory (the largest layer, channels scaled): {est['peak_layer']} "
+          f"+{est['peak_increment_mib'] / 1024:.1f} GiB over the process's baseline")
+    if device == "cpu":
+        print("GPU estimate: run the same with --gpu on a CUDA machine.")
+    print(f"total {meta['total_s']:.0f} s; load average at start {meta['loadavg_start'][0]:.2f}, at end "
+          f"{meta['loadavg_end'][0]:.2f} (1 min; {meta['cores']} cores)")
+    if data.get("profile"):
+        n_max = max(r["images"] for r in layers)
+        print(f"\nprofile of harm_tables on the 64x64 layer (N={n_max}):\n{data['profile']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +490,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a short run (N 10 20, the 8x8 layer, no memory run): about a minute")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_harm.json")
+    p.add_argument("--report", type=Path, metavar="JSON", help="print the tables and estimate of a saved --out")
     p.add_argument("--child", choices=("match", "layer"), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
@@ -412,6 +509,9 @@ def main(argv=None) -> int:
         print(json.dumps(r))
         return 0
 
+    if a.report:
+        report(json.loads(a.report.read_text()))
+        return 0
     if a.quick:
         a.images, a.layers, a.no_mem_run, a.match_repeat = [10, 20], [8], True, 2
     if a.gpu:
@@ -456,52 +556,16 @@ def main(argv=None) -> int:
                                     mem=False)["profile"]
             shutil.rmtree(d)
 
-    print(f"\n(a) matching one pair (nearest_tokens, device {device}, {a.threads} threads)")
-    hdr = f"{'map':>6} {'C':>5} {'src x tgt':>12} {'ms':>8} {'+MiB':>7} {'tracemalloc':>11}"
-    print(hdr + "\n" + "-" * len(hdr))
-    for r in matches:
-        tm = r.get("tracemalloc_peak_mib")
-        print(f"{r['spatial']:>3}x{r['spatial']:<2} {r['channels']:5d} {r['source_tokens']:>5}x{r['target_tokens']:<6} "
-              f"{1e3 * r['wall_s']:8.1f} {r['increment_mib']:7.1f} {'-' if tm is None else f'{tm:.1f}':>11}")
-    print(f"\n(b) harm_tables per layer (fit + harm + measures), device {device}")
-    hdr = (f"{'map':>6} {'N':>4} {'pairs':>5} {'seconds':>8} {'fit':>6} {'harm':>6} {'match':>6} {'meas.':>6} "
-           f"{'+MiB':>6} {'cache':>6} {'+-cache':>7} {'tracem.':>7}")
-    print(hdr + "\n" + "-" * len(hdr))
-    for n in a.layers:
-        for r in (r for r in layers if r["spatial"] == n):
-            ps = r["parts_s"]
-            tm = r.get("tracemalloc_peak_mib")
-            print(f"{n:>3}x{n:<2} {r['images']:4d} {r['pairs']:5d} {r['wall_s']:8.1f} {ps.get('fit', 0):6.1f} "
-                  f"{ps.get('harm', 0):6.1f} {ps.get('match', 0):6.1f} {ps.get('measures', 0):6.1f} "
-                  f"{r['increment_mib']:6.0f} {r['cache_mib']:6.0f} {r['increment_mib'] - r['cache_mib']:7.0f} "
-                  f"{'-' if tm is None else f'{tm:.0f}':>7}")
-    est = estimate(layers)
-    print(f"\nestimate, paper size ({PAPER_IMAGES} images, {2 * PAPER_PAIRS_PER_TASK + 1} pairs, 45 layers: "
-          + ", ".join(f"{v} at {k}" for k, v in est["paper_layers_by_map"].items()) + f"), device {device}, "
-          f"{a.threads} threads:")
-    for n, v in est["per_size"].items():
-        print(f"  {n:2d}x{n:<2d} {v['channels']:5d} ch: {v['rest_a_s']:.1f} s + {v['rest_b_s_per_image']:.3f} s/image "
-              f"+ {v['harm_s_per_pair']:.3f} s/pair -> {v['layer_s'] / 60:.1f} min per layer")
-    if est["paper_layers_missing"]:
-        print(f"  (no measured layer with the map size of {len(est['paper_layers_missing'])} paper layer(s): "
-              "left out of the total)")
-    print(f"  total {est['total_s'] / 3600:.1f} h for {est['paper_layers_covered']} layers; memory: "
-          f"{est['flat_increment_mib']:.0f} MiB beyond the layer cache (flat in N) + the largest layer's cache "
-          f"{est['largest_cache_mib'] / 1024:.1f} GiB (500 images, full + crop)")
-    if not a.gpu:
-        print("GPU estimate: run the same with --gpu on a CUDA machine.")
     total = time.perf_counter() - t_start
     load = os.getloadavg()
-    print(f"total {total:.0f} s; load average at start {load_start[0]:.2f}, at end {load[0]:.2f} (1 min)")
-    if profile:
-        print("\nprofile of harm_tables on the 64x64 layer (N={}):\n{}".format(max(a.images), profile))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"image_size": IMAGE_SIZE, "dtype": "float16", "device": device, "torch_threads": a.threads,
             "cores": os.cpu_count(), "layers": {str(n): list(LAYERS[n]) for n in a.layers},
             "memory_run": not a.no_mem_run, "total_s": total, "loadavg_start": list(load_start),
             "loadavg_end": list(load), "ru_maxrss_parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    a.out.write_text(json.dumps({"meta": meta, "match": matches, "layers": layers, "estimate": est,
-                                 "profile": profile}, indent=2))
+    data = {"meta": meta, "match": matches, "layers": layers, "estimate": estimate(layers), "profile": profile}
+    report(data)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(data, indent=2))
     print(f"wrote {a.out}")
     return 0
 
