@@ -250,3 +250,24 @@ def test_switched_off_the_harm_jobs_make_nothing_and_say_so(tmp_path, caplog):
     assert sum("harm.enabled is false" in r.getMessage() for r in caplog.records) == 2
     harm_figure.run("mini", tmp_path / "harm.csv", tmp_path / "harm_mini.png")
     assert (tmp_path / "harm_mini.png").stat().st_size > 1000
+
+
+def test_a_mitigations_difference_to_none_is_paired():
+    from diffaudit.harm.evaluate import _Terms
+
+    t = _Terms()
+    boot = Bootstrap(300, 0.95, 0)
+    rng = np.random.default_rng(7)
+    ones = np.ones(10)
+    for _ in range(12):  # per pair: none's hits vary a lot between pairs, the mitigation adds 2 hits to each
+        k = rng.integers(0, 7)
+        base = (np.arange(10) < k).astype(float)
+        better = (np.arange(10) < k + 2).astype(float)
+        t.add("flip", "none", {"pck": (base, ones)}, per_token=False)
+        t.add("flip", "position_mean", {"pck": (better, ones)}, per_token=False)
+    rows = {r["mitigation"]: r for r in t.rows({}, boot, {"flip": "images"}, {})}
+    m = rows["position_mean"]
+    assert m["diff"] == pytest.approx(0.2)
+    assert m["diff_ci_low"] == pytest.approx(0.2) and m["diff_ci_high"] == pytest.approx(0.2)  # paired: no spread
+    assert m["ci_high"] - m["ci_low"] > 0.1  # while each value's own interval is wide
+    assert np.isnan(rows["none"]["diff"])

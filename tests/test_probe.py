@@ -289,3 +289,31 @@ def test_summary_without_split_information_has_empty_split_columns(paper_df):
     assert SUMMARY_COLUMNS[:len(SUMMARY_KEYS) + len(SUMMARY_VALUES)] == [*SUMMARY_KEYS, *SUMMARY_VALUES]
     assert summ.test_images.isna().all() and summ.test_class_mix.isna().all()
     assert list(summarize_probe(paper_df.iloc[:0]).columns) == SUMMARY_COLUMNS
+
+
+def test_training_on_a_token_subset_reads_only_those_tokens_and_matches_the_full_read(store, monkeypatch):
+    """run_probe(train_tokens=k) holds only the tokens it uses; the accuracies equal those of the same token choice
+    trained from the whole layer in memory (the same training tokens, the same test tokens)."""
+    from diffaudit.analyses import probe as P
+
+    layer = "code"
+    kw = dict(layers=[layer], mode="corrected", seeds=(42,), granularities=(8,), train_tokens=16, lr=0.05)
+    sub = run_probe(store, **kw)
+    held = {}
+    real_subset = P._layer_token_subset
+
+    def subset(st, la, dev, used, chunk_images=20):
+        x, row_of = real_subset(st, la, dev, used, chunk_images)
+        held["rows"] = x.shape[0]
+        return x, row_of
+
+    monkeypatch.setattr(P, "_layer_token_subset", subset)
+    run_probe(store, **kw)
+    n_img, _, n, _ = store.shape(layer)
+    n_train = int(0.8 * n_img)
+    assert held["rows"] == n_train * 16 + (n_img - n_train) * n * n  # 16 tokens per training image, all of the test
+    monkeypatch.setattr(P, "_layer_token_subset",  # the whole layer in memory, the same token choice
+                        lambda st, la, dev, used, chunk_images=20: (P._layer_tokens(st, la, dev, chunk_images), None))
+    full = run_probe(store, **kw)
+    pd.testing.assert_frame_equal(sub.reset_index(drop=True), full.reset_index(drop=True))
+    assert sub["accuracy"].max() > 0.5  # the planted code is found from 16 tokens an image

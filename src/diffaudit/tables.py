@@ -141,8 +141,9 @@ PAPER_TABLES: dict[str, list[str]] = {"position_probe": PROBE_COLUMNS,
 
 # -- harm (diffaudit.harm, docs/harm.md) --
 #: harm.csv: one row per layer, task, mitigation and metric.
-HARM_COLUMNS = ["model", "layer_index", "layer", "task", "mitigation", "metric", "value", "ci_low", "ci_high", "n",
-                "unit", "note"]
+#: ``diff``: a mitigation's value minus ``none``'s, with its paired interval (the same pairs or tokens resampled).
+HARM_COLUMNS = ["model", "layer_index", "layer", "task", "mitigation", "metric", "value", "ci_low", "ci_high", "diff",
+                "diff_ci_low", "diff_ci_high", "n", "unit", "note"]
 #: mitigations.csv's measures of the mitigated features, each with ``_ci_low``/``_ci_high``.
 MITIGATION_MEASURES = ("probe_acc8", "corner_ratio", "rel_norm", "semantic_acc")
 MITIGATION_COLUMNS = (["model", "layer_index", "layer", "channels", "spatial", "mitigation"]

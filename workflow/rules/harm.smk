@@ -29,6 +29,8 @@ rule extract_harm:
         lock=layout.MODELS_LOCK,
     output:
         directory(HARM_REPR),
+    # scheduled as soon as they can run, so that the single-threaded harm job does not run alone at the end
+    priority: 10
     params:
         **declare("layers", "extraction", "dataset"),
         model_source=model_source,
@@ -71,6 +73,7 @@ rule harm:
         **declare("harm", "probe", "anomalies.threshold", "channels.ratio_threshold", "bootstrap",
                   "extraction.device"),
     threads: 1
+    priority: 10
     resources:
         gpu=GPU_JOB,
     log:

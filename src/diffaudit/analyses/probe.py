@@ -160,6 +160,24 @@ def _layer_tokens(store: ReprStore, layer: str, device: torch.device, chunk_imag
     return x.to(device) if device.type != "cpu" else x
 
 
+def _layer_token_subset(store: ReprStore, layer: str, device: torch.device, tokens: torch.Tensor,
+                        chunk_images: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the tokens ``tokens`` (sorted unique indices, image-major) of one layer, float16 ``(len, C)`` on
+    ``device``, and ``row_of`` (every token's row in it, -1 for the others): the memory of the tokens used."""
+    n_img, c, h, w = store.shape(layer)
+    hw = h * w
+    want = tokens.numpy()
+    buf = np.empty((want.size, c), dtype=np.float16)
+    for i0, chunk in store.iter_chunks(layer, chunk_images=chunk_images, dtype=np.float16):
+        lo, hi = np.searchsorted(want, [i0 * hw, (i0 + chunk.shape[0]) * hw])
+        if hi > lo:
+            buf[lo:hi] = chunk.transpose(0, 2, 3, 1).reshape(-1, c)[want[lo:hi] - i0 * hw]
+    row_of = torch.full((n_img * hw,), -1, dtype=torch.int64)
+    row_of[tokens] = torch.arange(want.size)
+    x = torch.from_numpy(buf)
+    return (x.to(device) if device.type != "cpu" else x), row_of
+
+
 def _layer_geometry(store: ReprStore, layer: str) -> tuple[int, int, int]:
     if layer not in store.layers:
         raise KeyError(f"layer {layer!r} not in store {store.path} (has {store.layers})")
@@ -186,17 +204,21 @@ def _init_linear_(lin: nn.Linear, gen: torch.Generator) -> None:
 
 def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: torch.Tensor, probe: nn.Linear,
                     *, epochs: int, batch_size: int, lr: float, granularities: Sequence[int],
-                    gen: torch.Generator | None, device: torch.device, interior_k: int = 2) -> list[tuple]:
+                    gen: torch.Generator | None, device: torch.device, interior_k: int = 2,
+                    row_of: torch.Tensor | None = None) -> list[tuple]:
     """Train ``probe`` on tokens ``x[train_tok]`` and evaluate on ``x[test_tok]`` after every epoch.
 
-    ``train_tok``/``test_tok`` are int64 CPU tensors of token indices into ``x``; the label of token t is
-    ``(row, col) = ((t % n^2) // n, t % n)``; the test tokens are whole images, image after image. Returns rows
+    ``train_tok``/``test_tok`` are int64 CPU tensors of token indices (image-major over the layer's n x n maps); the
+    label of token t is ``(row, col) = ((t % n^2) // n, t % n)``; the test tokens are whole images, image after
+    image. ``x`` holds every token (row t), or, with ``row_of``, only the tokens used (token t in row ``row_of[t]``).
+    Returns rows
     (epoch, granularity, metric, accuracy, interior accuracy, per-image accuracies (float64, one per test image),
     per-image interior accuracies (the same on each image's interior tokens; None without an interior)).
     """
     hw = n * n
     train_dev = train_tok.to(device)
     test_dev = test_tok.to(device)
+    rows = (lambda t: t) if row_of is None else (lambda t, r=row_of.to(device): r[t])
     y_test = torch.stack([(test_dev % hw) // n, test_dev % n], dim=1)
     n_test_img = test_tok.numel() // hw
     interiors = {int(g): _interior_mask(y_test, n, int(g), interior_k) for g in granularities}  # fixed per g
@@ -209,7 +231,7 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
         probe.train()
         for i in range(0, n_train, batch_size):
             tok = train_dev[perm[i:i + batch_size]]
-            xb = x[tok].float()
+            xb = x[rows(tok)].float()
             yb = torch.stack([(tok % hw) // n, tok % n], dim=1)
             logits = probe(xb).view(-1, n, 2)
             loss = F.cross_entropy(logits, yb)
@@ -218,7 +240,7 @@ def _train_and_eval(x: torch.Tensor, n: int, train_tok: torch.Tensor, test_tok: 
             opt.step()
         probe.eval()
         with torch.no_grad():
-            pred = probe(x[test_dev].float()).view(-1, n, 2).argmax(dim=1)
+            pred = probe(x[rows(test_dev)].float()).view(-1, n, 2).argmax(dim=1)
         for g in granularities:
             g = int(g)
             ok = (pred * g) // n == (y_test * g) // n  # (T, 2) hits per axis
@@ -440,7 +462,14 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
             torch.backends.cudnn.benchmark = False
         for layer in it:
             _, c, n = geoms[layer]
-            x = _layer_tokens(store, layer, dev, chunk_images=chunk_images)
+            tokens = {s: (_train_token_indices(tr_img, n, train_tokens, layer), _token_indices(te_img, n * n))
+                      for s, (tr_img, te_img) in splits.items()}
+            row_of = None
+            if train_tokens is None or int(train_tokens) >= n * n:
+                x = _layer_tokens(store, layer, dev, chunk_images=chunk_images)
+            else:  # only the tokens the runs use
+                used = torch.unique(torch.cat([t for pair in tokens.values() for t in pair]))
+                x, row_of = _layer_token_subset(store, layer, dev, used, chunk_images=chunk_images)
             meta = (model_name, store.layer_index(layer), layer, int(c), int(n))
             per_image = []  # per seed: (test images, (rows, test images) per-image accuracies)
             for s, (tr_img, te_img) in splits.items():
@@ -452,10 +481,9 @@ def run_probe(store: ReprStore, layers: list[str] | None = None, mode: str = "pa
                     probe = nn.Linear(c, 2 * n)
                     _init_linear_(probe, gen)
                     probe = probe.to(dev)
-                res = _train_and_eval(x, n, _train_token_indices(tr_img, n, train_tokens, layer),
-                                      _token_indices(te_img, n * n), probe,
+                res = _train_and_eval(x, n, *tokens[s], probe,
                                       epochs=epochs, batch_size=batch_size, lr=lr, granularities=granularities,
-                                      gen=gen, device=dev, interior_k=int(interior_k))
+                                      gen=gen, device=dev, interior_k=int(interior_k), row_of=row_of)
                 acc_img = np.stack([r[5] for r in res])  # (rows, test images)
                 lo, hi = boot.mean_interval(acc_img.T)
                 rows.extend((*meta, ep, g, metric, int(s), acc, float(a), float(b), inner)

@@ -87,19 +87,33 @@ class _Terms:
             else:
                 self.parts.setdefault(key, []).append((np.array([num.sum()]), np.array([den.sum()])))
 
+    def _arrays(self, key) -> tuple[np.ndarray, np.ndarray]:
+        parts = self.parts[key]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     def rows(self, meta: dict, boot: Bootstrap, units: Mapping[str, str], notes: Mapping[tuple, str]) -> list[dict]:
+        """One row per (task, mitigation, metric): the pooled value and its interval, and for a mitigation its
+        paired difference to ``none`` (``diff``: the same pairs, or tokens, resampled together on both sides)."""
         out = []
-        for (task, mitigation, metric), parts in self.parts.items():
-            num = np.concatenate([p[0] for p in parts])
-            den = np.concatenate([p[1] for p in parts])
+        for (task, mitigation, metric) in self.parts:
+            num, den = self._arrays((task, mitigation, metric))
             note = notes.get((task, mitigation), "")
-            value = lo = hi = np.nan
+            value = lo = hi = diff = dlo = dhi = np.nan
             if den.sum() > 0:
                 value = float(num.sum() / den.sum())
                 if num.size > 1:
                     lo, hi = (float(v) for v in boot.ratio_interval(num, den))
                 else:
                     note = note or "one unit: no interval"
+                base = (task, "none", metric)
+                if mitigation != "none" and base in self.parts:
+                    bnum, bden = self._arrays(base)
+                    if bnum.size == num.size and bden.sum() > 0:
+                        diff = value - float(bnum.sum() / bden.sum())
+                        if num.size > 1:
+                            w = boot.weights(num.size)
+                            d = boot.ratio_resamples(num, den, w) - boot.ratio_resamples(bnum, bden, w)
+                            dlo, dhi = (float(v) for v in boot.interval(d))
             elif metric == "hub_ratio":
                 note = note or "the detector flags no token of the targets at this layer"
             elif metric == "position_following":
@@ -107,7 +121,8 @@ class _Terms:
             else:
                 note = note or "no valid source token"
             out.append({**meta, "task": task, "mitigation": mitigation, "metric": metric, "value": value,
-                        "ci_low": lo, "ci_high": hi, "n": int(num.size), "unit": units[task], "note": note})
+                        "ci_low": lo, "ci_high": hi, "diff": diff, "diff_ci_low": dlo, "diff_ci_high": dhi,
+                        "n": int(num.size), "unit": units[task], "note": note})
         return out
 
 
