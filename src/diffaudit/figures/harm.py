@@ -72,6 +72,8 @@ def _interval_title(rows: pd.DataFrame) -> str:
     """What the task's intervals resample, e.g. ``n = 16 images`` or ``n = 3969-4096 tokens``."""
     if rows.empty or "unit" not in rows:
         return ""
+    if "value" in rows:  # rows with a value (a mitigation with nothing to act on has none, and n = 0)
+        rows = rows[pd.to_numeric(rows["value"], errors="coerce").notna()]
     units = [str(u) for u in dict.fromkeys(rows["unit"].dropna())]
     n = pd.to_numeric(rows.get("n"), errors="coerce").dropna() if "n" in rows else pd.Series(dtype=float)
     if not units:

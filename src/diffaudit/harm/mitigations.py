@@ -152,8 +152,9 @@ class AnomalyInpaint(Step):
 
     @property
     def acts_on(self) -> str:  # type: ignore[override]
-        return (f"{self.replaced} tokens of detected high-norm 2x2 blocks replaced by their neighbours' median "
-                f"(threshold {self.threshold:g} x the image's median norm; nothing fitted)")
+        return (f"the tokens of detected high-norm 2x2 blocks replaced by their neighbours' median ({self.replaced} "
+                f"over every map it was applied to; threshold {self.threshold:g} x the image's median norm; nothing "
+                "fitted)")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         b, c, h, w = x.shape
