@@ -612,7 +612,7 @@ def test_mitigated_maps_equal_mitigation_apply(harm_site, name):
         assert "nothing to act on" not in info["acts_on"]
     if name in ("anomaly_inpaint", "all"):
         # blocks (0, 0) of both images (the outlier channel) and (2, 2) of image 1, counted per request
-        assert mit.steps[0].replaced == 12 and "anomaly_inpaint: 12 tokens of detected high-norm" in info["acts_on"]
+        assert mit.steps[0].replaced == 12 and "(12 over every map it was applied to" in info["acts_on"]
         assert info["acts_on"] == mit.acts_on
     st, res = _get(url, "/api/similarity?" + _q(model="h", layer=layer, ref=1, y=3, x=12, images="0,1",
                                                   metric="cosine", mitigation=name))
@@ -637,7 +637,7 @@ def test_mitigation_fits_are_cached_and_bounded(tmp_path):
 def test_nothing_to_act_on_is_said(harm_site):
     _, _, url, data = harm_site
     layer = "mid_block.attentions[0]"
-    for name, text in (("anomaly_inpaint", "0 tokens"), ("channel_mean", "nothing to act on")):
+    for name, text in (("anomaly_inpaint", "(0 over every map"), ("channel_mean", "nothing to act on")):
         st, res = _get(url, "/api/norms?" + _q(model="h", layer=layer, images="0,1", mitigation=name))
         assert st == 200 and res["mitigation"]["active"] is False and text in res["mitigation"]["acts_on"]
         assert np.allclose(decode(res["maps"][0]["data"], (6, 6)), np.linalg.norm(data["base"][layer][0], axis=0),

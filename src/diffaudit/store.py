@@ -418,7 +418,10 @@ class StoreView:
         stop = self.n_images if stop is None else stop
         for i in range(start, stop, chunk_images):
             x = self.read(layer, i, min(i + chunk_images, stop))
-            yield i, (x if dtype is None else x.astype(dtype, copy=False))
+            if dtype is not None:
+                x = x.astype(dtype, copy=False)
+            yield i, x
+            del x  # before the next read: one chunk in memory, not two
 
 
 class LayerCache(StoreView):
