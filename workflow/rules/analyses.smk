@@ -81,6 +81,7 @@ rule anomalies:
         corrected=f"{ANALYSIS_DIR}/{CORRECTED_TABLES['anomaly_rel_norm']}.csv",
         labels=f"{ANALYSIS_DIR}/{layout.ANOMALY_LABELS}",
         per_image=f"{ANALYSIS_DIR}/{layout.per_image_table('anomaly_rel_norm')}",
+    priority: baseline_first
     params:
         **declare("anomalies", "bootstrap"),
     log:

@@ -151,3 +151,10 @@ def harm_runs():
     say why, when harm.enabled is false; so Snakemake's jobs and DVC's stages agree), and every experiment that says
     `harm: true`."""
     return [""] + [layout.run_suffix(name) for name, ov in config["experiments"].items() if ov.get("harm")]
+
+
+def baseline_first(wildcards):
+    """A job's scheduling priority: the baseline's extraction and anomaly analysis before any experiment's (the
+    longest chain of the workflow, to the harm analysis, hangs off them; on 2 cores this keeps the demo's extractions
+    side by side instead of the baseline's last)."""
+    return 20 if not wildcards.get("exp", "") else 0

@@ -12,6 +12,7 @@ rule extract:
         lock=layout.MODELS_LOCK,
     output:
         directory(REPR_DIR),
+    priority: baseline_first
     params:
         **declare("layers", "extraction", "dataset"),
         model_source=model_source,
