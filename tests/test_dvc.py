@@ -152,6 +152,7 @@ def demo_repo(tmp_path: Path, experiments=(), size=256, **extraction):
     subprocess.run(["git", "clone", "-q", str(src), str(repo)], check=True)
     cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
     cfg["models"] = ["mini"]  # DVC's mechanics on the first embedded model (the demo itself runs mini-cal)
+    cfg["harm"]["enabled"] = False  # its stages still run (empty), as DVC runs them; the demo test measures harm
     cfg["dataset"]["n_images"] = 6
     cfg["dataset"]["size"] = size
     cfg["experiments"] = {name: cfg["experiments"][name] for name in experiments}

@@ -48,8 +48,11 @@ FIGURES = {
                                                         "model mini"]),
     f"{FIG}/experiments_mini.png": ("Experiments", ["baseline (black)", "bootstrap interval", "filled marker",
                                                   "paired bootstrap", "excludes 0"]),
+    f"{FIG}/harm_mini.png": ("Harm", ["nearest-neighbour matching", "PCK", "position following", "position_mean"]),
 }
-TABLES = {f"{DEMO}/mini/credibility.csv": ["position_score", "corner_score", "anomaly_score", "safe"]}
+TABLES = {f"{DEMO}/mini/credibility.csv": ["position_score", "corner_score", "anomaly_score", "safe"],
+          f"{DEMO}/mini/harm.csv": ["pck", "position_following", "hub_ratio"],
+          f"{DEMO}/mini/mitigations.csv": ["probe_acc8", "semantic_acc"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ def report(tmp_path_factory):
     cfg = load_config(repo / "params.yaml", repo / "config" / "demo.yaml")
     cfg["models"] = ["mini"]  # the report's contents on the first embedded model (the demo itself runs mini-cal)
     cfg["dataset"].update(n_images=6, size=256)
+    cfg["harm"]["enabled"] = False  # the harm figure and tables are still written (empty, "not computed")
     cfg["experiments"] = {"circular": cfg["experiments"]["circular"]}
     short = root / "short.yaml"
     short.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -214,7 +218,7 @@ def test_report_holds_every_figure_with_its_caption(report):
         data = base64.b64decode(entry["data_uri"].split("base64,", 1)[1])
         assert data == (repo / path).read_bytes(), path
     for path, columns in TABLES.items():
-        assert in_category[path] == "Tables"
+        assert in_category[path] == ("Harm" if "harm" in path or "mitigations" in path else "Tables")
         for column in columns:
             assert column in results[path]["caption"], (path, column)
     # per-model results are filed under the model
