@@ -13,7 +13,8 @@ rule harm_pairs:
     output:
         directory(HARM_PAIRS),
     params:
-        **declare("harm", "probe", "dataset.n_images"),
+        # the probe's split only (its training images fit the mitigations, its test images are the sources)
+        **declare("harm", "probe.mode", "probe.train_frac", "probe.seed", "probe.seeds", "dataset.n_images"),
     log:
         f"{LOGS}/harm_pairs.log",
     conda:
