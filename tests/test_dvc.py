@@ -195,9 +195,11 @@ def test_dvc_repro_on_the_demo(tmp_path):
     ran = set(re.findall(r"Running stage '([^']+)'", run("dvc", "repro")))
     experiments = {f"{stage}_experiment@mini-{name}" for name in cfg["experiments"]
                    for stage in ("position_probe", "run_summary")}  # the demo's experiments are probed too
+    # the harm stage reads the probe's settings too (its mitigated probe), and the validation reads credibility.csv
     assert experiments and ran == {"position_probe@mini", "credibility@mini", "quantitative_figure@mini",
                                    "paper_comparison@mini", "cross_model_figure", "run_summary@mini",
-                                   "experiment_comparison@mini"} | experiments
+                                   "experiment_comparison@mini", "harm@mini",
+                                   "credibility_validation@mini"} | experiments
     # browsing versions: the committed revision and the workspace side by side
     diff = json.loads(subprocess.run(["dvc", "plots", "diff", "HEAD", "--json"], cwd=repo, env=ENV, check=True,
                                      capture_output=True, text=True).stdout)
