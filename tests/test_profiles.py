@@ -120,6 +120,10 @@ def test_default_profile_is_read_by_plain_snakemake(workdir, env, monkeypatch):
     assert not args.resources
 
 
+#: The demo's jobs of each GPU rule: the baseline and three experiments, the harm jobs for the baseline only.
+RUNS_OF = {"extract": 4, "position_probe": 4, "extract_harm": 1, "harm": 1}
+
+
 def test_default_profile_dry_run_on_the_demo(workdir, env):
     out = dry_run(workdir, env, "--configfile", "config/demo.yaml")
     assert "workflow specific profile profiles/default" in out
@@ -131,9 +135,9 @@ def test_default_profile_dry_run_on_the_demo(workdir, env):
     for rule in gpu_rules():
         for res in job_resources(out, rule):
             assert res.get("gpu", 0) <= 1, (rule, res)
-    assert gpu_rules() == {"extract", "position_probe"}
-    for rule in gpu_rules():
-        assert [r["gpu"] for r in job_resources(out, rule)] == [cuda] * 4, rule  # baseline and three experiments
+    assert gpu_rules() == {"extract", "position_probe", "extract_harm", "harm"}
+    for rule in gpu_rules():  # baseline and three experiments; the harm jobs for the baseline only
+        assert [r["gpu"] for r in job_resources(out, rule)] == [cuda] * RUNS_OF[rule], rule
 
 
 @pytest.mark.parametrize("device,gpu", [("cuda", 1), ("cuda:1", 1), ("cpu", 0)])
@@ -144,7 +148,7 @@ def test_gpu_resource_follows_the_device(workdir, env, device, gpu):
     cfg.write_text(yaml.safe_dump({"extraction": {"device": device}}))
     out = dry_run(workdir, env, "--configfile", "config/demo.yaml", str(cfg))
     for rule in gpu_rules():
-        assert [r["gpu"] for r in job_resources(out, rule)] == [gpu] * 4, rule
+        assert [r["gpu"] for r in job_resources(out, rule)] == [gpu] * RUNS_OF[rule], rule
 
 
 # ---------------------------------------------------------------------------------------------
