@@ -152,7 +152,7 @@ def test_offline_demo(repo_copy, tmp_path):
     logs = repo_copy / "results" / "demo" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"extract", "position_probe", "anomalies", "dataset.log"}
 
-    # a user label file: only the anomaly analysis re-runs
+    # a user label file: only the anomaly analysis re-runs, and what reads its label positions (the harm analysis)
     labels = tmp_path / "my_labels.npy"
     np.save(labels, np.array([[0, 4, 6], [3, 30, 0]], dtype=np.int64))
     user = write_yaml(tmp_path / "user.yaml", {"anomalies": {"labels": ["auto", str(labels)]}})
@@ -161,7 +161,7 @@ def test_offline_demo(repo_copy, tmp_path):
            if ln.strip().startswith(("rule ", "localrule "))}
     assert ran - {"all"} == {"anomalies", "credibility", "quantitative_figure", "paper_comparison",
                               "cross_model_figure", "qualitative_figures", "run_summary",
-                              "experiment_comparison"}, ran
+                              "experiment_comparison", "harm", "harm_figure", "credibility_validation"}, ran
     anom = pd.read_csv(tables / "anomaly_rel_norm.csv")
     mine = anom[anom["label_source"] == "user:my_labels.npy"]
     assert len(mine) == 45 and (mine["n_anomalies"] == 2).all()
