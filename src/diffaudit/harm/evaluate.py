@@ -33,14 +33,13 @@ from ..analyses.bootstrap import Bootstrap
 from ..analyses.probe import image_split, run_probe
 from ..analyses.similarity import token_group_similarity
 from ..store import LayerCache, StoreView
-from ..tables import HARM_COLUMNS, MITIGATION_COLUMNS, MITIGATION_MEASURES
+from ..tables import HARM_COLUMNS, MITIGATION_COLUMNS
 from . import matching
 from .mitigations import MITIGATIONS, MitigationSettings, fit_store_mitigations
 from .pairs import ground_truth
 
 log = logging.getLogger(__name__)
 
-MEASURES = MITIGATION_MEASURES
 #: The fixed probe grid of ``probe_acc8`` (the paper's 8 x 8, as the credibility score's position axis).
 PROBE_GRID = 8
 

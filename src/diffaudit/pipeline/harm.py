@@ -44,7 +44,7 @@ def summary(harm, measures) -> dict:
     "n_layers": ...}`` (DVC metrics)."""
     import numpy as np
 
-    from ..harm.evaluate import MEASURES
+    from ..tables import MITIGATION_MEASURES as MEASURES
 
     out: dict = {"harm": {}, "mitigations": {}, "n_layers": int(harm["layer"].nunique()) if len(harm) else 0}
     for (task, mit, metric), v in harm.groupby(["task", "mitigation", "metric"], sort=False)["value"]:
